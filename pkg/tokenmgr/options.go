@@ -1,0 +1,237 @@
+package tokenmgr
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"golang.org/x/oauth2"
+)
+
+// Provider describes how an identity provider treats refresh tokens. The
+// Manager's timing is checked against it at construction.
+type Provider struct {
+	Name string
+	// Rotates is true when every refresh returns a new refresh token and
+	// retires the old one.
+	Rotates bool
+	// ReuseLeeway is how long the provider still accepts the previous
+	// refresh token after a rotation; 0 means not at all. A holder that dies
+	// after the provider rotated but before Redis saw the new pair can only
+	// be recovered from inside this window.
+	ReuseLeeway time.Duration
+	// HTTPTimeout bounds one call to the token endpoint. Default 10s.
+	HTTPTimeout time.Duration
+	// IdleExpiry is how long a refresh token lives unused (Atlassian: 90
+	// days); 0 if it does not expire. Recorded as a countdown in Redis.
+	IdleExpiry time.Duration
+	// AbsoluteExpiry is how long a grant lives after consent, whatever is
+	// done with it (Atlassian: 365 days); 0 if unlimited.
+	AbsoluteExpiry time.Duration
+	// DefaultAccessTTL is assumed when a token response has no expires_in.
+	// Default 5 minutes, so such a token is refreshed early rather than late.
+	DefaultAccessTTL time.Duration
+}
+
+// Provider profiles from DESIGN.md.
+var (
+	// Atlassian (Jira Cloud 3LO): rotating, previous refresh token accepted
+	// for 10 minutes.
+	Atlassian = Provider{Name: "atlassian", Rotates: true, ReuseLeeway: 10 * time.Minute,
+		HTTPTimeout: 10 * time.Second, IdleExpiry: 90 * 24 * time.Hour, AbsoluteExpiry: 365 * 24 * time.Hour}
+	// Strict (ory/fosite): rotating, no reuse at all.
+	Strict = Provider{Name: "strict", Rotates: true, HTTPTimeout: 10 * time.Second}
+	// Okta: rotating with a 30 second grace period.
+	Okta = Provider{Name: "okta", Rotates: true, ReuseLeeway: 30 * time.Second, HTTPTimeout: 5 * time.Second}
+	// Xero: rotating with a 30 minute grace period.
+	Xero = Provider{Name: "xero", Rotates: true, ReuseLeeway: 30 * time.Minute, HTTPTimeout: 10 * time.Second}
+	// NonRotating (Google): refresh responses carry no refresh token.
+	NonRotating = Provider{Name: "non-rotating", HTTPTimeout: 10 * time.Second}
+)
+
+// Options configure a Manager. Zero values take the documented defaults.
+type Options struct {
+	// Redis holds the token records. Required. Single, Sentinel (failover)
+	// and Cluster clients all work: every key of a grant shares a hash tag.
+	Redis redis.UniversalClient
+	// LockRedis are independent Redis masters for Redlock. Default: Redis
+	// alone. With several, a lease needs a majority of them.
+	LockRedis []redis.UniversalClient
+
+	// OAuth2 is the client registration. ClientID and Endpoint.TokenURL are
+	// required, and Endpoint.AuthStyle must be explicit (InHeader or
+	// InParams): auto-detection retries a failed refresh with the other
+	// style, which presents the same refresh token twice.
+	OAuth2 *oauth2.Config
+	// Provider is the provider profile. Required (see Atlassian, Strict...).
+	Provider Provider
+	// IdPTransport carries calls to the token endpoint. Default
+	// http.DefaultTransport.
+	IdPTransport http.RoundTripper
+
+	// LeaseTTL is the Redlock lease for one refresh; it is extended while
+	// the call is in flight. Default 3 x Provider.HTTPTimeout. Must be at
+	// least that, and LeaseTTL+HTTPTimeout must fit in Provider.ReuseLeeway
+	// when the provider has one.
+	LeaseTTL time.Duration
+	// RefreshBefore is how long before expiry a refresh starts. Default 5m.
+	// It is capped at MaxRefreshFraction of the token's lifetime, so short
+	// tokens are not refreshed the moment they are issued.
+	RefreshBefore time.Duration
+	// MaxRefreshFraction caps RefreshBefore as a fraction of the token's
+	// lifetime. Default 0.2; at most 0.5.
+	MaxRefreshFraction float64
+	// MinForcedRefreshAge stops a stream of 401s from refreshing again and
+	// again: a 401 forces a refresh of version v only if v was written at
+	// least this long ago. Default 5s.
+	MinForcedRefreshAge time.Duration
+	// WaitTimeout bounds how long one Token call waits for a token while
+	// another process holds the lease. Default 2 x LeaseTTL.
+	WaitTimeout time.Duration
+	// LockRetry is the pause between attempts to take a lease held by
+	// another process (jittered); rotation messages cut it short. Default 100ms.
+	LockRetry time.Duration
+	// PollInterval is how often versions are polled while the rotation
+	// subscription is down. Default 1s.
+	PollInterval time.Duration
+	// MaxBackoff caps the backoff after transient provider errors when the
+	// provider gave no Retry-After. Default 1m.
+	MaxBackoff time.Duration
+
+	// KeyPrefix starts every key and channel name. Default "tm".
+	KeyPrefix string
+	// Holder names this process in intents and rotated_by. Default
+	// hostname-pid.
+	Holder string
+	// Sealer encrypts token values at rest. Default: none (values are stored
+	// as "plain:..." and a warning is logged at start).
+	Sealer Sealer
+	// Now is the clock. Default time.Now.
+	Now func() time.Time
+	// Logger receives the Manager's logs; never a token. Default slog.Default().
+	Logger *slog.Logger
+
+	// noSubscribe turns off rotation messages, so tests can exercise the
+	// version poll and the 401 rule.
+	noSubscribe bool
+}
+
+const (
+	defaultHTTPTimeout   = 10 * time.Second
+	defaultRefreshBefore = 5 * time.Minute
+	defaultFraction      = 0.2
+	defaultAccessTTL     = 5 * time.Minute
+)
+
+// withDefaults fills zero values and rejects combinations that cannot work.
+func (o Options) withDefaults() (Options, error) {
+	var errs []error
+	if o.Redis == nil {
+		errs = append(errs, errors.New("Options.Redis is required"))
+	}
+	if o.OAuth2 == nil {
+		errs = append(errs, errors.New("Options.OAuth2 is required"))
+	} else {
+		if o.OAuth2.ClientID == "" {
+			errs = append(errs, errors.New("OAuth2.ClientID is required"))
+		}
+		if o.OAuth2.Endpoint.TokenURL == "" {
+			errs = append(errs, errors.New("OAuth2.Endpoint.TokenURL is required"))
+		}
+		switch o.OAuth2.Endpoint.AuthStyle {
+		case oauth2.AuthStyleInHeader, oauth2.AuthStyleInParams:
+		default:
+			errs = append(errs, errors.New("OAuth2.Endpoint.AuthStyle must be oauth2.AuthStyleInHeader or oauth2.AuthStyleInParams: "+
+				"auto-detection retries a failed refresh with the other style and so presents the same refresh token twice"))
+		}
+	}
+	if o.Provider.Name == "" {
+		errs = append(errs, errors.New("Options.Provider is required (tokenmgr.Atlassian, Strict, Okta, Xero, NonRotating or your own)"))
+	}
+	if o.Provider.HTTPTimeout == 0 {
+		o.Provider.HTTPTimeout = defaultHTTPTimeout
+	}
+	if o.Provider.DefaultAccessTTL == 0 {
+		o.Provider.DefaultAccessTTL = defaultAccessTTL
+	}
+	if o.LeaseTTL == 0 {
+		o.LeaseTTL = 3 * o.Provider.HTTPTimeout
+	}
+	if o.Provider.HTTPTimeout < 0 || o.LeaseTTL < 0 || o.RefreshBefore < 0 || o.MinForcedRefreshAge < 0 ||
+		o.WaitTimeout < 0 || o.LockRetry < 0 || o.PollInterval < 0 || o.MaxBackoff < 0 || o.Provider.ReuseLeeway < 0 {
+		errs = append(errs, errors.New("durations must not be negative"))
+	}
+	if o.LeaseTTL < 3*o.Provider.HTTPTimeout {
+		errs = append(errs, fmt.Errorf("lease TTL %s must be at least 3 x the provider HTTP timeout %s, so a lease outlives a slow call and there is time to extend it",
+			o.LeaseTTL, o.Provider.HTTPTimeout))
+	}
+	if lw := o.Provider.ReuseLeeway; lw > 0 {
+		if window := o.LeaseTTL + o.Provider.HTTPTimeout; window > lw {
+			errs = append(errs, fmt.Errorf("crash-recovery window %s (lease TTL %s + HTTP timeout %s) does not fit in the %s reuse leeway of provider %q: "+
+				"if a holder dies mid-refresh, its successor takes over only after the lease expires, and the provider must still accept the refresh token then; shorten the lease or the timeout",
+				window, o.LeaseTTL, o.Provider.HTTPTimeout, lw, o.Provider.Name))
+		}
+	}
+	if o.RefreshBefore == 0 {
+		o.RefreshBefore = defaultRefreshBefore
+	}
+	if o.MaxRefreshFraction == 0 {
+		o.MaxRefreshFraction = defaultFraction
+	}
+	if o.MaxRefreshFraction <= 0 || o.MaxRefreshFraction > 0.5 {
+		errs = append(errs, fmt.Errorf("MaxRefreshFraction %v must be in (0, 0.5]", o.MaxRefreshFraction))
+	}
+	if o.MinForcedRefreshAge == 0 {
+		o.MinForcedRefreshAge = 5 * time.Second
+	}
+	if o.WaitTimeout == 0 {
+		o.WaitTimeout = 2 * o.LeaseTTL
+	}
+	if o.LockRetry == 0 {
+		o.LockRetry = 100 * time.Millisecond
+	}
+	if o.PollInterval == 0 {
+		o.PollInterval = time.Second
+	}
+	if o.MaxBackoff == 0 {
+		o.MaxBackoff = time.Minute
+	}
+	if o.KeyPrefix == "" {
+		o.KeyPrefix = "tm"
+	}
+	if strings.ContainsAny(o.KeyPrefix, "{} \t\r\n") {
+		errs = append(errs, fmt.Errorf("KeyPrefix %q must not contain braces or spaces", o.KeyPrefix))
+	}
+	if o.Holder == "" {
+		host, _ := os.Hostname()
+		o.Holder = fmt.Sprintf("%s-%d", host, os.Getpid())
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.IdPTransport == nil {
+		o.IdPTransport = http.DefaultTransport
+	}
+	if len(errs) > 0 {
+		return o, fmt.Errorf("tokenmgr: invalid options: %w", errors.Join(errs...))
+	}
+	return o, nil
+}
+
+// ValidateGrantName reports whether name can name a grant: non-empty, at
+// most 200 bytes, and free of braces (they would break the Redis Cluster
+// hash tag) and whitespace (rotation messages are "GRANT VERSION").
+func ValidateGrantName(name string) error {
+	if name == "" || len(name) > 200 || strings.ContainsAny(name, "{} \t\r\n") {
+		return fmt.Errorf("tokenmgr: invalid grant name %q: 1-200 bytes, no braces or whitespace", name)
+	}
+	return nil
+}

@@ -1,0 +1,171 @@
+package tokenmgr
+
+import (
+	"fmt"
+	"strconv"
+	"time"
+
+	"golang.org/x/oauth2"
+)
+
+// Status values stored in the record's "status" field.
+const (
+	StatusOK             = "ok"
+	StatusReauthRequired = "reauth_required"
+)
+
+// record is one grant's hash in Redis, decoded. Tokens are secrets: printing
+// a record never prints them.
+type record struct {
+	V              int64
+	Status         string
+	Reason         string
+	AccessToken    secret
+	RefreshToken   secret
+	TokenType      string
+	Expiry         time.Time // zero: the token does not expire
+	Scope          string
+	RotatedAt      time.Time
+	RotatedBy      string
+	RefreshCount   int64
+	IdleExpiry     time.Time
+	AbsoluteExpiry time.Time
+	RetryAt        time.Time // fleet-wide backoff after a transient provider error
+	Restored       bool
+}
+
+// Field names of the record hash. Documented in the README.
+const (
+	fV, fStatus, fReason            = "v", "status", "reason"
+	fAccess, fRefresh, fType        = "access_token", "refresh_token", "token_type"
+	fExpiry, fScope                 = "expiry", "scope"
+	fRotatedAt, fRotatedBy, fCount  = "rotated_at", "rotated_by", "refresh_count"
+	fIdleExpiry, fAbsExpiry, fRetry = "idle_expiry", "absolute_expiry", "retry_at"
+	fRestored                       = "restored"
+)
+
+// token returns the pair as an *oauth2.Token. The result is shared by every
+// caller and must not be modified.
+func (r *record) token() *oauth2.Token {
+	t := &oauth2.Token{
+		AccessToken:  string(r.AccessToken),
+		TokenType:    r.TokenType,
+		RefreshToken: string(r.RefreshToken),
+		Expiry:       r.Expiry,
+	}
+	if r.Scope != "" {
+		t = t.WithExtra(map[string]any{"scope": r.Scope})
+	}
+	return t
+}
+
+// fields encodes the record for HSET, without "v" (the scripts own it) and
+// without refresh_count (HINCRBY owns it). Times are unix milliseconds, so
+// redis-cli shows numbers an operator can compare; empty means unset.
+func (r *record) fields(grant string, s Sealer) ([]any, error) {
+	at, err := s.Seal(grant, fAccess, []byte(r.AccessToken))
+	if err != nil {
+		return nil, fmt.Errorf("seal %s: %w", fAccess, err)
+	}
+	rt, err := s.Seal(grant, fRefresh, []byte(r.RefreshToken))
+	if err != nil {
+		return nil, fmt.Errorf("seal %s: %w", fRefresh, err)
+	}
+	status := r.Status
+	if status == "" {
+		status = StatusOK
+	}
+	return []any{
+		fStatus, status,
+		fAccess, at,
+		fRefresh, rt,
+		fType, r.TokenType,
+		fExpiry, msString(r.Expiry),
+		fScope, r.Scope,
+		fRotatedAt, msString(r.RotatedAt),
+		fRotatedBy, r.RotatedBy,
+		fIdleExpiry, msString(r.IdleExpiry),
+		fAbsExpiry, msString(r.AbsoluteExpiry),
+	}, nil
+}
+
+// CorruptRecordError reports a record that cannot be decoded: an operator's
+// mistaken HSET, a truncated value, a value sealed with an unknown key. The
+// record is left as it is; nothing overwrites it blindly.
+type CorruptRecordError struct {
+	Grant string
+	Field string
+	Err   error
+}
+
+func (e *CorruptRecordError) Error() string {
+	return fmt.Sprintf("tokenmgr: record of grant %q is corrupt: field %s: %v", e.Grant, e.Field, e.Err)
+}
+
+func (e *CorruptRecordError) Unwrap() error { return e.Err }
+
+// decodeRecord parses an HGETALL reply. An empty map means the record does
+// not exist; the caller checks that first.
+func decodeRecord(grant string, h map[string]string, s Sealer) (*record, error) {
+	bad := func(field string, err error) error { return &CorruptRecordError{Grant: grant, Field: field, Err: err} }
+	r := &record{Status: h[fStatus], Reason: h[fReason], TokenType: h[fType], Scope: h[fScope], RotatedBy: h[fRotatedBy]}
+	var err error
+	if r.V, err = strconv.ParseInt(h[fV], 10, 64); err != nil || r.V < 1 {
+		return nil, bad(fV, fmt.Errorf("want a positive integer, have %q", h[fV]))
+	}
+	switch r.Status {
+	case StatusOK, StatusReauthRequired:
+	default:
+		return nil, bad(fStatus, fmt.Errorf("want %q or %q, have %q", StatusOK, StatusReauthRequired, r.Status))
+	}
+	for _, f := range []struct {
+		name string
+		dst  *time.Time
+	}{{fExpiry, &r.Expiry}, {fRotatedAt, &r.RotatedAt}, {fIdleExpiry, &r.IdleExpiry}, {fAbsExpiry, &r.AbsoluteExpiry}, {fRetry, &r.RetryAt}} {
+		if *f.dst, err = parseMS(h[f.name]); err != nil {
+			return nil, bad(f.name, err)
+		}
+	}
+	if c := h[fCount]; c != "" {
+		if r.RefreshCount, err = strconv.ParseInt(c, 10, 64); err != nil {
+			return nil, bad(fCount, fmt.Errorf("want an integer, have %q", c))
+		}
+	}
+	r.Restored = h[fRestored] == "1"
+	if r.Status == StatusReauthRequired {
+		// A dead grant's tokens are not needed to fail fast; do not let a
+		// damaged token field hide the reason.
+		return r, nil
+	}
+	at, err := s.Open(grant, fAccess, h[fAccess])
+	if err != nil {
+		return nil, bad(fAccess, err)
+	}
+	rt, err := s.Open(grant, fRefresh, h[fRefresh])
+	if err != nil {
+		return nil, bad(fRefresh, err)
+	}
+	if len(at) == 0 {
+		return nil, bad(fAccess, fmt.Errorf("empty"))
+	}
+	r.AccessToken, r.RefreshToken = secret(at), secret(rt)
+	return r, nil
+}
+
+func msString(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return strconv.FormatInt(t.UnixMilli(), 10)
+}
+
+func parseMS(s string) (time.Time, error) {
+	if s == "" {
+		return time.Time{}, nil
+	}
+	ms, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || ms < 0 {
+		return time.Time{}, fmt.Errorf("want unix milliseconds, have %q", s)
+	}
+	return time.UnixMilli(ms), nil
+}

@@ -1,0 +1,21 @@
+-- Fenced write of a rotated token pair (DESIGN.md invariant 1).
+-- KEYS[1] record hash, KEYS[2] intent hash
+-- ARGV[1] the version the refresh token was read at
+-- ARGV[2] rotation channel, ARGV[3] grant name
+-- ARGV[4..] field/value pairs of the new record (v excluded)
+-- Returns {1, new_v} on success, {0, stored_v} when another writer got there
+-- first, {-1, 0} when the record is gone.
+local v = redis.call('HGET', KEYS[1], 'v')
+if not v then
+  return {-1, 0}
+end
+if v ~= ARGV[1] then
+  return {0, tonumber(v)}
+end
+local nv = tonumber(v) + 1
+redis.call('HDEL', KEYS[1], 'reason', 'retry_at', 'restored')
+redis.call('HSET', KEYS[1], 'v', nv, unpack(ARGV, 4))
+redis.call('HINCRBY', KEYS[1], 'refresh_count', 1)
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[2], ARGV[3] .. ' ' .. nv)
+return {1, nv}

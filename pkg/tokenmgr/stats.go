@@ -1,0 +1,36 @@
+package tokenmgr
+
+import "sync/atomic"
+
+// Stats are a Manager's counters since it was built. Exported as Prometheus
+// metrics by the services; read directly by tests and the demo.
+type Stats struct {
+	Refreshes              int64 `json:"refreshes"`                // provider refresh calls that succeeded, made by this Manager
+	RefreshFailures        int64 `json:"refresh_failures"`         // provider refresh calls that failed
+	Leases                 int64 `json:"leases"`                   // refresh leases taken
+	LeasesLost             int64 `json:"leases_lost"`              // leases that could not be extended during a call
+	WriteConflicts         int64 `json:"write_conflicts"`          // fenced writes refused because the version moved on
+	PendingWrites          int64 `json:"pending_writes"`           // rotated pairs held because Redis refused them
+	Restores               int64 `json:"restores"`                 // records put back after Redis lost them
+	MarkedDead             int64 `json:"marked_dead"`              // grants this Manager declared in need of re-consent
+	Reads                  int64 `json:"reads"`                    // record reads from Redis
+	RotationMessages       int64 `json:"rotation_messages"`        // rotation messages received
+	Unauthorized           int64 `json:"unauthorized"`             // 401s seen by managed clients
+	UnauthorizedAfterRetry int64 `json:"unauthorized_after_retry"` // 401s still there after the retry with a newer token
+}
+
+type counters struct {
+	refreshes, refreshFailures, leases, leasesLost, writeConflicts, pendingWrites atomic.Int64
+	restores, markedDead, reloads, messages, unauthorized, unauthorizedAfterRetry atomic.Int64
+}
+
+func (c *counters) snapshot() Stats {
+	return Stats{
+		Refreshes: c.refreshes.Load(), RefreshFailures: c.refreshFailures.Load(),
+		Leases: c.leases.Load(), LeasesLost: c.leasesLost.Load(),
+		WriteConflicts: c.writeConflicts.Load(), PendingWrites: c.pendingWrites.Load(),
+		Restores: c.restores.Load(), MarkedDead: c.markedDead.Load(),
+		Reads: c.reloads.Load(), RotationMessages: c.messages.Load(),
+		Unauthorized: c.unauthorized.Load(), UnauthorizedAfterRetry: c.unauthorizedAfterRetry.Load(),
+	}
+}

@@ -1,0 +1,169 @@
+package tokenmgr
+
+import (
+	"context"
+	"errors"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// startSubscription listens for rotation messages, and polls versions while
+// the subscription is down (invariant 7: staleness bounded by push, with a
+// poll as fallback).
+func (m *Manager) startSubscription() {
+	m.wg.Add(1)
+	go m.pollLoop()
+	if !m.opts.noSubscribe {
+		m.wg.Add(1)
+		go m.subscribeLoop()
+	}
+}
+
+// healthEvery is how often the subscription is pinged when quiet; two
+// missed answers mark it down.
+func (m *Manager) healthEvery() time.Duration { return max(m.opts.PollInterval, 500*time.Millisecond) }
+
+func (m *Manager) subscribeLoop() {
+	defer m.wg.Done()
+	ps := m.opts.Redis.Subscribe(m.base, m.store.channel)
+	defer ps.Close()
+	lastHeard := time.Now()
+	for {
+		msg, err := ps.ReceiveTimeout(m.base, m.healthEvery())
+		if m.base.Err() != nil {
+			return
+		}
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				if time.Since(lastHeard) > 2*m.healthEvery() {
+					m.setSubscribed(false)
+				}
+				_ = ps.Ping(m.base)
+				continue
+			}
+			m.setSubscribed(false)
+			select {
+			case <-m.base.Done():
+				return
+			case <-time.After(jitter(m.opts.PollInterval)):
+			}
+			continue
+		}
+		lastHeard = time.Now()
+		switch msg := msg.(type) {
+		case *redis.Subscription:
+			if msg.Kind == "subscribe" {
+				// (Re)subscribed: messages sent while we were away are
+				// lost, so compare versions once.
+				m.setSubscribed(true)
+				m.pollOnce()
+			}
+		case *redis.Pong:
+			m.setSubscribed(true)
+		case *redis.Message:
+			m.stats.messages.Add(1)
+			m.onMessage(msg.Payload)
+		}
+	}
+}
+
+func (m *Manager) setSubscribed(up bool) {
+	if m.subUp.Swap(up) != up {
+		if up {
+			m.log.Info("rotation subscription up")
+		} else {
+			m.log.Warn("rotation subscription down; polling versions every PollInterval", "poll_interval", m.opts.PollInterval)
+		}
+	}
+}
+
+// Subscribed reports whether rotation messages are being received. While
+// false, versions are polled.
+func (m *Manager) Subscribed() bool { return m.subUp.Load() }
+
+func (m *Manager) pollLoop() {
+	defer m.wg.Done()
+	t := time.NewTicker(m.opts.PollInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-m.base.Done():
+			return
+		case <-t.C:
+			if !m.subUp.Load() {
+				m.pollOnce()
+			}
+		}
+	}
+}
+
+// pollOnce compares every cached version with Redis in one round trip and
+// drops the entries that moved on.
+func (m *Manager) pollOnce() {
+	grants := m.allGrants()
+	if len(grants) == 0 {
+		return
+	}
+	names := make([]string, len(grants))
+	for i, g := range grants {
+		names[i] = g.name
+	}
+	ctx, cancel := context.WithTimeout(m.base, m.opts.PollInterval)
+	defer cancel()
+	vs, err := m.store.readVersions(ctx, names)
+	if err != nil {
+		return
+	}
+	for i, g := range grants {
+		if e := g.entry.Load(); e != nil && e.v != vs[i] {
+			m.invalidate(g, vs[i], true)
+		}
+	}
+}
+
+// onMessage handles "GRANT VERSION" or "GRANT VERSION reauth_required".
+func (m *Manager) onMessage(payload string) {
+	name, rest, ok := strings.Cut(payload, " ")
+	if !ok {
+		return
+	}
+	vs, status, _ := strings.Cut(rest, " ")
+	v, err := strconv.ParseInt(vs, 10, 64)
+	if err != nil {
+		return
+	}
+	g := m.lookup(name)
+	if g == nil {
+		return
+	}
+	m.invalidate(g, v, status != "")
+}
+
+// invalidate wakes waiters and drops a cached entry that is not version v
+// (or that v's status changed), then reloads it in the background so the
+// next caller finds it ready.
+func (m *Manager) invalidate(g *grant, v int64, statusChanged bool) {
+	g.mu.Lock()
+	close(g.changed)
+	g.changed = make(chan struct{})
+	g.mu.Unlock()
+	e := g.entry.Load()
+	if e == nil || (e.v == v && !statusChanged) {
+		return // our own write, already installed
+	}
+	if !g.entry.CompareAndSwap(e, nil) {
+		return
+	}
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		ctx, cancel := context.WithTimeout(m.base, m.opts.WaitTimeout)
+		defer cancel()
+		_, _ = m.obtain(ctx, g, need{})
+	}()
+}
