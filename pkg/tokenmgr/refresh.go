@@ -62,14 +62,18 @@ func (m *Manager) needsRefresh(rec *record, n need, now time.Time) bool {
 func (m *Manager) readOrRestore(ctx context.Context, g *grant) (*record, error) {
 	m.stats.reloads.Add(1)
 	rec, err := m.store.read(ctx, g.name, g.keys)
-	if !errors.Is(err, errMissing) {
-		return rec, err
-	}
 	g.mu.Lock()
 	newest := g.newest
 	g.mu.Unlock()
-	if newest == nil || newest.Status != StatusOK {
-		return nil, &NotFoundError{Grant: g.name}
+	switch {
+	case errors.Is(err, errMissing):
+		if newest == nil || newest.Status != StatusOK {
+			return nil, &NotFoundError{Grant: g.name}
+		}
+	case err == nil && rec.Restored && newest != nil && newest.Status == StatusOK && newest.V > rec.V:
+		// Another process restored an older pair than ours: ours wins.
+	default:
+		return rec, err
 	}
 	written, err := m.store.restore(ctx, g.name, g.keys, newest)
 	if err != nil {
@@ -277,6 +281,13 @@ func (m *Manager) refreshed(ctx context.Context, g *grant, rec *record, tok *oau
 		if m.opts.Provider.Rotates {
 			m.log.Info("provider response carried no new refresh token; keeping the previous one", "grant", g.name, "version", rec.V)
 		}
+	}
+	// Expiry from expires_in on our clock: x/oauth2 computes it from the
+	// wall clock, which an injected clock (and any skew in tests) ignores.
+	if tok.ExpiresIn > 0 {
+		next.Expiry = now.Add(time.Duration(tok.ExpiresIn) * time.Second)
+	} else if !tok.Expiry.IsZero() {
+		next.Expiry = now.Add(time.Until(tok.Expiry))
 	}
 	if next.Expiry.IsZero() {
 		next.Expiry = now.Add(m.opts.Provider.DefaultAccessTTL)

@@ -1,0 +1,221 @@
+package tokenmgr
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
+	"github.com/redis/go-redis/v9"
+	"golang.org/x/oauth2"
+
+	"github.com/tokenmgr/tokenmgr/internal/redisserver"
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
+)
+
+// fakeClock is shared by the Managers and the fake IdP of a test.
+type fakeClock struct{ ns atomic.Int64 }
+
+func newFakeClock() *fakeClock {
+	c := &fakeClock{}
+	c.ns.Store(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
+	return c
+}
+func (c *fakeClock) Now() time.Time          { return time.Unix(0, c.ns.Load()) }
+func (c *fakeClock) Advance(d time.Duration) { c.ns.Add(int64(d)) }
+
+// syncBuffer collects every log line a test produces, to scan for tokens.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// backend is where a behaviour test's Redis comes from.
+type backend string
+
+const (
+	miniredisBackend backend = "miniredis"
+	realBackend      backend = "redis-server"
+)
+
+// env is one behaviour test's world: a Redis, a fake IdP, a clock, and
+// Managers built like separate processes (each with its own client).
+type env struct {
+	t     *testing.T
+	addr  string
+	mr    *miniredis.Miniredis // nil on a real redis-server
+	clock *fakeClock
+	idp   *tokenmgrtest.Server
+	logs  *syncBuffer
+	grant string
+	// down simulates a Redis outage for every client of this env: each
+	// command fails with a network error while it is set.
+	down atomic.Bool
+	// commands counts commands sent by clients of this env.
+	commands atomic.Int64
+}
+
+func newEnv(t *testing.T, b backend, profile tokenmgrtest.Profile) *env {
+	t.Helper()
+	e := &env{t: t, clock: newFakeClock(), logs: &syncBuffer{}, grant: "jira-prod"}
+	switch b {
+	case miniredisBackend:
+		e.mr = miniredis.RunT(t)
+		e.addr = e.mr.Addr()
+	case realBackend:
+		e.addr = redisserver.Start(t).Addr()
+	}
+	e.idp = tokenmgrtest.NewServer(tokenmgrtest.Config{Profile: profile, AuthStyle: oauth2.AuthStyleInHeader, Now: e.clock.Now})
+	t.Cleanup(e.idp.Close)
+	t.Cleanup(e.checkNoTokenInLogs)
+	return e
+}
+
+// checkNoTokenInLogs fails the test if any token the IdP issued appears in
+// any log line (invariant 8).
+func (e *env) checkNoTokenInLogs() {
+	logs := e.logs.String()
+	for _, tok := range e.idp.IssuedTokens() {
+		if strings.Contains(logs, tok) {
+			e.t.Errorf("a token issued by the IdP appears in the logs")
+			return
+		}
+	}
+}
+
+type outageHook struct{ e *env }
+
+var errSimulatedOutage = &net.OpError{Op: "dial", Net: "tcp", Err: errors.New("simulated Redis outage")}
+
+func (h outageHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h outageHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		h.e.commands.Add(1)
+		if h.e.down.Load() {
+			cmd.SetErr(errSimulatedOutage)
+			return errSimulatedOutage
+		}
+		return next(ctx, cmd)
+	}
+}
+func (h outageHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		h.e.commands.Add(int64(len(cmds)))
+		if h.e.down.Load() {
+			for _, c := range cmds {
+				c.SetErr(errSimulatedOutage)
+			}
+			return errSimulatedOutage
+		}
+		return next(ctx, cmds)
+	}
+}
+
+func (e *env) client() *redis.Client {
+	c := redis.NewClient(&redis.Options{Addr: e.addr, MaxRetries: -1})
+	c.AddHook(outageHook{e})
+	e.t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func (e *env) options(profile Provider) Options {
+	return Options{
+		Redis:    e.client(),
+		OAuth2:   e.idp.OAuthConfig(oauth2.AuthStyleInHeader),
+		Provider: profile,
+		Now:      e.clock.Now,
+		Logger:   slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Sealer:   plaintext{},
+	}
+}
+
+// manager builds a Manager; mod adjusts its options.
+func (e *env) manager(profile Provider, mod func(*Options)) *Manager {
+	e.t.Helper()
+	o := e.options(profile)
+	o.Provider.HTTPTimeout = 2 * time.Second
+	o.LeaseTTL = 0
+	o.PollInterval = 100 * time.Millisecond
+	o.LockRetry = 20 * time.Millisecond
+	if mod != nil {
+		mod(&o)
+	}
+	m, err := New(e.t.Context(), o)
+	if err != nil {
+		e.t.Fatalf("New: %v", err)
+	}
+	e.t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := m.Close(ctx); err != nil {
+			e.t.Errorf("Close: %v", err)
+		}
+	})
+	return m
+}
+
+// seed creates a fresh family at the IdP and seeds it as e.grant.
+func (e *env) seed(m *Manager) *oauth2.Token {
+	e.t.Helper()
+	tok := e.idp.NewGrant("read:jira-work offline_access")
+	if _, err := m.Seed(e.t.Context(), e.grant, tok, SeedOptions{}); err != nil {
+		e.t.Fatalf("Seed: %v", err)
+	}
+	return tok
+}
+
+func (e *env) status(m *Manager) GrantStatus {
+	e.t.Helper()
+	st, err := m.Status(e.t.Context(), e.grant)
+	if err != nil {
+		e.t.Fatalf("Status: %v", err)
+	}
+	return st
+}
+
+// eventually polls cond in real time; for conditions reached by background
+// goroutines (a rotation message, a flusher).
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// hookTransport runs before(req) ahead of each request to the IdP.
+type hookTransport struct {
+	before func(*hookTransport)
+	calls  atomic.Int64
+}
+
+func (h *hookTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	h.calls.Add(1)
+	if h.before != nil {
+		h.before(h)
+	}
+	return http.DefaultTransport.RoundTrip(r)
+}
