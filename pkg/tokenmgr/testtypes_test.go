@@ -2,6 +2,11 @@ package tokenmgr
 
 import (
 	"io"
+	"log/slog"
+	"testing"
+
+	"github.com/alicebob/miniredis/v2"
+	"github.com/redis/go-redis/v9"
 	"net/http"
 	"sync/atomic"
 
@@ -35,3 +40,12 @@ func (a *apiTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 
 // onlyReader hides any other method, so http.NewRequest cannot set GetBody.
 type onlyReader struct{ io.Reader }
+
+func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+func newBenchRedis(b *testing.B) *redis.Client {
+	mr := miniredis.RunT(b)
+	c := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	b.Cleanup(func() { c.Close() })
+	return c
+}

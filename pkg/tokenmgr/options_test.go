@@ -1,0 +1,110 @@
+package tokenmgr
+
+import (
+	"context"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"golang.org/x/oauth2"
+)
+
+// Invariant 3: combinations that cannot work are refused with a reason.
+func TestOptionsRejected(t *testing.T) {
+	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"}) // never dialled
+	t.Cleanup(func() { rdb.Close() })
+	valid := func() Options {
+		return Options{
+			Redis:    rdb,
+			OAuth2:   &oauth2.Config{ClientID: "id", Endpoint: oauth2.Endpoint{TokenURL: "https://idp.example/token", AuthStyle: oauth2.AuthStyleInHeader}},
+			Provider: Atlassian,
+		}
+	}
+	tests := []struct {
+		name string
+		mod  func(*Options)
+		want string
+	}{
+		{"no redis", func(o *Options) { o.Redis = nil }, "Options.Redis is required"},
+		{"no oauth2", func(o *Options) { o.OAuth2 = nil }, "Options.OAuth2 is required"},
+		{"no client id", func(o *Options) { o.OAuth2.ClientID = "" }, "ClientID is required"},
+		{"no token url", func(o *Options) { o.OAuth2.Endpoint.TokenURL = "" }, "TokenURL is required"},
+		{"auto-detected auth style", func(o *Options) { o.OAuth2.Endpoint.AuthStyle = oauth2.AuthStyleAutoDetect }, "presents the same refresh token twice"},
+		{"no provider", func(o *Options) { o.Provider = Provider{} }, "Options.Provider is required"},
+		{"lease not above timeout", func(o *Options) { o.LeaseTTL = 15 * time.Second }, "lease TTL 15s must be at least 3 x the provider HTTP timeout 10s"},
+		{"recovery window beyond leeway", func(o *Options) { o.Provider = Okta; o.LeaseTTL = 30 * time.Second },
+			`crash-recovery window 35s (lease TTL 30s + HTTP timeout 5s) does not fit in the 30s reuse leeway of provider "okta"`},
+		{"fraction too large", func(o *Options) { o.MaxRefreshFraction = 0.9 }, "MaxRefreshFraction 0.9 must be in (0, 0.5]"},
+		{"negative duration", func(o *Options) { o.RefreshBefore = -time.Second }, "must not be negative"},
+		{"brace in prefix", func(o *Options) { o.KeyPrefix = "a{b" }, "must not contain braces"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			o := valid()
+			cfg := *o.OAuth2
+			o.OAuth2 = &cfg
+			tc.mod(&o)
+			_, err := New(context.Background(), o)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("New = %v, want an error containing %q", err, tc.want)
+			}
+		})
+	}
+	t.Run("defaults fit every preset", func(t *testing.T) {
+		for _, p := range []Provider{Atlassian, Strict, Okta, Xero, NonRotating} {
+			o := valid()
+			o.Provider = p
+			o.Logger = discardLogger()
+			m, err := New(context.Background(), o)
+			if err != nil {
+				t.Errorf("%s: %v", p.Name, err)
+				continue
+			}
+			if m.opts.LeaseTTL != 3*p.HTTPTimeout {
+				t.Errorf("%s: default lease %s, want 3 x %s", p.Name, m.opts.LeaseTTL, p.HTTPTimeout)
+			}
+			_ = m.Close(context.Background())
+		}
+	})
+}
+
+// The refresh margin never exceeds a fraction of a short token's lifetime.
+func TestRefreshMarginShortTokens(t *testing.T) {
+	m := &Manager{opts: Options{RefreshBefore: 5 * time.Minute, MaxRefreshFraction: 0.2}}
+	now := time.Unix(1_700_000_000, 0)
+	for _, tc := range []struct {
+		life, want time.Duration
+	}{
+		{time.Hour, 5 * time.Minute},
+		{10 * time.Minute, 2 * time.Minute},
+		{5 * time.Second, time.Second},
+	} {
+		rec := &record{RotatedAt: now, Expiry: now.Add(tc.life)}
+		if got := m.margin(rec); got != tc.want {
+			t.Errorf("lifetime %s: margin %s, want %s", tc.life, got, tc.want)
+		}
+		for range 100 {
+			soft, hard := m.deadlines(rec, true)
+			if soft.Before(rec.Expiry.Add(-tc.want)) || !soft.Before(hard) || !hard.Before(rec.Expiry) {
+				t.Fatalf("lifetime %s: soft %s hard %s expiry %s out of order", tc.life, soft.Sub(now), hard.Sub(now), tc.life)
+			}
+		}
+	}
+}
+
+func TestParseRetryAfter(t *testing.T) {
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for _, tc := range []struct {
+		in   string
+		want time.Duration
+	}{
+		{"", 0}, {"30", 30 * time.Second}, {"-1", 0}, {"soon", 0},
+		{now.Add(90 * time.Second).Format(http.TimeFormat), 90 * time.Second},
+	} {
+		if got := parseRetryAfter(tc.in, now); got != tc.want {
+			t.Errorf("parseRetryAfter(%q) = %s, want %s", tc.in, got, tc.want)
+		}
+	}
+}
