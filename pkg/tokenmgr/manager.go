@@ -38,6 +38,8 @@ type Manager struct {
 	base   context.Context // lives until Close; background work runs under it
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // background goroutines
+	bgMu   sync.Mutex     // guards closed against wg.Add racing Close's wg.Wait
+	closed bool
 
 	subUp atomic.Bool // the rotation subscription is live
 	stats counters
@@ -145,9 +147,27 @@ func (m *Manager) Close(ctx context.Context) error {
 			}
 		}
 	}
+	m.bgMu.Lock()
+	m.closed = true
+	m.bgMu.Unlock()
 	m.cancel()
 	m.wg.Wait()
 	return errors.Join(errs...)
+}
+
+// goBackground runs fn in a goroutine that Close waits for; false after Close.
+func (m *Manager) goBackground(fn func()) bool {
+	m.bgMu.Lock()
+	defer m.bgMu.Unlock()
+	if m.closed {
+		return false
+	}
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		fn()
+	}()
+	return true
 }
 
 // Token returns a valid access token for grant. On a fresh cached token it
@@ -258,9 +278,11 @@ func (m *Manager) obtain(ctx context.Context, g *grant, n need) (*entry, error) 
 		f := g.flight
 		if f == nil {
 			f = &flight{done: make(chan struct{})}
+			if !m.goBackground(func() { m.fly(g, f, n) }) {
+				g.mu.Unlock()
+				return nil, ErrClosed
+			}
 			g.flight = f
-			m.wg.Add(1)
-			go m.fly(g, f, n)
 		}
 		g.mu.Unlock()
 		select {
@@ -284,7 +306,6 @@ func (m *Manager) obtain(ctx context.Context, g *grant, n need) (*entry, error) 
 }
 
 func (m *Manager) fly(g *grant, f *flight, n need) {
-	defer m.wg.Done()
 	ctx, cancel := context.WithTimeout(m.base, m.opts.WaitTimeout)
 	defer cancel()
 	f.e, f.err = m.sync(ctx, g, n)
@@ -303,9 +324,7 @@ func (m *Manager) refreshInBackground(g *grant, now time.Time) {
 	if now.UnixNano() < g.bgNotBefore.Load() || !g.bgRefresh.CompareAndSwap(false, true) {
 		return
 	}
-	m.wg.Add(1)
-	go func() {
-		defer m.wg.Done()
+	started := m.goBackground(func() {
 		defer g.bgRefresh.Store(false)
 		if _, err := m.obtain(m.base, g, need{refreshDue: true}); err != nil {
 			wait := time.Second
@@ -318,7 +337,10 @@ func (m *Manager) refreshInBackground(g *grant, now time.Time) {
 				m.log.Warn("background refresh failed; serving the current token until it expires", "grant", g.name, "err", err)
 			}
 		}
-	}()
+	})
+	if !started {
+		g.bgRefresh.Store(false)
+	}
 }
 
 // install publishes rec as the grant's entry and returns it.

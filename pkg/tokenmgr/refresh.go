@@ -365,9 +365,7 @@ func (m *Manager) flushPending(ctx context.Context, g *grant, p *pendingWrite) e
 
 // startFlusher retries a held pair until Redis takes it or the Manager closes.
 func (m *Manager) startFlusher(g *grant, p *pendingWrite) {
-	m.wg.Add(1)
-	go func() {
-		defer m.wg.Done()
+	m.goBackground(func() {
 		wait := 100 * time.Millisecond
 		for {
 			select {
@@ -390,7 +388,7 @@ func (m *Manager) startFlusher(g *grant, p *pendingWrite) {
 			}
 			wait = min(2*wait, 5*time.Second)
 		}
-	}()
+	})
 }
 
 func (g *grant) pendingWrite() *pendingWrite {

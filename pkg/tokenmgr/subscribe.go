@@ -15,11 +15,9 @@ import (
 // the subscription is down (invariant 7: staleness bounded by push, with a
 // poll as fallback).
 func (m *Manager) startSubscription() {
-	m.wg.Add(1)
-	go m.pollLoop()
+	m.goBackground(m.pollLoop)
 	if !m.opts.noSubscribe {
-		m.wg.Add(1)
-		go m.subscribeLoop()
+		m.goBackground(m.subscribeLoop)
 	}
 }
 
@@ -28,7 +26,6 @@ func (m *Manager) startSubscription() {
 func (m *Manager) healthEvery() time.Duration { return max(m.opts.PollInterval, 500*time.Millisecond) }
 
 func (m *Manager) subscribeLoop() {
-	defer m.wg.Done()
 	ps := m.opts.Redis.Subscribe(m.base, m.store.channel)
 	defer ps.Close()
 	lastHeard := time.Now()
@@ -87,7 +84,6 @@ func (m *Manager) setSubscribed(up bool) {
 func (m *Manager) Subscribed() bool { return m.subUp.Load() }
 
 func (m *Manager) pollLoop() {
-	defer m.wg.Done()
 	t := time.NewTicker(m.opts.PollInterval)
 	defer t.Stop()
 	for {
@@ -159,11 +155,9 @@ func (m *Manager) invalidate(g *grant, v int64, statusChanged bool) {
 	if !g.entry.CompareAndSwap(e, nil) {
 		return
 	}
-	m.wg.Add(1)
-	go func() {
-		defer m.wg.Done()
+	m.goBackground(func() {
 		ctx, cancel := context.WithTimeout(m.base, m.opts.WaitTimeout)
 		defer cancel()
 		_, _ = m.obtain(ctx, g, need{})
-	}()
+	})
 }
