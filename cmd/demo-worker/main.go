@@ -1,0 +1,184 @@
+// Command demo-worker is a worker built on pkg/tokenmgr: it calls an API
+// through the managed client with some concurrency and reports what it saw.
+//
+// Without --redis (and TOKENMGR_REDIS_URL) it runs the embedded demo
+// instead: miniredis, a fake IdP with short-lived tokens, and a fleet of
+// workers that each have their own Manager, as separate pods would;
+// --compare naive runs the same fleet the textbook way beside it.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/tokenmgr/tokenmgr/internal/cli"
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
+	switch {
+	case err == nil:
+	case errors.Is(err, flag.ErrHelp):
+		os.Exit(2)
+	case errors.Is(err, errFailures):
+		os.Exit(1)
+	default:
+		fmt.Fprintln(os.Stderr, "demo-worker:", err)
+		os.Exit(2)
+	}
+}
+
+// errFailures makes the exit status non-zero when a request failed; the
+// report has already said how many.
+var errFailures = errors.New("some requests failed")
+
+type config struct {
+	common      cli.Common
+	apiURL      string
+	concurrency int
+	duration    time.Duration
+	requests    int64
+	report      string
+	logLevel    string
+
+	// embedded demo only
+	workers   int
+	profile   string
+	accessTTL time.Duration
+	compare   string
+	stagger   time.Duration
+}
+
+func parseFlags(args []string, env func(string) string, stderr io.Writer) (*config, error) {
+	c := &config{}
+	fs := flag.NewFlagSet("demo-worker", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	c.common.Register(fs, env)
+	fs.StringVar(&c.apiURL, "api-url", "", "API `URL` to call with the grant's token, e.g. https://api.atlassian.com/ex/jira/CLOUD_ID/rest/api/3/myself")
+	fs.IntVar(&c.concurrency, "concurrency", 4, "concurrent requests per worker")
+	fs.DurationVar(&c.duration, "duration", 0, "how long to run (default 30s, or 12s for the embedded demo); 0 with --requests: until they are done")
+	fs.Int64Var(&c.requests, "requests", 0, "stop after this many requests in all (0: no limit)")
+	fs.StringVar(&c.report, "report", "text", "report format at exit: text or json")
+	fs.StringVar(&c.logLevel, "log-level", "warn", "log level: debug, info, warn, error")
+	fs.IntVar(&c.workers, "workers", 4, "embedded demo: workers in the fleet, each with its own Manager")
+	fs.StringVar(&c.profile, "profile", "atlassian", "embedded demo: fake IdP profile: atlassian, strict, grace, grace-xero, non-rotating")
+	fs.DurationVar(&c.accessTTL, "access-ttl", 2*time.Second, "embedded demo: access token lifetime")
+	fs.StringVar(&c.compare, "compare", "", "embedded demo: 'naive' also runs the fleet with a per-worker x/oauth2 token source")
+	fs.DurationVar(&c.stagger, "stagger", 2*time.Second, "embedded demo: workers start this far apart, as pods rolling out or scaling up, each deployed with the grant as it was first issued")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	var errs []error
+	if c.concurrency < 1 {
+		errs = append(errs, fmt.Errorf("--concurrency %d: at least 1", c.concurrency))
+	}
+	if c.duration < 0 || c.requests < 0 {
+		errs = append(errs, errors.New("--duration and --requests must not be negative"))
+	}
+	if c.report != "text" && c.report != "json" {
+		errs = append(errs, fmt.Errorf("--report %q: want text or json", c.report))
+	}
+	if _, err := parseLevel(c.logLevel); err != nil {
+		errs = append(errs, err)
+	}
+	if c.embedded() {
+		if c.workers < 1 || c.workers > 1000 {
+			errs = append(errs, fmt.Errorf("--workers %d: 1 to 1000", c.workers))
+		}
+		if _, err := demoProvider(c.profile); err != nil {
+			errs = append(errs, err)
+		}
+		if c.accessTTL < time.Second {
+			errs = append(errs, fmt.Errorf("--access-ttl %s: at least 1s", c.accessTTL))
+		}
+		if c.compare != "" && c.compare != "naive" {
+			errs = append(errs, fmt.Errorf("--compare %q: the only comparison is naive", c.compare))
+		}
+		if c.stagger < 0 {
+			errs = append(errs, errors.New("--stagger must not be negative"))
+		}
+		if c.duration == 0 && c.requests == 0 {
+			c.duration = 12 * time.Second
+		}
+	} else {
+		if err := c.common.Validate(); err != nil {
+			errs = append(errs, err)
+		}
+		if c.apiURL == "" {
+			errs = append(errs, errors.New("--api-url is required"))
+		}
+		if c.duration == 0 && c.requests == 0 {
+			c.duration = 30 * time.Second
+		}
+	}
+	return c, errors.Join(errs...)
+}
+
+// embedded reports whether no Redis was configured: run the demo.
+func (c *config) embedded() bool { return c.common.RedisURL == "" }
+
+func parseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return l, fmt.Errorf("--log-level %q: want debug, info, warn or error", s)
+	}
+	return l, nil
+}
+
+func run(ctx context.Context, args []string, env func(string) string, stdout, stderr io.Writer) error {
+	c, err := parseFlags(args, env, stderr)
+	if err != nil {
+		return err
+	}
+	level, _ := parseLevel(c.logLevel)
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	if c.embedded() {
+		return runEmbedded(ctx, c, log, stdout)
+	}
+	return runWorker(ctx, c, log, stdout)
+}
+
+// runWorker is the real worker: one Manager, the configured grant and API.
+func runWorker(ctx context.Context, c *config, log *slog.Logger, stdout io.Writer) error {
+	o, err := c.common.Options()
+	if err != nil {
+		return err
+	}
+	defer cli.CloseClients(o)
+	o.Logger = log
+	m, err := tokenmgr.New(ctx, o)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		if err := m.Close(cctx); err != nil {
+			log.Error("close", "err", err)
+		}
+	}()
+	rep := runLoad(ctx, loadSpec{client: m.Client(c.common.Grant), url: c.apiURL, concurrency: c.concurrency, duration: c.duration, requests: c.requests})
+	st := m.Stats()
+	rep.UnauthorizedSeen, rep.UnauthorizedAfterRetry, rep.Refreshes = st.Unauthorized, st.UnauthorizedAfterRetry, st.Refreshes
+	if err := rep.write(stdout, c.report); err != nil {
+		return err
+	}
+	if rep.Failed > 0 {
+		return errFailures
+	}
+	return nil
+}

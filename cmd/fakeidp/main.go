@@ -1,0 +1,187 @@
+// Command fakeidp serves the fake rotating identity provider of package
+// tokenmgrtest on an address, for demos, docker-compose and integration
+// tests. Never point real clients at it: it consents to everything.
+//
+// Endpoints: POST /oauth/token, GET /authorize, GET /rest/api/3/myself,
+// GET /stats (counters as JSON), and for test harnesses POST /admin/grant
+// (a new grant's token pair as JSON) and POST /admin/faults.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+	"time"
+
+	"golang.org/x/oauth2"
+
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "fakeidp:", err)
+		}
+		os.Exit(2)
+	}
+}
+
+type config struct {
+	addr, profile, clientID, clientSecret, authStyle string
+	accessTTL, latency, retryAfter                   time.Duration
+	fail5xx, fail429, drop                           int
+}
+
+func parseFlags(args []string, stderr io.Writer) (config, error) {
+	var c config
+	fs := flag.NewFlagSet("fakeidp", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&c.addr, "addr", "127.0.0.1:8080", "listen `address`")
+	fs.StringVar(&c.profile, "profile", "atlassian", "provider profile: atlassian, strict, grace, grace-xero, non-rotating")
+	fs.StringVar(&c.clientID, "client-id", "client-id", "the one client id accepted")
+	fs.StringVar(&c.clientSecret, "client-secret", "client-secret", "the one client secret accepted (a test value)")
+	fs.StringVar(&c.authStyle, "auth-style", "any", "client authentication accepted: header, params or any")
+	fs.DurationVar(&c.accessTTL, "access-ttl", time.Hour, "access token lifetime")
+	fs.DurationVar(&c.latency, "latency", 0, "added to every token-endpoint answer")
+	fs.IntVar(&c.fail5xx, "fail-5xx", 0, "answer the next `N` refreshes with 503")
+	fs.IntVar(&c.fail429, "fail-429", 0, "answer the next `N` refreshes with 429")
+	fs.DurationVar(&c.retryAfter, "retry-after", 5*time.Second, "Retry-After sent with 429")
+	fs.IntVar(&c.drop, "drop", 0, "perform the next `N` rotations but drop their responses")
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if _, err := tokenmgrtest.ProfileByName(c.profile); err != nil {
+		return c, err
+	}
+	if _, err := authStyle(c.authStyle); err != nil {
+		return c, err
+	}
+	if c.accessTTL < time.Second {
+		return c, fmt.Errorf("--access-ttl %s: at least 1s (expires_in is in seconds)", c.accessTTL)
+	}
+	if c.latency < 0 || c.fail5xx < 0 || c.fail429 < 0 || c.drop < 0 || c.retryAfter < 0 {
+		return c, errors.New("fault knobs must not be negative")
+	}
+	return c, nil
+}
+
+func authStyle(s string) (oauth2.AuthStyle, error) {
+	switch s {
+	case "any":
+		return oauth2.AuthStyleAutoDetect, nil
+	case "header":
+		return oauth2.AuthStyleInHeader, nil
+	case "params":
+		return oauth2.AuthStyleInParams, nil
+	}
+	return 0, fmt.Errorf("--auth-style %q: want header, params or any", s)
+}
+
+// newIdP builds the IdP and the handler with the admin endpoints.
+func newIdP(c config) (*tokenmgrtest.IdP, http.Handler) {
+	profile, _ := tokenmgrtest.ProfileByName(c.profile)
+	style, _ := authStyle(c.authStyle)
+	idp := tokenmgrtest.New(tokenmgrtest.Config{Profile: profile, ClientID: c.clientID, ClientSecret: c.clientSecret, AuthStyle: style, AccessTTL: c.accessTTL})
+	idp.SetLatency(c.latency)
+	idp.Fail5xx(c.fail5xx)
+	idp.Fail429(c.fail429, c.retryAfter)
+	idp.DropResponses(c.drop)
+	mux := http.NewServeMux()
+	mux.Handle("/", idp)
+	mux.HandleFunc("POST /admin/grant", func(w http.ResponseWriter, r *http.Request) {
+		tok := idp.NewGrant(r.URL.Query().Get("scope"))
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]any{
+			"access_token": tok.AccessToken, "refresh_token": tok.RefreshToken,
+			"token_type": tok.TokenType, "expires_in": tok.ExpiresIn,
+		})
+	})
+	mux.HandleFunc("POST /admin/faults", func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		if err := applyFaults(idp, q.Get("latency"), q.Get("fail_5xx"), q.Get("fail_429"), q.Get("retry_after"), q.Get("drop")); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
+	return idp, mux
+}
+
+func applyFaults(idp *tokenmgrtest.IdP, latency, f5xx, f429, retryAfter, drop string) error {
+	ra := 5 * time.Second
+	if retryAfter != "" {
+		d, err := time.ParseDuration(retryAfter)
+		if err != nil || d < 0 {
+			return fmt.Errorf("retry_after %q: want a duration", retryAfter)
+		}
+		ra = d
+	}
+	if latency != "" {
+		d, err := time.ParseDuration(latency)
+		if err != nil || d < 0 {
+			return fmt.Errorf("latency %q: want a duration", latency)
+		}
+		idp.SetLatency(d)
+	}
+	for _, k := range []struct {
+		name, v string
+		set     func(int)
+	}{
+		{"fail_5xx", f5xx, idp.Fail5xx},
+		{"fail_429", f429, func(n int) { idp.Fail429(n, ra) }},
+		{"drop", drop, idp.DropResponses},
+	} {
+		if k.v == "" {
+			continue
+		}
+		n, err := strconv.Atoi(k.v)
+		if err != nil || n < 0 {
+			return fmt.Errorf("%s %q: want a count", k.name, k.v)
+		}
+		k.set(n)
+	}
+	return nil
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	c, err := parseFlags(args, stderr)
+	if err != nil {
+		return err
+	}
+	log := slog.New(slog.NewTextHandler(stderr, nil))
+	_, handler := newIdP(c)
+	ln, err := net.Listen("tcp", c.addr)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
+	// The first line on stdout is the address, so harnesses can use port 0.
+	fmt.Fprintf(stdout, "listening on http://%s\n", ln.Addr())
+	log.Info("fake IdP serving", "addr", ln.Addr().String(), "profile", c.profile, "access_ttl", c.accessTTL)
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return srv.Shutdown(sctx)
+}

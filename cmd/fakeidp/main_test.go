@@ -1,0 +1,60 @@
+package main
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+)
+
+func TestFlagsRejected(t *testing.T) {
+	for _, args := range [][]string{
+		{"--profile", "google"}, {"--auth-style", "basic"}, {"--access-ttl", "500ms"},
+		{"--fail-5xx", "-1"}, {"extra"}, {"--nope"},
+	} {
+		if _, err := parseFlags(args, io.Discard); err == nil {
+			t.Errorf("%v accepted", args)
+		}
+	}
+}
+
+func TestAdminEndpoints(t *testing.T) {
+	c, err := parseFlags([]string{"--profile", "strict", "--access-ttl", "5s"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idp, h := newIdP(c)
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	resp, err := http.Post(srv.URL+"/admin/grant", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tok map[string]any
+	_ = json.NewDecoder(resp.Body).Decode(&tok)
+	resp.Body.Close()
+	if tok["refresh_token"] == "" || tok["expires_in"].(float64) != 5 {
+		t.Errorf("grant %v", tok)
+	}
+	resp, _ = http.Post(srv.URL+"/admin/faults?fail_5xx=2&latency=1ms", "", nil)
+	if resp.StatusCode != http.StatusNoContent {
+		t.Errorf("faults: %d", resp.StatusCode)
+	}
+	resp, _ = http.Post(srv.URL+"/admin/faults?drop=x", "", nil)
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("bad faults: %d", resp.StatusCode)
+	}
+	form := "grant_type=refresh_token&refresh_token=" + tok["refresh_token"].(string) + "&client_id=client-id&client_secret=client-secret"
+	resp, _ = http.Post(srv.URL+"/oauth/token", "application/x-www-form-urlencoded", strings.NewReader(form))
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("injected 5xx not applied: %d", resp.StatusCode)
+	}
+	resp, _ = http.Get(srv.URL + "/stats")
+	var st map[string]int64
+	_ = json.NewDecoder(resp.Body).Decode(&st)
+	if st["injected_5xx"] != 1 || idp.Stats().Injected5xx != 1 {
+		t.Errorf("stats %v", st)
+	}
+}

@@ -1,0 +1,235 @@
+// Package cli holds the flags that the refresher and demo-worker share
+// (same names, same environment variables), and turns them into a Redis
+// client and tokenmgr options.
+package cli
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"golang.org/x/oauth2"
+
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
+)
+
+// Environment variables read as defaults for the shared flags.
+const (
+	EnvRedisURL     = "TOKENMGR_REDIS_URL"
+	EnvClientID     = "TOKENMGR_CLIENT_ID"
+	EnvClientSecret = "TOKENMGR_CLIENT_SECRET"
+)
+
+// Atlassian endpoints, for --provider atlassian.
+const (
+	AtlassianTokenURL = "https://auth.atlassian.com/oauth/token"
+	AtlassianAuthURL  = "https://auth.atlassian.com/authorize"
+)
+
+// Common are the shared flags. Register them on a FlagSet, parse, then
+// call Validate.
+type Common struct {
+	RedisURL         string
+	LockRedisURLs    string
+	Grant            string
+	Provider         string
+	TokenURL         string
+	AuthURL          string
+	ClientID         string
+	ClientSecretFile string
+	AuthStyle        string
+	HTTPTimeout      time.Duration
+
+	clientSecret string // from the environment or the file, never a flag value
+	env          func(string) string
+}
+
+// Register adds the shared flags to fs, with defaults from env.
+func (c *Common) Register(fs *flag.FlagSet, env func(string) string) {
+	c.env = env
+	fs.StringVar(&c.RedisURL, "redis", env(EnvRedisURL), "Redis `URL`: redis://[user:pass@]host:port[/db], rediss:// for TLS; "+
+		"redis+cluster://host:port?addr=host2:port2 for Cluster; redis+sentinel://host:port?master_name=NAME for Sentinel (env "+EnvRedisURL+")")
+	fs.StringVar(&c.LockRedisURLs, "lock-redis", "", "comma-separated redis:// `URLs` of independent Redlock masters (default: the --redis server)")
+	fs.StringVar(&c.Grant, "grant", "", "grant `name` (1-200 bytes, no braces or spaces)")
+	fs.StringVar(&c.Provider, "provider", "atlassian", "provider profile: atlassian, strict, okta, xero, non-rotating, or generic (= strict: rotating, no reuse leeway)")
+	fs.StringVar(&c.TokenURL, "token-url", "", "token endpoint `URL` (default for atlassian: "+AtlassianTokenURL+")")
+	fs.StringVar(&c.AuthURL, "auth-url", "", "authorization endpoint `URL` (default for atlassian: "+AtlassianAuthURL+")")
+	fs.StringVar(&c.ClientID, "client-id", env(EnvClientID), "OAuth client `id` (env "+EnvClientID+")")
+	fs.StringVar(&c.ClientSecretFile, "client-secret-file", "", "`file` holding the OAuth client secret (else env "+EnvClientSecret+"; never a flag value)")
+	fs.StringVar(&c.AuthStyle, "auth-style", "params", "how the client authenticates to the token endpoint: header (HTTP Basic) or params (form fields)")
+	fs.DurationVar(&c.HTTPTimeout, "http-timeout", 0, "timeout of one token-endpoint call (default: the provider profile's)")
+}
+
+// Validate checks the flags and loads the client secret.
+func (c *Common) Validate() error {
+	var errs []error
+	if c.RedisURL == "" {
+		errs = append(errs, errors.New("--redis (or "+EnvRedisURL+") is required"))
+	}
+	if err := tokenmgr.ValidateGrantName(c.Grant); err != nil {
+		errs = append(errs, fmt.Errorf("--grant: %w", err))
+	}
+	if _, err := c.profile(); err != nil {
+		errs = append(errs, err)
+	}
+	if c.Provider == "atlassian" {
+		if c.TokenURL == "" {
+			c.TokenURL = AtlassianTokenURL
+		}
+		if c.AuthURL == "" {
+			c.AuthURL = AtlassianAuthURL
+		}
+	}
+	if c.TokenURL == "" {
+		errs = append(errs, errors.New("--token-url is required for provider "+c.Provider))
+	}
+	if c.ClientID == "" {
+		errs = append(errs, errors.New("--client-id (or "+EnvClientID+") is required"))
+	}
+	if _, err := c.authStyle(); err != nil {
+		errs = append(errs, err)
+	}
+	switch {
+	case c.ClientSecretFile != "":
+		b, err := os.ReadFile(c.ClientSecretFile)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("--client-secret-file: %w", err))
+		}
+		c.clientSecret = strings.TrimSpace(string(b))
+	case c.env != nil:
+		c.clientSecret = c.env(EnvClientSecret)
+	}
+	if c.clientSecret == "" && len(errs) == 0 {
+		errs = append(errs, errors.New("no client secret: set "+EnvClientSecret+" or --client-secret-file"))
+	}
+	return errors.Join(errs...)
+}
+
+func (c *Common) profile() (tokenmgr.Provider, error) {
+	var p tokenmgr.Provider
+	switch c.Provider {
+	case "atlassian":
+		p = tokenmgr.Atlassian
+	case "strict", "generic":
+		p = tokenmgr.Strict
+	case "okta":
+		p = tokenmgr.Okta
+	case "xero":
+		p = tokenmgr.Xero
+	case "non-rotating":
+		p = tokenmgr.NonRotating
+	default:
+		return p, fmt.Errorf("--provider %q: want atlassian, strict, okta, xero, non-rotating or generic", c.Provider)
+	}
+	if c.HTTPTimeout > 0 {
+		p.HTTPTimeout = c.HTTPTimeout
+	}
+	return p, nil
+}
+
+func (c *Common) authStyle() (oauth2.AuthStyle, error) {
+	switch c.AuthStyle {
+	case "header":
+		return oauth2.AuthStyleInHeader, nil
+	case "params":
+		return oauth2.AuthStyleInParams, nil
+	}
+	return 0, fmt.Errorf("--auth-style %q: want header or params", c.AuthStyle)
+}
+
+// OAuth2Config is the client registration from the flags.
+func (c *Common) OAuth2Config() *oauth2.Config {
+	style, _ := c.authStyle()
+	return &oauth2.Config{
+		ClientID:     c.ClientID,
+		ClientSecret: c.clientSecret,
+		Endpoint:     oauth2.Endpoint{TokenURL: c.TokenURL, AuthURL: c.AuthURL, AuthStyle: style},
+	}
+}
+
+// Options returns tokenmgr options with the Redis clients, provider and
+// client registration filled in. Close the clients with CloseClients.
+func (c *Common) Options() (tokenmgr.Options, error) {
+	rdb, err := NewRedis(c.RedisURL)
+	if err != nil {
+		return tokenmgr.Options{}, fmt.Errorf("--redis: %w", err)
+	}
+	o := tokenmgr.Options{Redis: rdb, OAuth2: c.OAuth2Config()}
+	o.Provider, _ = c.profile()
+	if c.LockRedisURLs != "" {
+		for _, u := range strings.Split(c.LockRedisURLs, ",") {
+			lc, err := NewRedis(strings.TrimSpace(u))
+			if err != nil {
+				CloseClients(o)
+				return tokenmgr.Options{}, fmt.Errorf("--lock-redis: %w", err)
+			}
+			o.LockRedis = append(o.LockRedis, lc)
+		}
+	}
+	return o, nil
+}
+
+// CloseClients closes the Redis clients that Options made.
+func CloseClients(o tokenmgr.Options) {
+	if o.Redis != nil {
+		o.Redis.Close()
+	}
+	for _, c := range o.LockRedis {
+		c.Close()
+	}
+}
+
+// NewRedis makes a client from a URL: redis:// or rediss:// for one server,
+// redis+cluster:// for Cluster, redis+sentinel:// for Sentinel.
+func NewRedis(rawURL string) (redis.UniversalClient, error) {
+	scheme, rest, ok := strings.Cut(rawURL, "://")
+	if !ok {
+		return nil, fmt.Errorf("%q is not a URL (want redis://host:port)", redactURL(rawURL))
+	}
+	base, mode, _ := strings.Cut(scheme, "+")
+	if base != "redis" && base != "rediss" {
+		return nil, fmt.Errorf("unsupported scheme %q in %s (want redis, rediss, redis+cluster, redis+sentinel)", scheme, redactURL(rawURL))
+	}
+	u := base + "://" + rest
+	switch mode {
+	case "":
+		o, err := redis.ParseURL(u)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", redactURL(rawURL), err)
+		}
+		return redis.NewClient(o), nil
+	case "cluster":
+		o, err := redis.ParseClusterURL(u)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", redactURL(rawURL), err)
+		}
+		return redis.NewClusterClient(o), nil
+	case "sentinel":
+		o, err := redis.ParseFailoverURL(u)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", redactURL(rawURL), err)
+		}
+		return redis.NewFailoverClient(o), nil
+	}
+	return nil, fmt.Errorf("unsupported scheme %q (want redis, rediss, redis+cluster, redis+sentinel)", scheme)
+}
+
+// redactURL hides a password in a Redis URL for error messages.
+func redactURL(raw string) string {
+	scheme, rest, ok := strings.Cut(raw, "://")
+	if !ok {
+		if strings.Contains(raw, "@") {
+			return "[redacted]"
+		}
+		return raw
+	}
+	if at := strings.LastIndex(rest, "@"); at >= 0 {
+		user, _, _ := strings.Cut(rest[:at], ":")
+		return scheme + "://" + user + ":[redacted]@" + rest[at+1:]
+	}
+	return raw
+}

@@ -1,0 +1,86 @@
+package cli
+
+import (
+	"flag"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"golang.org/x/oauth2"
+)
+
+func parse(t *testing.T, env map[string]string, args ...string) (*Common, error) {
+	t.Helper()
+	fs := flag.NewFlagSet("test", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	var c Common
+	c.Register(fs, func(k string) string { return env[k] })
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	return &c, c.Validate()
+}
+
+func TestFlags(t *testing.T) {
+	secretFile := filepath.Join(t.TempDir(), "secret")
+	if err := os.WriteFile(secretFile, []byte("s3cret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	env := map[string]string{EnvRedisURL: "redis://127.0.0.1:1", EnvClientID: "cid", EnvClientSecret: "from-env"}
+	c, err := parse(t, env, "--grant", "jira", "--client-secret-file", secretFile, "--auth-style", "header")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := c.OAuth2Config()
+	if cfg.ClientSecret != "s3cret" || cfg.ClientID != "cid" || cfg.Endpoint.TokenURL != AtlassianTokenURL || cfg.Endpoint.AuthStyle != oauth2.AuthStyleInHeader {
+		t.Errorf("config %+v", cfg.Endpoint)
+	}
+	if c, err := parse(t, env, "--grant", "jira"); err != nil || c.OAuth2Config().ClientSecret != "from-env" {
+		t.Errorf("secret from env: %v", err)
+	}
+
+	bad := []struct {
+		args []string
+		env  map[string]string
+		want string
+	}{
+		{[]string{"--grant", "a b"}, env, "--grant"},
+		{[]string{"--grant", "g", "--provider", "google"}, env, `--provider "google"`},
+		{[]string{"--grant", "g", "--auth-style", "auto"}, env, `--auth-style "auto"`},
+		{[]string{"--grant", "g", "--provider", "strict"}, env, "--token-url is required"},
+		{[]string{"--grant", "g"}, map[string]string{EnvClientID: "x", EnvClientSecret: "y"}, "--redis"},
+		{[]string{"--grant", "g"}, map[string]string{EnvRedisURL: "redis://h:1", EnvClientID: "x"}, "no client secret"},
+		{[]string{"--grant", "g", "--client-secret-file", "/nonexistent"}, env, "--client-secret-file"},
+	}
+	for _, tc := range bad {
+		_, err := parse(t, tc.env, tc.args...)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v: error %v, want %q", tc.args, err, tc.want)
+		}
+	}
+	if _, err := parse(t, env, "--client-secret", "x"); err == nil {
+		t.Errorf("a bare --client-secret flag was accepted")
+	}
+}
+
+func TestNewRedis(t *testing.T) {
+	for _, u := range []string{"redis://127.0.0.1:6390/2", "rediss://u:p@h:6390", "redis+cluster://h:1?addr=h:2", "redis+sentinel://h:26379?master_name=m"} {
+		c, err := NewRedis(u)
+		if err != nil {
+			t.Errorf("%s: %v", u, err)
+			continue
+		}
+		c.Close()
+	}
+	for _, u := range []string{"localhost:6379", "http://h:1", "redis+mesh://h:1"} {
+		if _, err := NewRedis(u); err == nil {
+			t.Errorf("%s accepted", u)
+		}
+	}
+	_, err := NewRedis("redis://user:hunter2@h:1/notadb")
+	if err == nil || strings.Contains(err.Error(), "hunter2") {
+		t.Errorf("bad URL error %v must not show the password", err)
+	}
+}
