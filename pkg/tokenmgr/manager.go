@@ -3,6 +3,7 @@ package tokenmgr
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"sync"
@@ -59,6 +60,12 @@ type grant struct {
 	// bgNotBefore (unix nanos) holds back background refreshes after a
 	// failure, so a Redis or provider outage does not start one per call.
 	bgNotBefore atomic.Int64
+	// announced is the version last announced by a rotation message or a
+	// poll. A flight that read Redis before the announcement and
+	// installed an older version runs again.
+	announced atomic.Int64
+	// flushMu serialises writes of the pending pair (flusher, Close, sync).
+	flushMu sync.Mutex
 
 	mu sync.Mutex // guards the fields below
 	// flight is the load or refresh in progress, shared by every caller in
@@ -91,8 +98,9 @@ type flight struct {
 }
 
 type pendingWrite struct {
-	fromV int64
-	rec   *record
+	fromV   int64
+	rec     *record
+	written bool // guarded by grant.flushMu
 }
 
 // New builds a Manager and starts its rotation subscription. ctx bounds
@@ -136,22 +144,22 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 // yet is written one last time within ctx; if that fails too it is lost,
 // and Close says so in its error.
 func (m *Manager) Close(ctx context.Context) error {
-	var errs []error
-	for _, g := range m.allGrants() {
-		g.mu.Lock()
-		p := g.pending
-		g.mu.Unlock()
-		if p != nil {
-			if err := m.flushPending(ctx, g, p); err != nil {
-				errs = append(errs, err)
-			}
-		}
-	}
 	m.bgMu.Lock()
 	m.closed = true
 	m.bgMu.Unlock()
 	m.cancel()
+	// In-flight provider calls and their writes run to completion (they
+	// are not cancelled by Close); wait for them, then write what Redis
+	// refused meanwhile.
 	m.wg.Wait()
+	var errs []error
+	for _, g := range m.allGrants() {
+		if p := g.pendingWrite(); p != nil {
+			if err := m.flushPending(ctx, g, p); err != nil {
+				errs = append(errs, fmt.Errorf("tokenmgr: grant %q: rotated pair from version %d could not be written to Redis and is lost: %w", g.name, p.fromV, err))
+			}
+		}
+	}
 	return errors.Join(errs...)
 }
 
@@ -309,6 +317,14 @@ func (m *Manager) fly(g *grant, f *flight, n need) {
 	ctx, cancel := context.WithTimeout(m.base, m.opts.WaitTimeout)
 	defer cancel()
 	f.e, f.err = m.sync(ctx, g, n)
+	for range 3 {
+		// A rotation announced while this flight was reading: what it
+		// installed may already be superseded (and revoked).
+		if f.err != nil || f.e == nil || f.e.err != nil || f.e.v >= g.announced.Load() {
+			break
+		}
+		f.e, f.err = m.sync(ctx, g, need{})
+	}
 	if errors.Is(f.err, context.Canceled) && m.base.Err() != nil {
 		f.err = ErrClosed
 	}
@@ -355,6 +371,10 @@ func (m *Manager) install(g *grant, rec *record) *entry {
 		e.err = &ReauthRequiredError{Grant: g.name, Reason: rec.Reason}
 	} else {
 		e.tok = rec.token()
+		// Callers get the access token only: with the refresh token, a
+		// caller's own oauth2.Config.TokenSource would refresh outside
+		// the lease, and a logged token would leak it.
+		e.tok.RefreshToken = ""
 		e.softAt, e.hardAt = m.deadlines(rec, true)
 	}
 	g.entry.Store(e)

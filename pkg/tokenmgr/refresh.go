@@ -34,6 +34,12 @@ func (m *Manager) sync(ctx context.Context, g *grant, n need) (*entry, error) {
 		return m.fallback(g, n, "read", err)
 	}
 	now := m.opts.Now()
+	if rec.Status == StatusOK && n.staleV == rec.V && !m.needsRefresh(rec, n, now) {
+		// A 401 on the stored version, too young to force a refresh: a
+		// holder is most likely between the provider's rotation (which
+		// revoked this token) and its write. Wait for that write.
+		return m.awaitRotation(ctx, g, rec, n)
+	}
 	if rec.Status != StatusOK || !m.needsRefresh(rec, n, now) {
 		return m.install(g, rec), nil
 	}
@@ -114,6 +120,14 @@ func (m *Manager) refresh(ctx context.Context, g *grant, rec *record, n need) (*
 	if e, err, done := m.backingOff(g, rec, n); done {
 		return e, err
 	}
+	if rec.Restored {
+		// Redis lost the record and some process put back the pair it
+		// held; a process with a newer pair may not have noticed yet.
+		// Spending an old refresh token would be reuse: give them time.
+		if cur, changed := m.waitForChange(ctx, g, rec, 2*m.opts.PollInterval+time.Second); changed {
+			return m.install(g, cur), nil
+		}
+	}
 	mutex := m.locks.NewMutex(g.keys.lock, redsync.WithExpiry(m.opts.LeaseTTL), redsync.WithTries(1))
 	var lockErr error
 	for {
@@ -189,6 +203,15 @@ func (m *Manager) refresh(ctx context.Context, g *grant, rec *record, n need) (*
 			"started_at", in.StartedAt, "attempt", in.Attempts)
 	}
 
+	// Spend the token only with time left on the lease for a whole call:
+	// after a long pause here another holder may have taken over.
+	if time.Until(mutex.Until()) < m.opts.Provider.HTTPTimeout {
+		if ok, err := mutex.ExtendContext(ctx); !ok {
+			m.stats.leasesLost.Add(1)
+			m.log.Warn("refresh lease expired before the provider call; not spending the refresh token", "grant", g.name, "err", err)
+			return m.reread(ctx, g, n)
+		}
+	}
 	stop := m.keepLease(ctx, g, mutex)
 	tok, callErr := m.callIdP(ctx, rec.RefreshToken)
 	stop()
@@ -324,10 +347,16 @@ func (m *Manager) write(ctx context.Context, g *grant, fromV int64, next *record
 // flushPending writes p and installs what Redis then holds. It returns an
 // error only when Redis could not be reached.
 func (m *Manager) flushPending(ctx context.Context, g *grant, p *pendingWrite) error {
+	g.flushMu.Lock()
+	defer g.flushMu.Unlock()
+	if p.written {
+		return nil // another caller flushed it meanwhile
+	}
 	res, v, err := m.store.rotate(ctx, g.name, g.keys, p.fromV, p.rec)
 	if err != nil {
 		return err
 	}
+	p.written = true
 	g.mu.Lock()
 	if g.pending == p {
 		g.pending = nil
@@ -479,8 +508,12 @@ func (m *Manager) refreshFailed(ctx context.Context, g *grant, rec *record, in i
 		dead.Status, dead.Reason = StatusReauthRequired, reason
 		return m.install(g, &dead), nil
 	case failConfig:
+		// Every process would get the same answer: back off fleet-wide.
 		wait := max(retryAfter, m.backoff(in.Attempts))
-		m.log.Error("provider rejected the client configuration; check the client id, secret and auth style", "grant", g.name, "err", describe(callErr))
+		if err := m.store.deferRefresh(wctx, g.name, g.keys, rec.V, m.opts.Now().Add(wait)); err != nil {
+			m.log.Warn("could not store the fleet-wide backoff", "grant", g.name, "err", err)
+		}
+		m.log.Error("provider rejected the client or the request; check the client id, secret and auth style", "grant", g.name, "retry_in", wait, "err", describe(callErr))
 		return nil, &RefreshError{Grant: g.name, RetryAfter: wait, Config: true, Err: callErr}
 	default:
 		wait := retryAfter
@@ -515,6 +548,43 @@ func (m *Manager) reread(ctx context.Context, g *grant, n need) (*entry, error) 
 	rec, err := m.readOrRestore(ctx, g)
 	if err != nil {
 		return m.fallback(g, n, "read", err)
+	}
+	return m.install(g, rec), nil
+}
+
+// waitForChange waits up to d (real time) for a rotation message or a
+// different record. It returns the record it last read and whether it
+// differs from rec.
+func (m *Manager) waitForChange(ctx context.Context, g *grant, rec *record, d time.Duration) (*record, bool) {
+	g.mu.Lock()
+	changed := g.changed
+	g.mu.Unlock()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-changed:
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	cur, err := m.store.read(ctx, g.name, g.keys)
+	if err != nil {
+		return rec, false
+	}
+	return cur, cur.V != rec.V || cur.Status != rec.Status || cur.Restored != rec.Restored
+}
+
+// awaitRotation serves a 401 on a version too young to refresh again: if
+// a lease is held, a rotation is in flight, and its pair will arrive within
+// one provider call.
+func (m *Manager) awaitRotation(ctx context.Context, g *grant, rec *record, n need) (*entry, error) {
+	lockClient := m.opts.Redis
+	if len(m.opts.LockRedis) > 0 {
+		lockClient = m.opts.LockRedis[0]
+	}
+	if held, err := lockClient.Exists(ctx, g.keys.lock).Result(); err == nil && held > 0 {
+		if cur, changed := m.waitForChange(ctx, g, rec, m.opts.Provider.HTTPTimeout); changed {
+			return m.install(g, cur), nil
+		}
 	}
 	return m.install(g, rec), nil
 }

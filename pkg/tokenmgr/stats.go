@@ -16,7 +16,7 @@ type Stats struct {
 	Reads                  int64 `json:"reads"`                    // record reads from Redis
 	RotationMessages       int64 `json:"rotation_messages"`        // rotation messages received
 	Unauthorized           int64 `json:"unauthorized"`             // 401s seen by managed clients
-	UnauthorizedAfterRetry int64 `json:"unauthorized_after_retry"` // 401s still there after the retry with a newer token
+	UnauthorizedAfterRetry int64 `json:"unauthorized_after_retry"` // 401s returned to the caller: not cured by the 401 rule
 }
 
 type counters struct {

@@ -70,24 +70,33 @@ func (s *store) read(ctx context.Context, grant string, k keys) (*record, error)
 	return decodeRecord(grant, h, s.sealer)
 }
 
-// readVersions returns the stored version of each grant (0: missing), in one
-// pipelined round trip. Used by the version poll.
-func (s *store) readVersions(ctx context.Context, grants []string) ([]int64, error) {
+// readVersions returns the stored version of each grant in one pipelined
+// round trip: 0 when the record is missing, -1 when its read failed (on
+// Cluster, one shard can fail while the others answer). Used by the poll.
+func (s *store) readVersions(ctx context.Context, grants []string) []int64 {
 	cmds := make([]*redis.StringCmd, len(grants))
-	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+	_, _ = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, g := range grants {
 			cmds[i] = p.HGet(ctx, grantKeys(s.prefix, g).record, fV)
 		}
 		return nil
 	})
-	if err != nil && !errors.Is(err, redis.Nil) {
-		return nil, err
-	}
 	out := make([]int64, len(grants))
 	for i, c := range cmds {
-		out[i], _ = strconv.ParseInt(c.Val(), 10, 64)
+		switch err := c.Err(); {
+		case errors.Is(err, redis.Nil):
+			out[i] = 0
+		case err != nil:
+			out[i] = -1
+		default:
+			v, err := strconv.ParseInt(c.Val(), 10, 64)
+			if err != nil {
+				v = -1
+			}
+			out[i] = v
+		}
 	}
-	return out, nil
+	return out
 }
 
 type casResult int
@@ -108,6 +117,9 @@ func (s *store) rotate(ctx context.Context, grant string, k keys, fromV int64, r
 	res, err := rotateScript.Run(ctx, s.rdb, []string{k.record, k.intent}, args...).Int64Slice()
 	if err != nil {
 		return 0, 0, err
+	}
+	if len(res) != 2 {
+		return 0, 0, fmt.Errorf("rotate script: unexpected reply of %d elements", len(res))
 	}
 	switch res[0] {
 	case 1:
@@ -140,7 +152,7 @@ func (s *store) restore(ctx context.Context, grant string, k keys, rec *record) 
 	if err != nil {
 		return false, err
 	}
-	return res[0] == 1, nil
+	return len(res) > 0 && res[0] == 1, nil
 }
 
 // intent describes a refresh that was started and may have spent the

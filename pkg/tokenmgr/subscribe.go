@@ -26,8 +26,28 @@ func (m *Manager) startSubscription() {
 func (m *Manager) healthEvery() time.Duration { return max(m.opts.PollInterval, 500*time.Millisecond) }
 
 func (m *Manager) subscribeLoop() {
+	for m.base.Err() == nil {
+		m.subscribeOnce()
+		m.setSubscribed(false)
+		select {
+		case <-m.base.Done():
+		case <-time.After(jitter(m.opts.PollInterval)):
+		}
+	}
+}
+
+// subscribeOnce runs one subscription until it fails or goes quiet. A
+// half-open connection only ever times out (go-redis keeps a connection
+// after a read timeout, and a PING just fills the socket buffer), so a
+// subscription that has not answered for three health intervals is closed
+// and made anew.
+func (m *Manager) subscribeOnce() {
 	ps := m.opts.Redis.Subscribe(m.base, m.store.channel)
-	defer ps.Close()
+	stop := context.AfterFunc(m.base, func() { ps.Close() }) // unblocks Receive at Close
+	defer func() {
+		stop()
+		ps.Close()
+	}()
 	lastHeard := time.Now()
 	for {
 		msg, err := ps.ReceiveTimeout(m.base, m.healthEvery())
@@ -36,19 +56,17 @@ func (m *Manager) subscribeLoop() {
 		}
 		if err != nil {
 			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				if time.Since(lastHeard) > 2*m.healthEvery() {
-					m.setSubscribed(false)
-				}
-				_ = ps.Ping(m.base)
-				continue
-			}
-			m.setSubscribed(false)
-			select {
-			case <-m.base.Done():
+			if !errors.As(err, &ne) || !ne.Timeout() {
 				return
-			case <-time.After(jitter(m.opts.PollInterval)):
 			}
+			quiet := time.Since(lastHeard)
+			if quiet > 2*m.healthEvery() {
+				m.setSubscribed(false)
+			}
+			if quiet > 3*m.healthEvery() {
+				return
+			}
+			_ = ps.Ping(m.base)
 			continue
 		}
 		lastHeard = time.Now()
@@ -111,11 +129,11 @@ func (m *Manager) pollOnce() {
 	}
 	ctx, cancel := context.WithTimeout(m.base, m.opts.PollInterval)
 	defer cancel()
-	vs, err := m.store.readVersions(ctx, names)
-	if err != nil {
-		return
-	}
+	vs := m.store.readVersions(ctx, names)
 	for i, g := range grants {
+		if vs[i] < 0 {
+			continue // this grant's read failed: keep what we have
+		}
 		if e := g.entry.Load(); e != nil && e.v != vs[i] {
 			m.invalidate(g, vs[i], true)
 		}
@@ -144,6 +162,7 @@ func (m *Manager) onMessage(payload string) {
 // (or that v's status changed), then reloads it in the background so the
 // next caller finds it ready.
 func (m *Manager) invalidate(g *grant, v int64, statusChanged bool) {
+	g.announced.Store(v)
 	g.mu.Lock()
 	close(g.changed)
 	g.changed = make(chan struct{})

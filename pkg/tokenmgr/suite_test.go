@@ -38,6 +38,10 @@ var suite = []struct {
 	{"UnauthorizedSameVersionRefreshesOnce", testUnauthorizedSameVersion},
 	{"VersionPollWhenNoSubscription", testVersionPoll},
 	{"TransientErrorBacksOffFleetWide", testTransientBackoff},
+	{"ConfigErrorBacksOffFleetWide", testConfigErrorBackoff},
+	{"CallersNeverGetTheRefreshToken", testNoRefreshTokenToCallers},
+	{"TokenSourceWithNewClientFollowsRotation", testTokenSourceNewClient},
+	{"CloseWritesHeldPair", testCloseWritesHeldPair},
 }
 
 func TestMiniredis(t *testing.T) {
@@ -669,5 +673,100 @@ func testTransientBackoff(t *testing.T, b backend) {
 	e.clock.Advance(31 * time.Second)
 	if _, err := other.Token(t.Context(), e.grant); err != nil {
 		t.Errorf("after Retry-After: %v", err)
+	}
+}
+
+// A wrong client secret is a configuration error, not a dead grant; the
+// fleet backs off instead of asking again and again.
+func testConfigErrorBackoff(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Atlassian)
+	good := e.manager(Atlassian, nil)
+	e.seed(good)
+	bad := func(o *Options) { cfg := *o.OAuth2; cfg.ClientSecret = "wrong"; o.OAuth2 = &cfg }
+	a, other := e.manager(Atlassian, bad), e.manager(Atlassian, bad)
+	e.clock.Advance(time.Hour)
+	_, err := a.Token(t.Context(), e.grant)
+	var re *RefreshError
+	if !errors.As(err, &re) || !re.Config || errors.Is(err, ErrReauthRequired) {
+		t.Fatalf("Token = %v, want a RefreshError with Config set", err)
+	}
+	if _, err := other.Token(t.Context(), e.grant); !errors.As(err, &re) {
+		t.Fatalf("other Token = %v, want the fleet-wide backoff", err)
+	}
+	if s := e.idp.Stats(); s.RefreshFailed != 1 {
+		t.Errorf("IdP saw %d failed refreshes, want 1 (the others wait)", s.RefreshFailed)
+	}
+	if st := e.status(a); st.Status != StatusOK {
+		t.Errorf("a configuration error marked the grant %s", st.Status)
+	}
+}
+
+// Invariant 8 and 2: what callers get has no refresh token, so nobody can
+// refresh outside the lease (or log it).
+func testNoRefreshTokenToCallers(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Strict)
+	m := e.manager(Strict, nil)
+	e.seed(m)
+	tok, err := m.Token(t.Context(), e.grant)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tok.RefreshToken != "" {
+		t.Errorf("Token() exposes the refresh token")
+	}
+	ts, err := m.TokenSource(e.grant).Token()
+	if err != nil || ts.RefreshToken != "" {
+		t.Errorf("TokenSource exposes the refresh token (%v)", err)
+	}
+}
+
+// oauth2.NewClient wraps the source in a ReuseTokenSource; a rotation (and
+// the strict provider's revocation) must still reach it within seconds.
+func testTokenSourceNewClient(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Strict)
+	m := e.manager(Strict, nil)
+	rotator := e.manager(Strict, nil)
+	e.seed(m)
+	client := oauth2.NewClient(t.Context(), m.TokenSource(e.grant))
+	get := func() int {
+		resp, err := client.Get(e.idp.APIURL())
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := get(); code != http.StatusOK {
+		t.Fatalf("first call: %d", code)
+	}
+	if _, err := rotator.Rotate(t.Context(), e.grant); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "oauth2.NewClient to use the rotated token", func() bool { return get() == http.StatusOK })
+}
+
+// Invariant 4 at shutdown: a pair Redis refused is written by Close.
+func testCloseWritesHeldPair(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Strict)
+	o := e.options(Strict)
+	o.Provider.HTTPTimeout = 2 * time.Second
+	ht := &hookTransport{before: func(*hookTransport) { e.down.Store(true) }}
+	o.IdPTransport = ht
+	m, err := New(t.Context(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.seed(m)
+	e.clock.Advance(time.Hour)
+	if _, err := m.Token(t.Context(), e.grant); err != nil {
+		t.Fatal(err)
+	}
+	e.down.Store(false)
+	if err := m.Close(t.Context()); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	check := e.manager(Strict, nil)
+	if st := e.status(check); st.Version != 2 {
+		t.Errorf("after Close the stored version is %d, want 2 (the held pair)", st.Version)
 	}
 }

@@ -4,15 +4,21 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"time"
 
 	"golang.org/x/oauth2"
 )
 
 // TokenSource returns an oauth2.TokenSource for grant, usable with
 // oauth2.NewClient. Because oauth2.TokenSource.Token takes no context, the
-// source waits at most WaitTimeout and stops with the Manager; prefer
-// Manager.Client, which uses each request's context and applies the 401
-// rule.
+// source waits at most WaitTimeout and stops with the Manager.
+//
+// oauth2.NewClient wraps a source in oauth2.ReuseTokenSource, which keeps a
+// token until 10 seconds before its Expiry, long after a rotation revoked
+// it. So each token this source returns is a copy whose Expiry is at most
+// 11 seconds away (never later than the real one): the wrapper asks again
+// about every second, and each ask is an atomic load. Prefer
+// Manager.Client, which needs no such trick and applies the 401 rule.
 func (m *Manager) TokenSource(grant string) oauth2.TokenSource {
 	return &tokenSource{m: m, grant: grant}
 }
@@ -22,12 +28,23 @@ type tokenSource struct {
 	grant string
 }
 
+// reuseHorizon is how far ahead TokenSource tokens claim to expire.
+const reuseHorizon = 11 * time.Second
+
 func (s *tokenSource) Token() (*oauth2.Token, error) {
 	// The one place a context is made here rather than passed in: the
 	// oauth2.TokenSource interface has none.
 	ctx, cancel := context.WithTimeout(s.m.base, s.m.opts.WaitTimeout)
 	defer cancel()
-	return s.m.Token(ctx, s.grant)
+	tok, err := s.m.Token(ctx, s.grant)
+	if err != nil {
+		return nil, err
+	}
+	t := *tok
+	if horizon := time.Now().Add(reuseHorizon); t.Expiry.IsZero() || t.Expiry.After(horizon) {
+		t.Expiry = horizon
+	}
+	return &t, nil
 }
 
 // Client returns an *http.Client that authorizes every request with grant's
@@ -72,25 +89,31 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	t.m.stats.unauthorized.Add(1)
 	replayable := req.Body == nil || req.Body == http.NoBody || req.GetBody != nil
 	g := t.m.lookup(t.grant)
-	next, nerr := t.m.obtain(ctx, g, need{staleV: e.v})
-	if nerr != nil || next.v == e.v || !replayable {
-		// Nothing newer, or the body is gone: the caller gets the 401,
-		// and later requests the token the refresh produced.
-		return resp, nil
-	}
-	body := req.Body
-	if req.GetBody != nil {
-		if body, err = req.GetBody(); err != nil {
-			return resp, nil
+	// One retry with a newer version; a second only if that version was
+	// itself superseded meanwhile (a rotation landing between the two).
+	for retry := 0; retry < 2; retry++ {
+		next, nerr := t.m.obtain(ctx, g, need{staleV: e.v})
+		if nerr != nil || next.v == e.v || !replayable {
+			// Nothing newer, or the body is gone: the caller gets the
+			// 401, and later requests the token the refresh produced.
+			break
 		}
+		body := req.Body
+		if req.GetBody != nil {
+			if body, err = req.GetBody(); err != nil {
+				break
+			}
+		}
+		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+		resp.Body.Close()
+		resp, err = t.base.RoundTrip(authorized(req, next.tok, body))
+		if err != nil || resp.StatusCode != http.StatusUnauthorized {
+			return resp, err
+		}
+		e = next
 	}
-	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
-	resp.Body.Close()
-	resp, err = t.base.RoundTrip(authorized(req, next.tok, body))
-	if err == nil && resp.StatusCode == http.StatusUnauthorized {
-		t.m.stats.unauthorizedAfterRetry.Add(1)
-	}
-	return resp, err
+	t.m.stats.unauthorizedAfterRetry.Add(1)
+	return resp, nil
 }
 
 // authorized clones req (a RoundTripper must not modify its request) with

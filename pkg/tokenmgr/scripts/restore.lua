@@ -8,7 +8,7 @@
 local v = redis.call('HGET', KEYS[1], 'v')
 if v then
   if redis.call('HGET', KEYS[1], 'restored') ~= '1' or tonumber(v) >= tonumber(ARGV[1]) then
-    return {0, tonumber(v)}
+    return {0, tonumber(v) or -1}
   end
   redis.call('DEL', KEYS[1])
 end

@@ -10,7 +10,7 @@ if not v then
   return {-1, 0}
 end
 if v ~= ARGV[1] then
-  return {0, tonumber(v)}
+  return {0, tonumber(v) or -1}
 end
 local nv = tonumber(v) + 1
 redis.call('HDEL', KEYS[1], 'reason', 'retry_at', 'restored')
