@@ -68,9 +68,12 @@ type liveCounters struct {
 // runLoad calls spec.url until the duration or the request budget is used
 // up, or ctx ends.
 func runLoad(ctx context.Context, spec loadSpec) *report {
+	// The deadline stops new requests; requests in flight finish under ctx,
+	// so that every answer the API gave is counted.
+	until := ctx
 	if spec.duration > 0 {
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, spec.duration)
+		until, cancel = context.WithTimeout(ctx, spec.duration)
 		defer cancel()
 	}
 	if spec.counters == nil {
@@ -94,7 +97,7 @@ func runLoad(ctx context.Context, spec loadSpec) *report {
 	}
 	for range spec.concurrency {
 		wg.Go(func() {
-			for ctx.Err() == nil {
+			for until.Err() == nil {
 				if spec.requests > 0 && issued.Add(1) > spec.requests {
 					return
 				}
@@ -107,7 +110,7 @@ func runLoad(ctx context.Context, spec loadSpec) *report {
 				resp, err := spec.client.Do(req)
 				if err != nil {
 					if ctx.Err() != nil {
-						spec.counters.requests.Add(-1) // cut short by the end of the run, not a failure
+						spec.counters.requests.Add(-1) // cut short by a signal, not a failure
 						return
 					}
 					fail(failureKind(err), err)

@@ -28,6 +28,9 @@ func (m *Manager) healthEvery() time.Duration { return max(m.opts.PollInterval, 
 func (m *Manager) subscribeLoop() {
 	for m.base.Err() == nil {
 		m.subscribeOnce()
+		if m.base.Err() != nil {
+			return
+		}
 		m.setSubscribed(false)
 		select {
 		case <-m.base.Done():
