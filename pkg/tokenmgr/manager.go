@@ -24,6 +24,8 @@ import (
 // Each process (pod) should have one Manager, shared by all its goroutines.
 // Close it when done.
 type Manager struct {
+	*Admin // Seed (overridden below), Status, Grants, DueGrants, Postpone
+
 	opts   Options
 	log    *slog.Logger
 	store  *store
@@ -125,10 +127,13 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 		pools[i] = goredis.NewPool(c)
 	}
 	cfg := *o.OAuth2 // our own copy: the caller may reuse theirs
+	o.Sealer = sealer
+	admin := newAdmin(o)
 	m := &Manager{
+		Admin:  admin,
 		opts:   o,
-		log:    o.Logger.With("component", "tokenmgr", "holder", o.Holder),
-		store:  newStore(o.Redis, o.KeyPrefix, sealer),
+		log:    admin.log,
+		store:  admin.store,
 		locks:  redsync.New(pools...),
 		oauth:  &cfg,
 		sealer: sealer,

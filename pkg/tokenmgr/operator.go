@@ -5,10 +5,54 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
+	"strings"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"golang.org/x/oauth2"
 )
+
+// Admin reads and writes grant records for operators: seed, status and the
+// refresher's schedule. It never calls the provider, so it needs no client
+// registration. Every Manager has one (its methods are promoted).
+type Admin struct {
+	opts  Options
+	log   *slog.Logger
+	store *store
+}
+
+// NewAdmin builds an Admin. It uses Options.Redis (required), Provider (for
+// the expiry countdowns written by Seed), KeyPrefix, Sealer, Holder, Now and
+// Logger, and ignores the rest.
+func NewAdmin(o Options) (*Admin, error) {
+	if o.Redis == nil {
+		return nil, errors.New("tokenmgr: invalid options: Options.Redis is required")
+	}
+	if o.KeyPrefix == "" {
+		o.KeyPrefix = "tm"
+	}
+	if strings.ContainsAny(o.KeyPrefix, "{} \t\r\n") {
+		return nil, fmt.Errorf("tokenmgr: invalid options: KeyPrefix %q must not contain braces or spaces", o.KeyPrefix)
+	}
+	if o.Holder == "" {
+		o.Holder = defaultHolder()
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Sealer == nil {
+		o.Sealer = plaintext{}
+	}
+	return newAdmin(o), nil
+}
+
+func newAdmin(o Options) *Admin {
+	return &Admin{opts: o, log: o.Logger.With("component", "tokenmgr", "holder", o.Holder), store: newStore(o.Redis, o.KeyPrefix, o.Sealer)}
+}
 
 // SeedOptions qualify an imported pair.
 type SeedOptions struct {
@@ -21,17 +65,37 @@ type SeedOptions struct {
 // bumps the version, clears a dead status and any refresh intent, and tells
 // the fleet. It returns the new version. tok needs an access token, and a
 // refresh token unless the provider does not rotate.
-func (m *Manager) Seed(ctx context.Context, grant string, tok *oauth2.Token, so SeedOptions) (int64, error) {
-	if err := ValidateGrantName(grant); err != nil {
+func (a *Admin) Seed(ctx context.Context, grant string, tok *oauth2.Token, so SeedOptions) (int64, error) {
+	rec, err := a.seed(ctx, grant, tok, so)
+	if err != nil {
 		return 0, err
 	}
+	return rec.V, nil
+}
+
+// Seed is Admin.Seed; the Manager also starts serving the new pair at once.
+func (m *Manager) Seed(ctx context.Context, grant string, tok *oauth2.Token, so SeedOptions) (int64, error) {
+	rec, err := m.seed(ctx, grant, tok, so)
+	if err != nil {
+		return 0, err
+	}
+	if g := m.lookup(grant); g != nil {
+		m.install(g, rec)
+	}
+	return rec.V, nil
+}
+
+func (a *Admin) seed(ctx context.Context, grant string, tok *oauth2.Token, so SeedOptions) (*record, error) {
+	if err := ValidateGrantName(grant); err != nil {
+		return nil, err
+	}
 	if tok == nil || tok.AccessToken == "" {
-		return 0, errors.New("tokenmgr: seed: the token has no access_token")
+		return nil, errors.New("tokenmgr: seed: the token has no access_token")
 	}
 	if tok.RefreshToken == "" {
-		return 0, errors.New("tokenmgr: seed: the token has no refresh_token; the grant could not be refreshed")
+		return nil, errors.New("tokenmgr: seed: the token has no refresh_token; the grant could not be refreshed")
 	}
-	now := m.opts.Now()
+	now := a.opts.Now()
 	if so.ConsentedAt.IsZero() {
 		so.ConsentedAt = now
 	}
@@ -42,7 +106,7 @@ func (m *Manager) Seed(ctx context.Context, grant string, tok *oauth2.Token, so 
 		TokenType:    tok.TokenType,
 		Expiry:       tok.Expiry,
 		RotatedAt:    now,
-		RotatedBy:    m.opts.Holder + " (seed)",
+		RotatedBy:    a.opts.Holder + " (seed)",
 	}
 	if rec.TokenType == "" {
 		rec.TokenType = "Bearer"
@@ -50,28 +114,21 @@ func (m *Manager) Seed(ctx context.Context, grant string, tok *oauth2.Token, so 
 	if s, ok := tok.Extra("scope").(string); ok {
 		rec.Scope = s
 	}
-	if m.opts.Provider.IdleExpiry > 0 {
-		rec.IdleExpiry = now.Add(m.opts.Provider.IdleExpiry)
+	if a.opts.Provider.IdleExpiry > 0 {
+		rec.IdleExpiry = now.Add(a.opts.Provider.IdleExpiry)
 	}
-	if m.opts.Provider.AbsoluteExpiry > 0 {
-		rec.AbsoluteExpiry = so.ConsentedAt.Add(m.opts.Provider.AbsoluteExpiry)
+	if a.opts.Provider.AbsoluteExpiry > 0 {
+		rec.AbsoluteExpiry = so.ConsentedAt.Add(a.opts.Provider.AbsoluteExpiry)
 	}
-	k := grantKeys(m.opts.KeyPrefix, grant)
-	v, err := m.store.seed(ctx, grant, k, rec)
+	k := grantKeys(a.opts.KeyPrefix, grant)
+	v, err := a.store.seed(ctx, grant, k, rec)
 	if err != nil {
-		return 0, fmt.Errorf("tokenmgr: seed grant %q: %w", grant, err)
+		return nil, fmt.Errorf("tokenmgr: seed grant %q: %w", grant, err)
 	}
 	rec.V = v
-	if soft, _ := m.deadlines(rec, false); !rec.Expiry.IsZero() {
-		if err := m.store.schedule(ctx, grant, soft); err != nil {
-			m.log.Warn("could not update the refresh schedule", "grant", grant, "err", err)
-		}
-	}
-	if g := m.lookup(grant); g != nil {
-		m.install(g, rec)
-	}
-	m.log.Info("grant seeded", "grant", grant, "version", v)
-	return v, nil
+	a.schedule(ctx, grant, rec)
+	a.log.Info("grant seeded", "grant", grant, "version", v)
+	return rec, nil
 }
 
 // GrantStatus is a grant's metadata as stored in Redis: never a token.
@@ -100,11 +157,11 @@ func (s GrantStatus) LogValue() slog.Value {
 }
 
 // Status reads grant's metadata from Redis.
-func (m *Manager) Status(ctx context.Context, grant string) (GrantStatus, error) {
+func (a *Admin) Status(ctx context.Context, grant string) (GrantStatus, error) {
 	if err := ValidateGrantName(grant); err != nil {
 		return GrantStatus{}, err
 	}
-	rec, err := m.store.read(ctx, grant, grantKeys(m.opts.KeyPrefix, grant))
+	rec, err := a.store.read(ctx, grant, grantKeys(a.opts.KeyPrefix, grant))
 	if errors.Is(err, errMissing) {
 		return GrantStatus{}, &NotFoundError{Grant: grant}
 	}
@@ -141,4 +198,55 @@ func (m *Manager) Rotate(ctx context.Context, grant string) (int64, error) {
 		return 0, err
 	}
 	return e.v, nil
+}
+
+// RefreshIfDue refreshes grant, fenced and under the lease like any
+// refresh, if its token expires within RefreshBefore (capped at
+// MaxRefreshFraction of its lifetime); otherwise it only reads it. This is
+// what the refresher calls for each grant the schedule says is due; give
+// its Manager a larger RefreshBefore than the workers', so that workers
+// never wait on the provider.
+func (m *Manager) RefreshIfDue(ctx context.Context, grant string) (GrantStatus, error) {
+	g := m.lookup(grant)
+	if g == nil {
+		var err error
+		if g, err = m.addGrant(grant); err != nil {
+			return GrantStatus{}, err
+		}
+	}
+	if _, err := m.obtain(ctx, g, need{refreshDue: true}); err != nil {
+		return GrantStatus{}, err
+	}
+	return m.Status(ctx, grant)
+}
+
+// DueGrants returns up to limit grants whose access token expires before
+// t, soonest first, from the schedule (tm:due): no scan of the keyspace.
+func (a *Admin) DueGrants(ctx context.Context, t time.Time, limit int64) ([]string, error) {
+	return a.opts.Redis.ZRangeArgs(ctx, redis.ZRangeArgs{
+		Key: a.store.due, Start: "-inf", Stop: strconv.FormatInt(t.UnixMilli(), 10), ByScore: true, Count: limit,
+	}).Result()
+}
+
+// Grants lists every grant in the schedule (tm:due), soonest expiry first.
+func (a *Admin) Grants(ctx context.Context) ([]string, error) {
+	return a.opts.Redis.ZRange(ctx, a.store.due, 0, -1).Result()
+}
+
+// Postpone moves grant's place in the schedule to t, e.g. after a provider
+// asked to retry later. The next rotation puts it back at its expiry.
+func (a *Admin) Postpone(ctx context.Context, grant string, t time.Time) error {
+	return a.store.schedule(ctx, grant, t)
+}
+
+// schedule records when rec's token expires, for the refresher. A dead
+// grant goes to the end: nothing to refresh until it is seeded again.
+func (a *Admin) schedule(ctx context.Context, grant string, rec *record) {
+	at := rec.Expiry
+	if rec.Status != StatusOK || at.IsZero() {
+		at = time.Unix(1<<35, 0)
+	}
+	if err := a.store.schedule(ctx, grant, at); err != nil {
+		a.log.Warn("could not update the refresh schedule", "grant", grant, "err", err)
+	}
 }

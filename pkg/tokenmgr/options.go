@@ -208,8 +208,7 @@ func (o Options) withDefaults() (Options, error) {
 		errs = append(errs, fmt.Errorf("KeyPrefix %q must not contain braces or spaces", o.KeyPrefix))
 	}
 	if o.Holder == "" {
-		host, _ := os.Hostname()
-		o.Holder = fmt.Sprintf("%s-%d", host, os.Getpid())
+		o.Holder = defaultHolder()
 	}
 	if o.Now == nil {
 		o.Now = time.Now
@@ -234,4 +233,10 @@ func ValidateGrantName(name string) error {
 		return fmt.Errorf("tokenmgr: invalid grant name %q: 1-200 bytes, no braces or whitespace", name)
 	}
 	return nil
+}
+
+// defaultHolder names this process: hostname-pid.
+func defaultHolder() string {
+	host, _ := os.Hostname()
+	return fmt.Sprintf("%s-%d", host, os.Getpid())
 }

@@ -86,6 +86,7 @@ func (m *Manager) readOrRestore(ctx context.Context, g *grant) (*record, error) 
 		return nil, err
 	}
 	if written {
+		m.schedule(ctx, g.name, newest)
 		m.stats.restores.Add(1)
 		m.log.Warn("grant record was missing from Redis; restored it from this process's newest pair", "grant", g.name, "version", newest.V)
 	}
@@ -366,10 +367,7 @@ func (m *Manager) flushPending(ctx context.Context, g *grant, p *pendingWrite) e
 	case casWritten:
 		p.rec.V = v
 		m.install(g, p.rec)
-		soft, _ := m.deadlines(p.rec, false)
-		if err := m.store.schedule(ctx, g.name, soft); err != nil {
-			m.log.Warn("could not update the refresh schedule", "grant", g.name, "err", err)
-		}
+		m.schedule(ctx, g.name, p.rec)
 		return nil
 	case casConflict:
 		m.stats.writeConflicts.Add(1)
@@ -503,9 +501,10 @@ func (m *Manager) refreshFailed(ctx context.Context, g *grant, rec *record, in i
 			return m.reread(wctx, g, need{})
 		}
 		m.stats.markedDead.Add(1)
-		m.log.Error("grant needs re-consent; every worker now fails fast until it is seeded again", "grant", g.name, "version", rec.V, "reason", reason)
 		dead := *rec
 		dead.Status, dead.Reason = StatusReauthRequired, reason
+		m.schedule(wctx, g.name, &dead)
+		m.log.Error("grant needs re-consent; every worker now fails fast until it is seeded again", "grant", g.name, "version", rec.V, "reason", reason)
 		return m.install(g, &dead), nil
 	case failConfig:
 		// Every process would get the same answer: back off fleet-wide.

@@ -47,7 +47,7 @@ type store struct {
 	rdb     redis.UniversalClient
 	sealer  Sealer
 	channel string // rotation messages, "GRANT VERSION"
-	due     string // sorted set GRANT -> unix ms when it should next be refreshed
+	due     string // sorted set GRANT -> unix ms expiry of its access token (the refresher's schedule)
 	prefix  string
 }
 
@@ -206,9 +206,9 @@ func (s *store) deferRefresh(ctx context.Context, grant string, k keys, v int64,
 		strconv.FormatInt(v, 10), s.channel, grant, "defer", fRetry, msString(t)).Err()
 }
 
-// schedule records when the grant is next due for a refresh, for the
-// refresher. tm:due is in another Cluster slot than the grant's keys, so it
-// is written outside the scripts; ZADD is idempotent.
+// schedule records the grant's place in the refresher's schedule (the
+// expiry of its access token). tm:due is in another Cluster slot than the
+// grant's keys, so it is written outside the scripts; ZADD is idempotent.
 func (s *store) schedule(ctx context.Context, grant string, due time.Time) error {
 	return s.rdb.ZAdd(ctx, s.due, redis.Z{Score: float64(due.UnixMilli()), Member: grant}).Err()
 }
