@@ -141,6 +141,39 @@ func (c *Common) authStyle() (oauth2.AuthStyle, error) {
 	return 0, fmt.Errorf("--auth-style %q: want header or params", c.AuthStyle)
 }
 
+// ValidateStore checks only what talking to Redis needs (for operator
+// commands that never call the provider): --redis, and --grant if needed.
+func (c *Common) ValidateStore(needGrant bool) error {
+	var errs []error
+	if c.RedisURL == "" {
+		errs = append(errs, errors.New("--redis (or "+EnvRedisURL+") is required"))
+	}
+	if needGrant {
+		if err := tokenmgr.ValidateGrantName(c.Grant); err != nil {
+			errs = append(errs, fmt.Errorf("--grant: %w", err))
+		}
+	} else if c.Grant != "" {
+		if err := tokenmgr.ValidateGrantName(c.Grant); err != nil {
+			errs = append(errs, fmt.Errorf("--grant: %w", err))
+		}
+	}
+	if _, err := c.profile(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// AdminOptions are Options with only the Redis client and provider set,
+// for tokenmgr.NewAdmin. Close the client with CloseClients.
+func (c *Common) AdminOptions() (tokenmgr.Options, error) {
+	rdb, err := NewRedis(c.RedisURL)
+	if err != nil {
+		return tokenmgr.Options{}, fmt.Errorf("--redis: %w", err)
+	}
+	p, _ := c.profile()
+	return tokenmgr.Options{Redis: rdb, Provider: p}, nil
+}
+
 // OAuth2Config is the client registration from the flags.
 func (c *Common) OAuth2Config() *oauth2.Config {
 	style, _ := c.authStyle()

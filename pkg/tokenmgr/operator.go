@@ -220,12 +220,43 @@ func (m *Manager) RefreshIfDue(ctx context.Context, grant string) (GrantStatus, 
 	return m.Status(ctx, grant)
 }
 
+// ScheduledGrant is a grant's place in the refresher's schedule.
+type ScheduledGrant struct {
+	Grant  string
+	Expiry time.Time // of its access token, as last written
+}
+
 // DueGrants returns up to limit grants whose access token expires before
 // t, soonest first, from the schedule (tm:due): no scan of the keyspace.
-func (a *Admin) DueGrants(ctx context.Context, t time.Time, limit int64) ([]string, error) {
-	return a.opts.Redis.ZRangeArgs(ctx, redis.ZRangeArgs{
+func (a *Admin) DueGrants(ctx context.Context, t time.Time, limit int64) ([]ScheduledGrant, error) {
+	zs, err := a.opts.Redis.ZRangeArgsWithScores(ctx, redis.ZRangeArgs{
 		Key: a.store.due, Start: "-inf", Stop: strconv.FormatInt(t.UnixMilli(), 10), ByScore: true, Count: limit,
 	}).Result()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]ScheduledGrant, 0, len(zs))
+	for _, z := range zs {
+		name, _ := z.Member.(string)
+		out = append(out, ScheduledGrant{Grant: name, Expiry: time.UnixMilli(int64(z.Score))})
+	}
+	return out, nil
+}
+
+// DeadGrants counts the grants that need re-consent (parked at the end of
+// the schedule), without reading their records.
+func (a *Admin) DeadGrants(ctx context.Context) (int64, error) {
+	return a.opts.Redis.ZCount(ctx, a.store.due, strconv.FormatInt(parked.UnixMilli(), 10), "+inf").Result()
+}
+
+// RefreshDueAt is when a Manager with these options considers st's token
+// due: RefreshBefore before expiry, capped at MaxRefreshFraction of its
+// lifetime.
+func (m *Manager) RefreshDueAt(st GrantStatus) time.Time {
+	if st.Expiry.IsZero() {
+		return parked
+	}
+	return st.Expiry.Add(-m.margin(&record{Expiry: st.Expiry, RotatedAt: st.RotatedAt}))
 }
 
 // Grants lists every grant in the schedule (tm:due), soonest expiry first.
@@ -239,12 +270,15 @@ func (a *Admin) Postpone(ctx context.Context, grant string, t time.Time) error {
 	return a.store.schedule(ctx, grant, t)
 }
 
+// parked is the schedule score of grants with nothing to refresh.
+var parked = time.Unix(1<<35, 0)
+
 // schedule records when rec's token expires, for the refresher. A dead
 // grant goes to the end: nothing to refresh until it is seeded again.
 func (a *Admin) schedule(ctx context.Context, grant string, rec *record) {
 	at := rec.Expiry
 	if rec.Status != StatusOK || at.IsZero() {
-		at = time.Unix(1<<35, 0)
+		at = parked
 	}
 	if err := a.store.schedule(ctx, grant, at); err != nil {
 		a.log.Warn("could not update the refresh schedule", "grant", grant, "err", err)

@@ -135,6 +135,7 @@ func (m *Manager) refresh(ctx context.Context, g *grant, rec *record, n need) (*
 		if lockErr = mutex.TryLockContext(ctx); lockErr == nil {
 			break
 		}
+		m.stats.lockWaits.Add(1)
 		var taken *redsync.ErrTaken
 		if !errors.As(lockErr, &taken) && !errors.Is(lockErr, redsync.ErrFailed) {
 			m.log.Debug("lease attempt failed", "grant", g.name, "err", lockErr)

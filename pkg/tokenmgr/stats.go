@@ -8,6 +8,7 @@ type Stats struct {
 	Refreshes              int64 `json:"refreshes"`                // provider refresh calls that succeeded, made by this Manager
 	RefreshFailures        int64 `json:"refresh_failures"`         // provider refresh calls that failed
 	Leases                 int64 `json:"leases"`                   // refresh leases taken
+	LockWaits              int64 `json:"lock_waits"`               // attempts that found the lease held (or the lock servers down) and waited
 	LeasesLost             int64 `json:"leases_lost"`              // leases that could not be extended during a call
 	WriteConflicts         int64 `json:"write_conflicts"`          // fenced writes refused because the version moved on
 	PendingWrites          int64 `json:"pending_writes"`           // rotated pairs held because Redis refused them
@@ -20,14 +21,14 @@ type Stats struct {
 }
 
 type counters struct {
-	refreshes, refreshFailures, leases, leasesLost, writeConflicts, pendingWrites atomic.Int64
-	restores, markedDead, reloads, messages, unauthorized, unauthorizedAfterRetry atomic.Int64
+	refreshes, refreshFailures, leases, lockWaits, leasesLost, writeConflicts, pendingWrites atomic.Int64
+	restores, markedDead, reloads, messages, unauthorized, unauthorizedAfterRetry            atomic.Int64
 }
 
 func (c *counters) snapshot() Stats {
 	return Stats{
 		Refreshes: c.refreshes.Load(), RefreshFailures: c.refreshFailures.Load(),
-		Leases: c.leases.Load(), LeasesLost: c.leasesLost.Load(),
+		Leases: c.leases.Load(), LockWaits: c.lockWaits.Load(), LeasesLost: c.leasesLost.Load(),
 		WriteConflicts: c.writeConflicts.Load(), PendingWrites: c.pendingWrites.Load(),
 		Restores: c.restores.Load(), MarkedDead: c.markedDead.Load(),
 		Reads: c.reloads.Load(), RotationMessages: c.messages.Load(),

@@ -1,0 +1,69 @@
+// Command refresher is the optional pre-rotation pod of tokenmgr: it
+// refreshes grants before their tokens expire (so no worker waits on the
+// provider), keeps idle grants alive, bootstraps grants with the
+// authorization-code flow, and serves health and metrics. Its operator
+// subcommands seed, inspect and rotate grants.
+//
+//	refresher run    [flags]          the pod
+//	refresher seed   --grant G        import an oauth2 token JSON from stdin
+//	refresher status [--grant G] [--json]
+//	refresher rotate --grant G        one fenced refresh now
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	err := run(ctx, os.Args[1:], os.Getenv, os.Stdin, os.Stdout, os.Stderr)
+	switch {
+	case err == nil:
+	case errors.Is(err, flag.ErrHelp):
+		os.Exit(2)
+	default:
+		fmt.Fprintln(os.Stderr, "refresher:", err)
+		os.Exit(1)
+	}
+}
+
+const usage = `usage: refresher COMMAND [flags]
+
+commands:
+  run      refresh grants before they expire; serve /healthz, /readyz, /metrics, /connect/{grant}, /callback
+  seed     import a token JSON from standard input for --grant
+  status   show grants (metadata only, never a token)
+  rotate   force one fenced refresh of --grant now
+
+Run 'refresher COMMAND -h' for the flags of a command.
+`
+
+func run(ctx context.Context, args []string, env func(string) string, stdin io.Reader, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return errors.New("no command")
+	}
+	switch args[0] {
+	case "run":
+		return cmdRun(ctx, args[1:], env, stdout, stderr)
+	case "seed":
+		return cmdSeed(ctx, args[1:], env, stdin, stdout, stderr)
+	case "status":
+		return cmdStatus(ctx, args[1:], env, stdout, stderr)
+	case "rotate":
+		return cmdRotate(ctx, args[1:], env, stdout, stderr)
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	fmt.Fprint(stderr, usage)
+	return fmt.Errorf("unknown command %q", args[0])
+}

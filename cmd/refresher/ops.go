@@ -1,0 +1,259 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"golang.org/x/oauth2"
+
+	"github.com/tokenmgr/tokenmgr/internal/cli"
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
+)
+
+func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("refresher "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	return fs
+}
+
+func parseArgs(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	return nil
+}
+
+// openAdmin connects to Redis for the operator commands.
+func openAdmin(c *cli.Common, needGrant bool, stderr io.Writer) (*tokenmgr.Admin, func(), error) {
+	if err := c.ValidateStore(needGrant); err != nil {
+		return nil, nil, err
+	}
+	o, err := c.AdminOptions()
+	if err != nil {
+		return nil, nil, err
+	}
+	o.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	a, err := tokenmgr.NewAdmin(o)
+	if err != nil {
+		cli.CloseClients(o)
+		return nil, nil, err
+	}
+	return a, func() { cli.CloseClients(o) }, nil
+}
+
+// seedInput is an oauth2 token as JSON: expiry as RFC 3339, or expires_in.
+type seedInput struct {
+	AccessToken  string `json:"access_token"`
+	RefreshToken string `json:"refresh_token"`
+	TokenType    string `json:"token_type"`
+	Expiry       string `json:"expiry"`
+	ExpiresIn    *int64 `json:"expires_in"`
+	Scope        string `json:"scope"`
+}
+
+// parseSeed decodes a token JSON. Errors never quote the input: it holds
+// tokens.
+func parseSeed(r io.Reader, now time.Time) (*oauth2.Token, error) {
+	var in seedInput
+	dec := json.NewDecoder(io.LimitReader(r, 1<<20))
+	if err := dec.Decode(&in); err != nil {
+		var se *json.SyntaxError
+		var te *json.UnmarshalTypeError
+		switch {
+		case errors.As(err, &se):
+			return nil, fmt.Errorf("token JSON is malformed at byte %d", se.Offset)
+		case errors.As(err, &te):
+			return nil, fmt.Errorf("token JSON field %q has the wrong type (want %s)", te.Field, te.Type)
+		case errors.Is(err, io.EOF):
+			return nil, errors.New("no token JSON on standard input")
+		}
+		return nil, errors.New("token JSON could not be read")
+	}
+	if in.AccessToken == "" || in.RefreshToken == "" {
+		return nil, errors.New("token JSON needs access_token and refresh_token")
+	}
+	tok := &oauth2.Token{AccessToken: in.AccessToken, RefreshToken: in.RefreshToken, TokenType: in.TokenType}
+	switch {
+	case in.Expiry != "":
+		t, err := time.Parse(time.RFC3339, in.Expiry)
+		if err != nil {
+			return nil, fmt.Errorf("expiry %q is not RFC 3339", in.Expiry)
+		}
+		tok.Expiry = t
+	case in.ExpiresIn != nil:
+		if *in.ExpiresIn <= 0 {
+			return nil, errors.New("expires_in must be positive")
+		}
+		tok.Expiry = now.Add(time.Duration(*in.ExpiresIn) * time.Second)
+	default:
+		return nil, errors.New("token JSON needs expiry (RFC 3339) or expires_in")
+	}
+	if in.Scope != "" {
+		tok = tok.WithExtra(map[string]any{"scope": in.Scope})
+	}
+	return tok, nil
+}
+
+func cmdSeed(ctx context.Context, args []string, env func(string) string, stdin io.Reader, stdout, stderr io.Writer) error {
+	var c cli.Common
+	fs := newFlagSet("seed", stderr)
+	c.Register(fs, env)
+	consented := fs.String("consented-at", "", "when the user consented (RFC 3339; default now): starts the absolute expiry countdown")
+	if err := parseArgs(fs, args); err != nil {
+		return err
+	}
+	var so tokenmgr.SeedOptions
+	if *consented != "" {
+		t, err := time.Parse(time.RFC3339, *consented)
+		if err != nil {
+			return fmt.Errorf("--consented-at %q is not RFC 3339", *consented)
+		}
+		so.ConsentedAt = t
+	}
+	admin, done, err := openAdmin(&c, true, stderr)
+	if err != nil {
+		return err
+	}
+	defer done()
+	tok, err := parseSeed(stdin, time.Now())
+	if err != nil {
+		return err
+	}
+	v, err := admin.Seed(ctx, c.Grant, tok, so)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "grant %s seeded: version %d\n", c.Grant, v)
+	return nil
+}
+
+func cmdStatus(ctx context.Context, args []string, env func(string) string, stdout, stderr io.Writer) error {
+	var c cli.Common
+	fs := newFlagSet("status", stderr)
+	c.Register(fs, env)
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := parseArgs(fs, args); err != nil {
+		return err
+	}
+	admin, done, err := openAdmin(&c, false, stderr)
+	if err != nil {
+		return err
+	}
+	defer done()
+	grants := []string{c.Grant}
+	if c.Grant == "" {
+		if grants, err = admin.Grants(ctx); err != nil {
+			return err
+		}
+		sort.Strings(grants)
+	}
+	var out []tokenmgr.GrantStatus
+	var errs []error
+	for _, g := range grants {
+		st, err := admin.Status(ctx, g)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", g, err))
+			continue
+		}
+		out = append(out, st)
+	}
+	if *asJSON {
+		if out == nil {
+			out = []tokenmgr.GrantStatus{}
+		}
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(out); err != nil {
+			return err
+		}
+	} else {
+		printStatus(stdout, out, time.Now())
+	}
+	return errors.Join(errs...)
+}
+
+func printStatus(w io.Writer, sts []tokenmgr.GrantStatus, now time.Time) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "GRANT\tVERSION\tSTATUS\tEXPIRES IN\tROTATED\tBY\tREFRESHES\tIDLE EXPIRY IN\tABSOLUTE EXPIRY IN\tREASON")
+	for _, s := range sts {
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", s.Grant, s.Version, s.Status, until(s.Expiry, now),
+			ago(s.RotatedAt, now), s.RotatedBy, s.RefreshCount, until(s.IdleExpiry, now), until(s.AbsoluteExpiry, now), oneLine(s.Reason))
+	}
+	tw.Flush()
+}
+
+func until(t, now time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	d := t.Sub(now)
+	if d < 0 {
+		return "expired " + roundDur(-d) + " ago"
+	}
+	return roundDur(d)
+}
+
+func ago(t, now time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return roundDur(now.Sub(t)) + " ago"
+}
+
+func roundDur(d time.Duration) string {
+	switch {
+	case d >= 48*time.Hour:
+		return fmt.Sprintf("%dd", int(d.Hours()/24))
+	case d >= time.Minute:
+		return d.Round(time.Minute).String()
+	default:
+		return d.Round(time.Second).String()
+	}
+}
+
+func oneLine(s string) string { return strings.ReplaceAll(s, "\n", " ") }
+
+func cmdRotate(ctx context.Context, args []string, env func(string) string, stdout, stderr io.Writer) error {
+	var c cli.Common
+	fs := newFlagSet("rotate", stderr)
+	c.Register(fs, env)
+	if err := parseArgs(fs, args); err != nil {
+		return err
+	}
+	if err := c.Validate(); err != nil {
+		return err
+	}
+	o, err := c.Options()
+	if err != nil {
+		return err
+	}
+	defer cli.CloseClients(o)
+	o.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	m, err := tokenmgr.New(ctx, o)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		_ = m.Close(cctx)
+	}()
+	v, err := m.Rotate(ctx, c.Grant)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "grant %s rotated: version %d\n", c.Grant, v)
+	return nil
+}
