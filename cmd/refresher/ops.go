@@ -76,6 +76,8 @@ func parseSeed(r io.Reader, now time.Time) (*oauth2.Token, error) {
 			return nil, fmt.Errorf("token JSON is malformed at byte %d", se.Offset)
 		case errors.As(err, &te):
 			return nil, fmt.Errorf("token JSON field %q has the wrong type (want %s)", te.Field, te.Type)
+		case errors.Is(err, io.ErrUnexpectedEOF):
+			return nil, errors.New("token JSON is malformed: truncated")
 		case errors.Is(err, io.EOF):
 			return nil, errors.New("no token JSON on standard input")
 		}
