@@ -19,6 +19,7 @@ import (
 	"github.com/redis/go-redis/v9"
 	"golang.org/x/oauth2"
 
+	"github.com/tokenmgr/tokenmgr/internal/compose"
 	"github.com/tokenmgr/tokenmgr/internal/redisserver"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
@@ -195,5 +196,28 @@ func TestProcessesAddUpToIdPCounters(t *testing.T) {
 	}
 	if sum.OK != idp["api_200"] || sum.UnauthorizedSeen != idp["api_401"] {
 		t.Errorf("workers: %d ok and %d 401s; IdP answered %d 200s and %d 401s", sum.OK, sum.UnauthorizedSeen, idp["api_200"], idp["api_401"])
+	}
+}
+
+// docker-compose.yml cannot run here: check that its demo-worker command
+// parses with the flags this binary really has.
+func TestComposeCommands(t *testing.T) {
+	f, err := compose.Load("../../docker-compose.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmds := f.Commands("demo-worker")
+	if len(cmds) == 0 {
+		t.Fatal("no demo-worker service")
+	}
+	for name, args := range cmds {
+		c, err := parseFlags(args, f.Services[name].Env(), io.Discard)
+		if err != nil {
+			t.Errorf("service %s: %v", name, err)
+			continue
+		}
+		if c.embedded() {
+			t.Errorf("service %s would run the embedded demo, not a worker", name)
+		}
 	}
 }

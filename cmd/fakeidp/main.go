@@ -25,6 +25,8 @@ import (
 
 	"golang.org/x/oauth2"
 
+	"github.com/tokenmgr/tokenmgr/internal/cli"
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
 
@@ -41,6 +43,7 @@ func main() {
 
 type config struct {
 	addr, profile, clientID, clientSecret, authStyle string
+	seedGrant, seedRedis                             string
 	accessTTL, latency, retryAfter                   time.Duration
 	fail5xx, fail429, drop                           int
 }
@@ -60,6 +63,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.IntVar(&c.fail429, "fail-429", 0, "answer the next `N` refreshes with 429")
 	fs.DurationVar(&c.retryAfter, "retry-after", 5*time.Second, "Retry-After sent with 429")
 	fs.IntVar(&c.drop, "drop", 0, "perform the next `N` rotations but drop their responses")
+	fs.StringVar(&c.seedGrant, "seed-grant", "", "at start, create a grant and seed it into --seed-redis under this `name` (for demos)")
+	fs.StringVar(&c.seedRedis, "seed-redis", "", "Redis `URL` for --seed-grant")
 	if err := fs.Parse(args); err != nil {
 		return c, err
 	}
@@ -74,6 +79,14 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	}
 	if c.accessTTL < time.Second {
 		return c, fmt.Errorf("--access-ttl %s: at least 1s (expires_in is in seconds)", c.accessTTL)
+	}
+	if (c.seedGrant == "") != (c.seedRedis == "") {
+		return c, errors.New("--seed-grant and --seed-redis go together")
+	}
+	if c.seedGrant != "" {
+		if err := tokenmgr.ValidateGrantName(c.seedGrant); err != nil {
+			return c, err
+		}
 	}
 	if c.latency < 0 || c.fail5xx < 0 || c.fail429 < 0 || c.drop < 0 || c.retryAfter < 0 {
 		return c, errors.New("fault knobs must not be negative")
@@ -165,7 +178,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(stderr, nil))
-	_, handler := newIdP(c)
+	idp, handler := newIdP(c)
+	if c.seedGrant != "" {
+		if err := seedGrant(ctx, idp, c, log); err != nil {
+			return err
+		}
+	}
 	ln, err := net.Listen("tcp", c.addr)
 	if err != nil {
 		return err
@@ -184,4 +202,34 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	return srv.Shutdown(sctx)
+}
+
+// seedGrant creates a grant and seeds it into Redis, retrying while Redis
+// starts (docker-compose starts services together).
+func seedGrant(ctx context.Context, idp *tokenmgrtest.IdP, c config, log *slog.Logger) error {
+	rdb, err := cli.NewRedis(c.seedRedis)
+	if err != nil {
+		return fmt.Errorf("--seed-redis: %w", err)
+	}
+	defer rdb.Close()
+	admin, err := tokenmgr.NewAdmin(tokenmgr.Options{Redis: rdb, Logger: log})
+	if err != nil {
+		return err
+	}
+	tok := idp.NewGrant("read:jira-work offline_access")
+	for attempt := 0; ; attempt++ {
+		v, err := admin.Seed(ctx, c.seedGrant, tok, tokenmgr.SeedOptions{})
+		if err == nil {
+			log.Info("grant seeded", "grant", c.seedGrant, "version", v)
+			return nil
+		}
+		if attempt >= 30 {
+			return fmt.Errorf("seed %s: %w", c.seedGrant, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
 }

@@ -7,6 +7,8 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+
+	"github.com/tokenmgr/tokenmgr/internal/compose"
 )
 
 func TestFlagsRejected(t *testing.T) {
@@ -56,5 +58,23 @@ func TestAdminEndpoints(t *testing.T) {
 	_ = json.NewDecoder(resp.Body).Decode(&st)
 	if st["injected_5xx"] != 1 || idp.Stats().Injected5xx != 1 {
 		t.Errorf("stats %v", st)
+	}
+}
+
+// docker-compose.yml cannot run here: check that its fakeidp command parses
+// with the flags this binary really has.
+func TestComposeCommands(t *testing.T) {
+	f, err := compose.Load("../../docker-compose.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmds := f.Commands("fakeidp")
+	if len(cmds) == 0 {
+		t.Fatal("no fakeidp service")
+	}
+	for name, args := range cmds {
+		if _, err := parseFlags(args, io.Discard); err != nil {
+			t.Errorf("service %s: %v", name, err)
+		}
 	}
 }

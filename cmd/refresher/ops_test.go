@@ -1,9 +1,12 @@
 package main
 
 import (
+	"io"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tokenmgr/tokenmgr/internal/compose"
 )
 
 func FuzzParseSeed(f *testing.F) {
@@ -24,4 +27,25 @@ func FuzzParseSeed(f *testing.F) {
 			t.Fatalf("accepted an incomplete token")
 		}
 	})
+}
+
+// docker-compose.yml cannot run here: check that its refresher command
+// parses with the flags this binary really has.
+func TestComposeCommands(t *testing.T) {
+	f, err := compose.Load("../../docker-compose.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmds := f.Commands("refresher")
+	if len(cmds) == 0 {
+		t.Fatal("no refresher service")
+	}
+	for name, args := range cmds {
+		if len(args) == 0 || args[0] != "run" {
+			t.Fatalf("%s: want 'refresher run ...', have %v", name, args)
+		}
+		if _, err := parseRunFlags(args[1:], f.Services[name].Env(), io.Discard); err != nil {
+			t.Errorf("service %s: %v", name, err)
+		}
+	}
 }

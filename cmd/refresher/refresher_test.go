@@ -55,7 +55,7 @@ func (w *world) options(p tokenmgr.Provider) tokenmgr.Options {
 }
 
 func defaultRun() *runConfig {
-	return &runConfig{refreshBefore: 10 * time.Minute, jitter: 2 * time.Minute, tick: time.Second, concurrency: 4, rate: 1000, batch: 1000, stateTTL: 10 * time.Minute, warnAbsolute: 30 * 24 * time.Hour}
+	return &runConfig{refreshBefore: 10 * time.Minute, maxFraction: 0.4, jitter: 2 * time.Minute, tick: time.Second, concurrency: 4, rate: 1000, batch: 1000, stateTTL: 10 * time.Minute, warnAbsolute: 30 * 24 * time.Hour}
 }
 
 func (w *world) pod(c *runConfig, p tokenmgr.Provider) *pod {

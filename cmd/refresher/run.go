@@ -23,6 +23,7 @@ type runConfig struct {
 	common        cli.Common
 	listen        string
 	refreshBefore time.Duration
+	maxFraction   float64
 	jitter        time.Duration
 	tick          time.Duration
 	concurrency   int
@@ -42,6 +43,7 @@ func parseRunFlags(args []string, env func(string) string, stderr io.Writer) (*r
 	c.common.Register(fs, env)
 	fs.StringVar(&c.listen, "listen", "127.0.0.1:8080", "`address` for /healthz, /readyz, /metrics, /connect/{grant} and /callback")
 	fs.DurationVar(&c.refreshBefore, "refresh-before", 10*time.Minute, "refresh this long before a token expires (capped at 20% of its lifetime); keep it above the workers' RefreshBefore (5m by default) so they never wait")
+	fs.Float64Var(&c.maxFraction, "max-refresh-fraction", 0.4, "cap of --refresh-before as a fraction of a token's lifetime; above the workers' (0.2 by default), so short-lived tokens are refreshed by the refresher first")
 	fs.DurationVar(&c.jitter, "jitter", time.Minute, "delay each grant's refresh by a stable random part of this, so grants with equal expiries spread out; keep it below --refresh-before minus the workers' margin")
 	fs.DurationVar(&c.tick, "tick", time.Second, "how often the schedule is read")
 	fs.IntVar(&c.concurrency, "concurrency", 4, "refreshes in flight at once")
@@ -71,6 +73,9 @@ func parseRunFlags(args []string, env func(string) string, stderr io.Writer) (*r
 	}
 	if c.jitter >= c.refreshBefore {
 		errs = append(errs, fmt.Errorf("--jitter %s must be below --refresh-before %s", c.jitter, c.refreshBefore))
+	}
+	if c.maxFraction <= 0 || c.maxFraction > 0.5 {
+		errs = append(errs, fmt.Errorf("--max-refresh-fraction %v: want (0, 0.5]", c.maxFraction))
 	}
 	if c.concurrency < 1 || c.batch < 1 || c.rate <= 0 {
 		errs = append(errs, errors.New("--concurrency, --batch and --rate must be positive"))
@@ -141,6 +146,7 @@ type pod struct {
 
 func newPod(ctx context.Context, c *runConfig, o tokenmgr.Options) (*pod, error) {
 	o.RefreshBefore = c.refreshBefore
+	o.MaxRefreshFraction = c.maxFraction
 	m, err := tokenmgr.New(ctx, o)
 	if err != nil {
 		return nil, err

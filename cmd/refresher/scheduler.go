@@ -44,16 +44,19 @@ type scheduler struct {
 	running   map[string]bool
 }
 
-// jitterFor is a stable offset in [0, jitter) for one version of a grant:
+// jitterFor is a stable offset in [0, bound) for one version of a grant:
 // replicas agree on it, and it spreads many grants with equal expiries.
-func (s *scheduler) jitterFor(grant string, version int64) time.Duration {
-	if s.jitter <= 0 {
+// bound is --jitter, capped at half the grant's refresh margin, so that
+// short-lived tokens are still refreshed ahead of the workers.
+func (s *scheduler) jitterFor(grant string, version int64, margin time.Duration) time.Duration {
+	bound := min(s.jitter, margin/2)
+	if bound <= 0 {
 		return 0
 	}
 	h := fnv.New64a()
 	h.Write([]byte(grant))
 	h.Write([]byte(strconv.FormatInt(version, 10)))
-	return time.Duration(h.Sum64() % uint64(s.jitter))
+	return time.Duration(h.Sum64() % uint64(bound))
 }
 
 // tick starts refreshes of the grants that are due now and returns how
@@ -125,7 +128,8 @@ func (s *scheduler) process(ctx context.Context, grant string) time.Time {
 		s.log.Warn("grant reaches its absolute expiry soon; re-consent before then or the fleet stops",
 			"grant", grant, "absolute_expiry", st.AbsoluteExpiry, "days_left", int(left.Hours()/24))
 	}
-	dueAt := s.m.RefreshDueAt(st).Add(s.jitterFor(grant, st.Version))
+	dueAt := s.m.RefreshDueAt(st)
+	dueAt = dueAt.Add(s.jitterFor(grant, st.Version, st.Expiry.Sub(dueAt)))
 	if now := s.now(); now.Before(dueAt) {
 		return dueAt
 	}
