@@ -179,6 +179,16 @@ func runFleet(ctx context.Context, c *config, log *slog.Logger, stdout io.Writer
 func managers(ctx context.Context, c *config, log *slog.Logger, idp *tokenmgrtest.Server, addr string) ([]*tokenmgr.Manager, func(), error) {
 	provider, _ := demoProvider(c.profile)
 	provider.HTTPTimeout = 2 * time.Second
+	// The embedded demo encrypts with an ephemeral key, as a real fleet
+	// encrypts with its configured one.
+	key, err := tokenmgr.GenerateKey("demo")
+	if err != nil {
+		return nil, nil, err
+	}
+	keyring, err := tokenmgr.NewKeyring(key)
+	if err != nil {
+		return nil, nil, err
+	}
 	var ms []*tokenmgr.Manager
 	var rdbs []*redis.Client
 	closeAll := func() {
@@ -199,6 +209,7 @@ func managers(ctx context.Context, c *config, log *slog.Logger, idp *tokenmgrtes
 			OAuth2:   idp.OAuthConfig(oauth2.AuthStyleInHeader),
 			Provider: provider,
 			Holder:   fmt.Sprintf("worker-%d", i),
+			Sealer:   keyring,
 			Logger:   log.With("worker", i),
 		})
 		if err != nil {

@@ -135,8 +135,11 @@ func TestProcessesAddUpToIdPCounters(t *testing.T) {
 	resp.Body.Close()
 	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr()})
 	defer rdb.Close()
+	key, _ := tokenmgr.GenerateKey("k1")
+	keyring, _ := tokenmgr.NewKeyring(key)
 	m, err := tokenmgr.New(t.Context(), tokenmgr.Options{
 		Redis:    rdb,
+		Sealer:   keyring,
 		OAuth2:   &oauth2.Config{ClientID: "client-id", ClientSecret: "client-secret", Endpoint: oauth2.Endpoint{TokenURL: idpURL + "/oauth/token", AuthStyle: oauth2.AuthStyleInParams}},
 		Provider: tokenmgr.Strict,
 	})
@@ -157,7 +160,7 @@ func TestProcessesAddUpToIdPCounters(t *testing.T) {
 			cmd := exec.CommandContext(t.Context(), filepath.Join(bin, "demo-worker"),
 				"--redis", srv.URL(), "--grant", "jira", "--provider", "strict", "--token-url", idpURL+"/oauth/token",
 				"--api-url", idpURL+"/rest/api/3/myself", "--concurrency", "4", "--duration", "6s", "--report", "json", "--http-timeout", "2s")
-			cmd.Env = append(os.Environ(), "TOKENMGR_CLIENT_ID=client-id", "TOKENMGR_CLIENT_SECRET=client-secret")
+			cmd.Env = append(os.Environ(), "TOKENMGR_CLIENT_ID=client-id", "TOKENMGR_CLIENT_SECRET=client-secret", "TOKENMGR_ENCRYPTION_KEY="+key.Encode())
 			var stderr bytes.Buffer
 			cmd.Stderr = &stderr
 			out, err := cmd.Output()

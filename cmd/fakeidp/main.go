@@ -33,7 +33,7 @@ import (
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
+	if err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr); err != nil {
 		if !errors.Is(err, flag.ErrHelp) {
 			fmt.Fprintln(os.Stderr, "fakeidp:", err)
 		}
@@ -172,7 +172,7 @@ func applyFaults(idp *tokenmgrtest.IdP, latency, f5xx, f429, retryAfter, drop st
 	return nil
 }
 
-func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func run(ctx context.Context, args []string, env func(string) string, stdout, stderr io.Writer) error {
 	c, err := parseFlags(args, stderr)
 	if err != nil {
 		return err
@@ -180,7 +180,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	log := slog.New(slog.NewTextHandler(stderr, nil))
 	idp, handler := newIdP(c)
 	if c.seedGrant != "" {
-		if err := seedGrant(ctx, idp, c, log); err != nil {
+		if err := seedGrant(ctx, idp, c, env(cli.EnvEncryptionKey), log); err != nil {
 			return err
 		}
 	}
@@ -204,15 +204,25 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return srv.Shutdown(sctx)
 }
 
-// seedGrant creates a grant and seeds it into Redis, retrying while Redis
-// starts (docker-compose starts services together).
-func seedGrant(ctx context.Context, idp *tokenmgrtest.IdP, c config, log *slog.Logger) error {
+// seedGrant creates a grant and seeds it into Redis, encrypted with the
+// keys in TOKENMGR_ENCRYPTION_KEY when set, retrying while Redis starts
+// (docker-compose starts services together).
+func seedGrant(ctx context.Context, idp *tokenmgrtest.IdP, c config, keys string, log *slog.Logger) error {
+	o := tokenmgr.Options{Logger: log}
+	if keys != "" {
+		kr, err := tokenmgr.ParseKeyring(keys)
+		if err != nil {
+			return fmt.Errorf("%s: %w", cli.EnvEncryptionKey, err)
+		}
+		o.Sealer = kr
+	}
 	rdb, err := cli.NewRedis(c.seedRedis)
 	if err != nil {
 		return fmt.Errorf("--seed-redis: %w", err)
 	}
 	defer rdb.Close()
-	admin, err := tokenmgr.NewAdmin(tokenmgr.Options{Redis: rdb, Logger: log})
+	o.Redis = rdb
+	admin, err := tokenmgr.NewAdmin(o)
 	if err != nil {
 		return err
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/tokenmgr/tokenmgr/internal/redisserver"
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
 // The operator commands and the pod, exercised as a user runs them: real
@@ -40,6 +41,7 @@ var buildBinaries = sync.OnceValues(func() (string, error) {
 
 type binEnv struct {
 	t      *testing.T
+	key    string // TOKENMGR_ENCRYPTION_KEY
 	bin    string
 	redis  *redisserver.Server
 	idpURL string
@@ -61,13 +63,19 @@ func newBinEnv(t *testing.T, idpArgs ...string) *binEnv {
 	if err != nil {
 		t.Fatalf("fakeidp: %v", err)
 	}
-	return &binEnv{t: t, bin: bin, redis: srv, idpURL: strings.TrimSpace(strings.TrimPrefix(line, "listening on "))}
+	key, _ := tokenmgr.GenerateKey("k1")
+	return &binEnv{t: t, key: key.Encode(), bin: bin, redis: srv, idpURL: strings.TrimSpace(strings.TrimPrefix(line, "listening on "))}
+}
+
+func (b *binEnv) env() []string {
+	return append(os.Environ(), "TOKENMGR_REDIS_URL="+b.redis.URL(), "TOKENMGR_CLIENT_ID=client-id",
+		"TOKENMGR_CLIENT_SECRET=client-secret", "TOKENMGR_ENCRYPTION_KEY="+b.key)
 }
 
 // refresher runs the binary to completion.
 func (b *binEnv) refresher(stdin string, args ...string) (stdout, stderr string, code int) {
 	cmd := exec.Command(filepath.Join(b.bin, "refresher"), args...)
-	cmd.Env = append(os.Environ(), "TOKENMGR_REDIS_URL="+b.redis.URL(), "TOKENMGR_CLIENT_ID=client-id", "TOKENMGR_CLIENT_SECRET=client-secret")
+	cmd.Env = b.env()
 	cmd.Stdin = strings.NewReader(stdin)
 	var o, e bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &o, &e
@@ -136,6 +144,19 @@ func TestOperatorCommands(t *testing.T) {
 	if s := b.idpStats(); s["rotations"] != 1 || s["reuse_detected"] != 0 {
 		t.Errorf("IdP %v", s)
 	}
+	rdb := redis.NewClient(&redis.Options{Addr: b.redis.Addr()})
+	defer rdb.Close()
+	raw, _ := rdb.HGetAll(t.Context(), "tm:{jira}:tok").Result()
+	if !strings.HasPrefix(raw["refresh_token"], "enc:v1:k1:") {
+		t.Errorf("refresh token not encrypted at rest")
+	}
+	for _, v := range raw {
+		outputs = append(outputs, v)
+	}
+	_, errOut, code = b.refresher("", "status", "--insecure-plaintext")
+	if code != 1 || !strings.Contains(errOut, "exclude each other") {
+		t.Errorf("key and opt-out together: %d %q", code, errOut)
+	}
 
 	// Bad input: a clear error, exit status 1, nothing stored, no token echoed.
 	for _, tc := range []struct{ stdin, want string }{
@@ -186,7 +207,7 @@ func TestSIGTERMDuringRefresh(t *testing.T) {
 	}
 	cmd := exec.Command(filepath.Join(b.bin, "refresher"), "run", "--listen", "127.0.0.1:0", "--provider", "strict",
 		"--token-url", b.idpURL+"/oauth/token", "--tick", "100ms", "--jitter", "0s")
-	cmd.Env = append(os.Environ(), "TOKENMGR_REDIS_URL="+b.redis.URL(), "TOKENMGR_CLIENT_ID=client-id", "TOKENMGR_CLIENT_SECRET=client-secret")
+	cmd.Env = b.env()
 	var logs bytes.Buffer
 	cmd.Stderr = &logs
 	if err := cmd.Start(); err != nil {

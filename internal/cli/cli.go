@@ -19,9 +19,10 @@ import (
 
 // Environment variables read as defaults for the shared flags.
 const (
-	EnvRedisURL     = "TOKENMGR_REDIS_URL"
-	EnvClientID     = "TOKENMGR_CLIENT_ID"
-	EnvClientSecret = "TOKENMGR_CLIENT_SECRET"
+	EnvRedisURL      = "TOKENMGR_REDIS_URL"
+	EnvClientID      = "TOKENMGR_CLIENT_ID"
+	EnvClientSecret  = "TOKENMGR_CLIENT_SECRET"
+	EnvEncryptionKey = "TOKENMGR_ENCRYPTION_KEY"
 )
 
 // Atlassian endpoints, for --provider atlassian.
@@ -43,8 +44,11 @@ type Common struct {
 	ClientSecretFile string
 	AuthStyle        string
 	HTTPTimeout      time.Duration
+	KeyFile          string
+	InsecurePlain    bool
 
 	clientSecret string // from the environment or the file, never a flag value
+	keyring      *tokenmgr.Keyring
 	env          func(string) string
 }
 
@@ -62,6 +66,47 @@ func (c *Common) Register(fs *flag.FlagSet, env func(string) string) {
 	fs.StringVar(&c.ClientSecretFile, "client-secret-file", "", "`file` holding the OAuth client secret (else env "+EnvClientSecret+"; never a flag value)")
 	fs.StringVar(&c.AuthStyle, "auth-style", "params", "how the client authenticates to the token endpoint: header (HTTP Basic) or params (form fields)")
 	fs.DurationVar(&c.HTTPTimeout, "http-timeout", 0, "timeout of one token-endpoint call (default: the provider profile's)")
+	fs.StringVar(&c.KeyFile, "encryption-key-file", "", "`file` of AES-256 keys, one \"ID:BASE64\" per line, the last one encrypting (else env "+EnvEncryptionKey+", same format, comma-separated)")
+	fs.BoolVar(&c.InsecurePlain, "insecure-plaintext", false, "store tokens in Redis unencrypted (never in production)")
+}
+
+// loadKeyring reads the encryption keys. Without keys the services refuse
+// to start unless --insecure-plaintext says otherwise.
+func (c *Common) loadKeyring() error {
+	src, raw := "", ""
+	switch {
+	case c.KeyFile != "":
+		b, err := os.ReadFile(c.KeyFile)
+		if err != nil {
+			return fmt.Errorf("--encryption-key-file: %w", err)
+		}
+		src, raw = "--encryption-key-file", string(b)
+	case c.env != nil && c.env(EnvEncryptionKey) != "":
+		src, raw = EnvEncryptionKey, c.env(EnvEncryptionKey)
+	}
+	if raw == "" {
+		if c.InsecurePlain {
+			return nil
+		}
+		return errors.New("no encryption key: set " + EnvEncryptionKey + " or --encryption-key-file (or --insecure-plaintext to store tokens in clear)")
+	}
+	if c.InsecurePlain {
+		return errors.New("--insecure-plaintext and an encryption key exclude each other")
+	}
+	kr, err := tokenmgr.ParseKeyring(raw)
+	if err != nil {
+		return fmt.Errorf("%s: %w", src, err)
+	}
+	c.keyring = kr
+	return nil
+}
+
+// sealer is the configured keyring, or nil for --insecure-plaintext.
+func (c *Common) sealer() tokenmgr.Sealer {
+	if c.keyring == nil {
+		return nil
+	}
+	return c.keyring
 }
 
 // Validate checks the flags and loads the client secret.
@@ -105,6 +150,9 @@ func (c *Common) Validate() error {
 	}
 	if c.clientSecret == "" && len(errs) == 0 {
 		errs = append(errs, errors.New("no client secret: set "+EnvClientSecret+" or --client-secret-file"))
+	}
+	if err := c.loadKeyring(); err != nil {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
@@ -160,6 +208,9 @@ func (c *Common) ValidateStore(needGrant bool) error {
 	if _, err := c.profile(); err != nil {
 		errs = append(errs, err)
 	}
+	if err := c.loadKeyring(); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 
@@ -171,7 +222,7 @@ func (c *Common) AdminOptions() (tokenmgr.Options, error) {
 		return tokenmgr.Options{}, fmt.Errorf("--redis: %w", err)
 	}
 	p, _ := c.profile()
-	return tokenmgr.Options{Redis: rdb, Provider: p}, nil
+	return tokenmgr.Options{Redis: rdb, Provider: p, Sealer: c.sealer()}, nil
 }
 
 // OAuth2Config is the client registration from the flags.
@@ -191,7 +242,7 @@ func (c *Common) Options() (tokenmgr.Options, error) {
 	if err != nil {
 		return tokenmgr.Options{}, fmt.Errorf("--redis: %w", err)
 	}
-	o := tokenmgr.Options{Redis: rdb, OAuth2: c.OAuth2Config()}
+	o := tokenmgr.Options{Redis: rdb, OAuth2: c.OAuth2Config(), Sealer: c.sealer()}
 	o.Provider, _ = c.profile()
 	if c.LockRedisURLs != "" {
 		for _, u := range strings.Split(c.LockRedisURLs, ",") {

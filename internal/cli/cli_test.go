@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"golang.org/x/oauth2"
+
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
 func parse(t *testing.T, env map[string]string, args ...string) (*Common, error) {
@@ -28,7 +30,8 @@ func TestFlags(t *testing.T) {
 	if err := os.WriteFile(secretFile, []byte("s3cret\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	env := map[string]string{EnvRedisURL: "redis://127.0.0.1:1", EnvClientID: "cid", EnvClientSecret: "from-env"}
+	key, _ := tokenmgr.GenerateKey("k1")
+	env := map[string]string{EnvRedisURL: "redis://127.0.0.1:1", EnvClientID: "cid", EnvClientSecret: "from-env", EnvEncryptionKey: key.Encode()}
 	c, err := parse(t, env, "--grant", "jira", "--client-secret-file", secretFile, "--auth-style", "header")
 	if err != nil {
 		t.Fatal(err)
@@ -50,8 +53,11 @@ func TestFlags(t *testing.T) {
 		{[]string{"--grant", "g", "--provider", "google"}, env, `--provider "google"`},
 		{[]string{"--grant", "g", "--auth-style", "auto"}, env, `--auth-style "auto"`},
 		{[]string{"--grant", "g", "--provider", "strict"}, env, "--token-url is required"},
-		{[]string{"--grant", "g"}, map[string]string{EnvClientID: "x", EnvClientSecret: "y"}, "--redis"},
-		{[]string{"--grant", "g"}, map[string]string{EnvRedisURL: "redis://h:1", EnvClientID: "x"}, "no client secret"},
+		{[]string{"--grant", "g"}, map[string]string{EnvClientID: "x", EnvClientSecret: "y", EnvEncryptionKey: key.Encode()}, "--redis"},
+		{[]string{"--grant", "g"}, map[string]string{EnvRedisURL: "redis://h:1", EnvClientID: "x", EnvEncryptionKey: key.Encode()}, "no client secret"},
+		{[]string{"--grant", "g"}, map[string]string{EnvRedisURL: "redis://h:1", EnvClientID: "x", EnvClientSecret: "y"}, "no encryption key"},
+		{[]string{"--grant", "g", "--insecure-plaintext"}, env, "exclude each other"},
+		{[]string{"--grant", "g"}, map[string]string{EnvRedisURL: "redis://h:1", EnvClientID: "x", EnvClientSecret: "y", EnvEncryptionKey: "k1:c2hvcnQ="}, "want 32"},
 		{[]string{"--grant", "g", "--client-secret-file", "/nonexistent"}, env, "--client-secret-file"},
 	}
 	for _, tc := range bad {
@@ -82,5 +88,13 @@ func TestNewRedis(t *testing.T) {
 	_, err := NewRedis("redis://user:hunter2@h:1/notadb")
 	if err == nil || strings.Contains(err.Error(), "hunter2") {
 		t.Errorf("bad URL error %v must not show the password", err)
+	}
+}
+
+func TestPlaintextOptOut(t *testing.T) {
+	env := map[string]string{EnvRedisURL: "redis://127.0.0.1:1", EnvClientID: "cid", EnvClientSecret: "s"}
+	c, err := parse(t, env, "--grant", "g", "--insecure-plaintext")
+	if err != nil || c.sealer() != nil {
+		t.Errorf("opt-out: %v", err)
 	}
 }

@@ -1,0 +1,127 @@
+package tokenmgr
+
+import (
+	"time"
+
+	"errors"
+	"fmt"
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
+	"strings"
+	"testing"
+)
+
+func TestKeyring(t *testing.T) {
+	k1, _ := GenerateKey("k1")
+	k2, _ := GenerateKey("k2")
+	old, err := NewKeyring(k1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rotated, err := ParseKeyring("# keys, oldest first\n" + k1.Encode() + "\n" + k2.Encode() + "\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rotated.ActiveKeyID() != "k2" {
+		t.Fatalf("active key %s, want the last (k2)", rotated.ActiveKeyID())
+	}
+	v1, err := old.Seal("jira", fAccess, []byte("AT-SECRET"))
+	if err != nil || !strings.HasPrefix(v1, "enc:v1:k1:") || strings.Contains(v1, "AT-SECRET") {
+		t.Fatalf("seal: %q %v", v1, err)
+	}
+	// The new keyring reads values sealed with the old key, and seals with the new one.
+	if pt, err := rotated.Open("jira", fAccess, v1); err != nil || string(pt) != "AT-SECRET" {
+		t.Errorf("open with rotated keyring: %q %v", pt, err)
+	}
+	v2, _ := rotated.Seal("jira", fAccess, []byte("AT-SECRET"))
+	if !strings.HasPrefix(v2, "enc:v1:k2:") {
+		t.Errorf("rotated keyring sealed with %q", v2[:10])
+	}
+	if v2 == v1 {
+		t.Errorf("two seals of one value are equal: nonce reuse")
+	}
+	for _, tc := range []struct {
+		name, grant, field, value, want string
+	}{
+		{"other grant", "other", fAccess, v1, "copied from another grant or field"},
+		{"other field", "jira", fRefresh, v1, "copied from another grant or field"},
+		{"unknown key", "jira", fAccess, v2, `key id "k2", which is not in the keyring (have k1)`},
+		{"truncated", "jira", fAccess, v1[:20], "truncated"},
+		{"tampered", "jira", fAccess, v1[:len(v1)-2] + "AA", "does not decrypt"},
+		{"garbage", "jira", fAccess, "hello", "not an encrypted value"},
+	} {
+		if _, err := old.Open(tc.grant, tc.field, tc.value); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want %q", tc.name, err, tc.want)
+		}
+	}
+	if pt, err := old.Open("jira", fAccess, "plain:legacy"); err != nil || string(pt) != "legacy" {
+		t.Errorf("a plaintext value from before encryption: %q %v", pt, err)
+	}
+	for _, bad := range []string{"", "nocolon", "k1:!!!", "k1:" + strings.Repeat("A", 10), "bad id!:" + k1.Encode()[3:], k1.Encode() + "," + k1.Encode()} {
+		if _, err := ParseKeyring(bad); err == nil {
+			t.Errorf("ParseKeyring accepted %q", bad)
+		} else if strings.Contains(err.Error(), k1.Encode()[3:]) {
+			t.Errorf("a parse error quotes key material")
+		}
+	}
+	if s := fmt.Sprintf("%v %+v %#v %s", k1, k1, k1, k1); strings.Contains(s, k1.Encode()[3:10]) {
+		t.Errorf("key material printed: %s", s)
+	}
+}
+
+// With a keyring, Redis holds no token in clear; with the wrong keyring
+// the record is reported corrupt, naming the field, and left alone.
+func TestEncryptedRecordsInRedis(t *testing.T) {
+	e := newEnv(t, miniredisBackend, tokenmgrtest.Atlassian)
+	k1, _ := GenerateKey("k1")
+	kr, _ := NewKeyring(k1)
+	m := e.manager(Atlassian, func(o *Options) { o.Sealer = kr })
+	tok := e.seed(m)
+	e.clock.Advance(time.Hour)
+	if _, err := m.Token(t.Context(), e.grant); err != nil { // one rotation, written encrypted
+		t.Fatal(err)
+	}
+	raw, err := e.client().HGetAll(t.Context(), grantKeys("tm", e.grant).record).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, issued := range append(e.idp.IssuedTokens(), tok.AccessToken) {
+		for f, v := range raw {
+			if strings.Contains(v, issued) {
+				t.Errorf("field %s holds a token in clear", f)
+			}
+		}
+	}
+	if !strings.HasPrefix(raw[fAccess], "enc:v1:k1:") || raw[fV] != "2" || raw[fStatus] != StatusOK {
+		t.Errorf("record %v: want encrypted tokens and readable metadata", raw)
+	}
+	other, _ := GenerateKey("k1")
+	wrong, _ := NewKeyring(other)
+	w := e.manager(Atlassian, func(o *Options) { o.Sealer = wrong })
+	_, err = w.Token(t.Context(), e.grant)
+	var ce *CorruptRecordError
+	if !errors.As(err, &ce) || ce.Field != fAccess || ce.Grant != e.grant {
+		t.Fatalf("Token with the wrong key = %v, want a CorruptRecordError for %s", err, fAccess)
+	}
+	after, _ := e.client().HGetAll(t.Context(), grantKeys("tm", e.grant).record).Result()
+	if after[fAccess] != raw[fAccess] || after[fV] != raw[fV] {
+		t.Errorf("a manager with the wrong key changed the record")
+	}
+}
+
+func FuzzKeyringOpen(f *testing.F) {
+	k1, _ := GenerateKey("k1")
+	kr, _ := NewKeyring(k1)
+	good, _ := kr.Seal("g", fAccess, []byte("x"))
+	f.Add(good)
+	f.Add("enc:v1:k1:")
+	f.Add("plain:abc")
+	f.Fuzz(func(t *testing.T, s string) {
+		pt, err := kr.Open("g", fAccess, s)
+		if err == nil && s != good && !strings.HasPrefix(s, plainPrefix) {
+			// Only genuine ciphertexts open; anything else is an error.
+			if _, err2 := kr.Open("g", fRefresh, s); err2 == nil {
+				t.Fatalf("a value opened under two fields: %q -> %q", s, pt)
+			}
+		}
+	})
+}
