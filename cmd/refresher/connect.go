@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/rand"
+	"crypto/subtle"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -14,26 +15,38 @@ import (
 
 	"github.com/redis/go-redis/v9"
 	"golang.org/x/oauth2"
+	"golang.org/x/time/rate"
 
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
 // connector bootstraps grants with the authorization-code flow:
-// GET /connect/{grant} sends the user to the provider with a single-use,
-// expiring state (and PKCE); GET /callback exchanges the code and seeds
-// the grant.
+// GET /connect/{grant} (operator only: HTTP basic auth) sends the browser to
+// the provider with a single-use, expiring state bound to a cookie (and
+// PKCE); GET /callback checks both, exchanges the code and seeds the grant.
 type connector struct {
-	cfg      *oauth2.Config // with RedirectURL and Scopes
-	params   []oauth2.AuthCodeOption
+	routes   map[string]*route // grant -> its registration
+	fallback *route            // for grants of a registration that serves every grant
 	pkce     bool
 	rdb      redis.UniversalClient
 	prefix   string // Redis key prefix for pending states
-	admin    *tokenmgr.Admin
 	stateTTL time.Duration
 	log      *slog.Logger
-	// httpClient carries the code exchange (timeouts).
-	httpClient *http.Client
+	// adminPassword guards /connect: whoever opens it can replace a grant.
+	adminPassword string
+	secureCookie  bool          // the callback is https: mark the cookie Secure
+	limiter       *rate.Limiter // /connect attempts, so a flood cannot fill Redis
 }
+
+// route is what /connect needs of one registration.
+type route struct {
+	cfg        *oauth2.Config // with RedirectURL and Scopes
+	params     []oauth2.AuthCodeOption
+	admin      *tokenmgr.Admin
+	httpClient *http.Client // carries the code exchange (timeouts)
+}
+
+const stateCookie = "tokenmgr_connect"
 
 type pendingConnect struct {
 	Grant    string    `json:"grant"`
@@ -43,17 +56,49 @@ type pendingConnect struct {
 
 func (c *connector) stateKey(state string) string { return c.prefix + ":connect:" + state }
 
+func (c *connector) route(grant string) *route {
+	if r := c.routes[grant]; r != nil {
+		return r
+	}
+	return c.fallback
+}
+
+func (c *connector) authorized(r *http.Request) bool {
+	user, pass, ok := r.BasicAuth()
+	return ok && subtle.ConstantTimeCompare([]byte(user), []byte("admin")) == 1 &&
+		subtle.ConstantTimeCompare([]byte(pass), []byte(c.adminPassword)) == 1
+}
+
 func (c *connector) handleConnect(w http.ResponseWriter, r *http.Request) {
+	if !c.authorized(r) {
+		w.Header().Set("WWW-Authenticate", `Basic realm="tokenmgr refresher", charset="UTF-8"`)
+		http.Error(w, "operator credentials required", http.StatusUnauthorized)
+		return
+	}
+	if !c.limiter.Allow() {
+		http.Error(w, "too many connect attempts; try again shortly", http.StatusTooManyRequests)
+		return
+	}
 	grant := r.PathValue("grant")
 	if err := tokenmgr.ValidateGrantName(grant); err != nil {
 		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	rt := c.route(grant)
+	if rt == nil {
+		http.Error(w, "grant "+grant+" is not served by this refresher (see --grant / --config)", http.StatusNotFound)
+		return
+	}
+	// Replacing a live grant is a deliberate act.
+	if st, err := rt.admin.Status(r.Context(), grant); err == nil && st.Status == tokenmgr.StatusOK && r.URL.Query().Get("replace") != "1" {
+		http.Error(w, "grant "+grant+" is healthy; add ?replace=1 to replace it with a new consent", http.StatusConflict)
 		return
 	}
 	b := make([]byte, 32)
 	_, _ = rand.Read(b)
 	state := base64.RawURLEncoding.EncodeToString(b)
 	p := pendingConnect{Grant: grant, Started: time.Now()}
-	opts := append([]oauth2.AuthCodeOption{}, c.params...)
+	opts := append([]oauth2.AuthCodeOption{}, rt.params...)
 	if c.pkce {
 		p.Verifier = oauth2.GenerateVerifier()
 		opts = append(opts, oauth2.S256ChallengeOption(p.Verifier))
@@ -63,8 +108,12 @@ func (c *connector) handleConnect(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "cannot store the login state: Redis unavailable", http.StatusServiceUnavailable)
 		return
 	}
+	// The state is also bound to this browser: a callback link lured into
+	// another browser does not complete.
+	http.SetCookie(w, &http.Cookie{Name: stateCookie, Value: state, Path: "/", MaxAge: int(c.stateTTL.Seconds()),
+		HttpOnly: true, Secure: c.secureCookie, SameSite: http.SameSiteLaxMode})
 	c.log.Info("connect started", "grant", grant)
-	http.Redirect(w, r, c.cfg.AuthCodeURL(state, opts...), http.StatusFound)
+	http.Redirect(w, r, rt.cfg.AuthCodeURL(state, opts...), http.StatusFound)
 }
 
 func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
@@ -74,6 +123,12 @@ func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "missing state", http.StatusBadRequest)
 		return
 	}
+	cookie, err := r.Cookie(stateCookie)
+	if err != nil || subtle.ConstantTimeCompare([]byte(cookie.Value), []byte(state)) != 1 {
+		http.Error(w, "this login was not started in this browser: start again at /connect/{grant}", http.StatusBadRequest)
+		return
+	}
+	http.SetCookie(w, &http.Cookie{Name: stateCookie, Value: "", Path: "/", MaxAge: -1, HttpOnly: true, Secure: c.secureCookie, SameSite: http.SameSiteLaxMode})
 	// GETDEL: a state works once, whatever happens next.
 	js, err := c.rdb.GetDel(r.Context(), c.stateKey(state)).Bytes()
 	if err == redis.Nil {
@@ -89,9 +144,14 @@ func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "corrupt login state", http.StatusBadRequest)
 		return
 	}
+	rt := c.route(p.Grant)
+	if rt == nil {
+		http.Error(w, "grant "+p.Grant+" is no longer served by this refresher", http.StatusNotFound)
+		return
+	}
 	if e := q.Get("error"); e != "" {
 		c.log.Warn("provider refused consent", "grant", p.Grant, "error", e)
-		http.Error(w, "the provider answered "+e+": "+q.Get("error_description"), http.StatusBadRequest)
+		http.Error(w, "the provider answered "+e, http.StatusBadRequest)
 		return
 	}
 	code := q.Get("code")
@@ -101,21 +161,21 @@ func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
 	defer cancel()
-	ctx = context.WithValue(ctx, oauth2.HTTPClient, c.httpClient)
+	ctx = context.WithValue(ctx, oauth2.HTTPClient, rt.httpClient)
 	var opts []oauth2.AuthCodeOption
 	if p.Verifier != "" {
 		opts = append(opts, oauth2.VerifierOption(p.Verifier))
 	}
-	tok, err := c.cfg.Exchange(ctx, code, opts...)
+	tok, err := rt.cfg.Exchange(ctx, code, opts...)
 	if err != nil {
 		c.log.Error("code exchange failed", "grant", p.Grant, "err", describeErr(err))
 		http.Error(w, "code exchange failed: "+describeErr(err), http.StatusBadGateway)
 		return
 	}
-	v, err := c.admin.Seed(ctx, p.Grant, tok, tokenmgr.SeedOptions{ConsentedAt: time.Now()})
+	v, err := rt.admin.Seed(ctx, p.Grant, tok, tokenmgr.SeedOptions{ConsentedAt: time.Now()})
 	if err != nil {
 		c.log.Error("seeding the connected grant failed", "grant", p.Grant, "err", err)
-		http.Error(w, "could not store the grant: "+err.Error(), http.StatusInternalServerError)
+		http.Error(w, "could not store the grant", http.StatusInternalServerError)
 		return
 	}
 	c.log.Info("grant connected", "grant", p.Grant, "version", v)

@@ -36,8 +36,8 @@ func parseArgs(fs *flag.FlagSet, args []string) error {
 }
 
 // openAdmin connects to Redis for the operator commands.
-func openAdmin(c *cli.Common, needGrant bool, stderr io.Writer) (*tokenmgr.Admin, func(), error) {
-	if err := c.ValidateStore(needGrant); err != nil {
+func openAdmin(c *cli.Common, needGrant, needKey bool, stderr io.Writer) (*tokenmgr.Admin, func(), error) {
+	if err := c.ValidateStore(needGrant, needKey); err != nil {
 		return nil, nil, err
 	}
 	o, err := c.AdminOptions()
@@ -93,6 +93,9 @@ func parseSeed(r io.Reader, now time.Time) (*oauth2.Token, error) {
 		if err != nil {
 			return nil, fmt.Errorf("expiry %q is not RFC 3339", in.Expiry)
 		}
+		if t.Year() < 2000 {
+			return nil, fmt.Errorf("expiry %q is unset (a zero time); give the real expiry or expires_in", in.Expiry)
+		}
 		tok.Expiry = t
 	case in.ExpiresIn != nil:
 		if *in.ExpiresIn <= 0 {
@@ -124,7 +127,7 @@ func cmdSeed(ctx context.Context, args []string, env func(string) string, stdin 
 		}
 		so.ConsentedAt = t
 	}
-	admin, done, err := openAdmin(&c, true, stderr)
+	admin, done, err := openAdmin(&c, true, true, stderr)
 	if err != nil {
 		return err
 	}
@@ -149,7 +152,7 @@ func cmdStatus(ctx context.Context, args []string, env func(string) string, stdo
 	if err := parseArgs(fs, args); err != nil {
 		return err
 	}
-	admin, done, err := openAdmin(&c, false, stderr)
+	admin, done, err := openAdmin(&c, false, false, stderr)
 	if err != nil {
 		return err
 	}

@@ -6,8 +6,11 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/http/cookiejar"
 	"net/http/httptest"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -256,19 +259,19 @@ func TestTwoReplicasAndWorkers(t *testing.T) {
 	}
 }
 
-// The bootstrap flow end to end: connect, consent at the fake IdP,
-// callback, grant seeded, a worker uses it; replayed and forged states
-// are refused.
+// The bootstrap flow end to end: connect (as the operator), consent at the
+// fake IdP, callback, grant seeded, a worker uses it; no credentials,
+// another browser, a replayed or forged state, and replacing a healthy
+// grant without asking are refused.
 func TestConnectFlow(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Atlassian)
 	c := defaultRun()
 	c.pkce = true
 	c.common.Provider = "atlassian"
-	var srvURL string
+	c.adminPassword = "correct horse battery"
 	srv := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { podHandler.ServeHTTP(rw, r) }))
 	defer srv.Close()
-	srvURL = srv.URL
-	c.redirectURL = srvURL + "/callback"
+	c.redirectURL = srv.URL + "/callback"
 	o := w.options(tokenmgr.Atlassian)
 	o.OAuth2.Endpoint.AuthURL = w.idp.AuthURL()
 	pd, err := newPod(t.Context(), c, o)
@@ -279,8 +282,9 @@ func TestConnectFlow(t *testing.T) {
 	podHandler = pd.handler
 
 	var lastCallback string
-	client := &http.Client{CheckRedirect: func(req *http.Request, via []*http.Request) error {
-		if strings.HasPrefix(req.URL.String(), srvURL+"/callback") {
+	jar, _ := cookiejar.New(nil)
+	browser := &http.Client{Jar: jar, CheckRedirect: func(req *http.Request, via []*http.Request) error {
+		if strings.HasPrefix(req.URL.String(), srv.URL+"/callback") {
 			lastCallback = req.URL.String()
 		}
 		if strings.HasPrefix(req.URL.String(), w.idp.AuthURL()) {
@@ -291,14 +295,28 @@ func TestConnectFlow(t *testing.T) {
 		}
 		return nil
 	}}
-	resp, err := client.Get(srvURL + "/connect/jira-prod")
-	if err != nil {
-		t.Fatal(err)
+	connect := func(path, pass string) (int, string) {
+		req, _ := http.NewRequest(http.MethodGet, srv.URL+path, nil)
+		if pass != "" {
+			req.SetBasicAuth("admin", pass)
+		}
+		resp, err := browser.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(body)
 	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "connected") {
-		t.Fatalf("connect flow ended with %d: %s", resp.StatusCode, body)
+	if code, _ := connect("/connect/jira-prod", ""); code != http.StatusUnauthorized {
+		t.Errorf("connect without credentials: %d, want 401", code)
+	}
+	if code, _ := connect("/connect/jira-prod", "wrong password!"); code != http.StatusUnauthorized {
+		t.Errorf("connect with a wrong password: %d, want 401", code)
+	}
+	code, body := connect("/connect/jira-prod", c.adminPassword)
+	if code != http.StatusOK || !strings.Contains(body, "connected") {
+		t.Fatalf("connect flow ended with %d: %s", code, body)
 	}
 	m := w.manager(tokenmgr.Atlassian)
 	tok, err := m.Token(t.Context(), "jira-prod")
@@ -308,30 +326,106 @@ func TestConnectFlow(t *testing.T) {
 	if s := w.idp.Stats(); s.AuthCodeExchanges != 1 {
 		t.Errorf("IdP exchanges %d", s.AuthCodeExchanges)
 	}
-	// Replay of the same callback: the state was single-use.
-	resp, err = http.Get(lastCallback)
+	// Replay of the same callback, even from the same browser: single use.
+	u, _ := url.Parse(lastCallback)
+	jar.SetCookies(u, []*http.Cookie{{Name: stateCookie, Value: u.Query().Get("state"), Path: "/"}})
+	if code, _ := connect(strings.TrimPrefix(lastCallback, srv.URL), ""); code != http.StatusBadRequest {
+		t.Errorf("replayed state answered %d, want 400", code)
+	}
+	// The callback link opened in another browser (no cookie).
+	resp, err := http.Get(lastCallback)
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusBadRequest {
-		t.Errorf("replayed state answered %d, want 400", resp.StatusCode)
+		t.Errorf("callback without the cookie answered %d, want 400", resp.StatusCode)
 	}
-	u, _ := url.Parse(lastCallback)
 	q := u.Query()
 	q.Set("state", "forged-state")
 	u.RawQuery = q.Encode()
-	resp, err = http.Get(u.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusBadRequest {
-		t.Errorf("forged state answered %d, want 400", resp.StatusCode)
+	jar.SetCookies(u, []*http.Cookie{{Name: stateCookie, Value: "forged-state", Path: "/"}})
+	if code, _ := connect(strings.TrimPrefix(u.String(), srv.URL), ""); code != http.StatusBadRequest {
+		t.Errorf("forged state answered %d, want 400", code)
 	}
 	if st, _ := m.Status(t.Context(), "jira-prod"); st.Version != 1 {
 		t.Errorf("replay changed the grant: version %d", st.Version)
 	}
+	// A healthy grant is replaced only on purpose.
+	if code, _ := connect("/connect/jira-prod", c.adminPassword); code != http.StatusConflict {
+		t.Errorf("connect over a healthy grant: %d, want 409", code)
+	}
+	if code, _ := connect("/connect/jira-prod?replace=1", c.adminPassword); code != http.StatusOK {
+		t.Errorf("connect with replace=1: %d", code)
+	}
+	if st, _ := m.Status(t.Context(), "jira-prod"); st.Version != 2 {
+		t.Errorf("after replace: version %d, want 2", st.Version)
+	}
 }
+
+// --grant limits a refresher to that grant; others in the shared schedule
+// are left to their own refreshers.
+func TestSchedulerOnlyItsGrants(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	c := defaultRun()
+	c.common.Grant = "mine"
+	pd := w.pod(c, tokenmgr.Strict)
+	for _, g := range []string{"mine", "theirs"} {
+		tok := w.idp.NewGrant("")
+		tok.Expiry = w.clock.Now().Add(time.Hour)
+		if _, err := pd.m.Seed(t.Context(), g, tok, tokenmgr.SeedOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w.clock.Advance(55 * time.Minute)
+	tickAndWait(t.Context(), pd.sched)
+	mine, _ := pd.m.Status(t.Context(), "mine")
+	theirs, _ := pd.m.Status(t.Context(), "theirs")
+	if mine.Version != 2 || theirs.Version != 1 {
+		t.Errorf("versions mine=%d theirs=%d, want 2 and 1", mine.Version, theirs.Version)
+	}
+}
+
+func TestConfigFile(t *testing.T) {
+	dir := t.TempDir()
+	write := func(body string) string {
+		p := filepath.Join(dir, fmt.Sprintf("c%d.json", time.Now().UnixNano()))
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	env := map[string]string{"TOKENMGR_REDIS_URL": "redis://127.0.0.1:1", "JIRA_SECRET": "s1", "XERO_SECRET": "s2", "TOKENMGR_ENCRYPTION_KEY": testKey}
+	getenv := func(k string) string { return env[k] }
+	good := write(`{"registrations": [
+		{"name": "jira", "provider": "atlassian", "client_id": "a", "client_secret_env": "JIRA_SECRET", "grants": ["jira-prod", "jira-stage"], "scopes": "read:jira-work"},
+		{"name": "xero", "provider": "xero", "token_url": "https://identity.xero.com/connect/token", "client_id": "b", "client_secret_env": "XERO_SECRET", "auth_style": "header", "http_timeout": "5s", "grants": ["books"]}]}`)
+	c, err := parseRunFlags([]string{"--config", good}, getenv, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.regs) != 2 || c.regs[0].common.OAuth2Config().ClientSecret != "s1" || c.regs[1].common.OAuth2Config().Endpoint.AuthStyle != oauth2.AuthStyleInHeader {
+		t.Errorf("registrations %+v", c.regs)
+	}
+	for body, want := range map[string]string{
+		`{"registrations": []}`: "no registrations",
+		`{"registrations": [{"name": "x", "provider": "atlassian", "client_id": "a", "client_secret_env": "JIRA_SECRET"}]}`:                             "no grants",
+		`{"registrations": [{"name": "x", "provider": "atlassian", "client_id": "a", "client_secret_env": "NOPE", "grants": ["g"]}]}`:                   "no client secret",
+		`{"registrations": [{"name": "x", "provider": "google", "client_id": "a", "client_secret_env": "JIRA_SECRET", "grants": ["g"]}]}`:               "--provider",
+		`{"registrations": [{"name": "x", "provider": "atlassian", "client_id": "a", "client_secret_env": "JIRA_SECRET", "grants": ["g"], "typo": 1}]}`: "unknown field",
+		`{"registrations": [{"name": "x", "provider": "atlassian", "client_id": "a", "client_secret_env": "JIRA_SECRET", "grants": ["g"]},
+		                    {"name": "y", "provider": "atlassian", "client_id": "b", "client_secret_env": "JIRA_SECRET", "grants": ["g"]}]}`: "in registrations x and y",
+		`{"registrations": [`: "unexpected EOF",
+	} {
+		if _, err := parseRunFlags([]string{"--config", write(body)}, getenv, io.Discard); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("config %s: %v, want %q", body, err, want)
+		}
+	}
+	if _, err := parseRunFlags([]string{"--config", good, "--redirect-url", "https://r.example/callback"}, getenv, io.Discard); err == nil || !strings.Contains(err.Error(), "admin password") {
+		t.Errorf("/connect without an admin password: %v", err)
+	}
+}
+
+var testKey = func() string { k, _ := tokenmgr.GenerateKey("k1"); return k.Encode() }()
 
 var podHandler http.Handler

@@ -1,16 +1,22 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
+	"slices"
 	"strings"
+	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/oauth2"
 	"golang.org/x/time/rate"
@@ -21,6 +27,8 @@ import (
 
 type runConfig struct {
 	common        cli.Common
+	config        string
+	regs          []*registration
 	listen        string
 	refreshBefore time.Duration
 	maxFraction   float64
@@ -35,6 +43,96 @@ type runConfig struct {
 	stateTTL      time.Duration
 	warnAbsolute  time.Duration
 	logLevel      string
+	adminPassFile string
+	adminPassword string
+}
+
+// registration is one client registration and the grants it refreshes.
+type registration struct {
+	name   string
+	common cli.Common
+	scopes string
+	grants []string // nil: every grant in the schedule
+}
+
+// configFile is --config: several client registrations, each with its
+// grants. Redis, keys, timing and the listener stay flags.
+type configFile struct {
+	Registrations []struct {
+		Name             string   `json:"name"`
+		Provider         string   `json:"provider"`
+		TokenURL         string   `json:"token_url"`
+		AuthURL          string   `json:"auth_url"`
+		ClientID         string   `json:"client_id"`
+		ClientSecretFile string   `json:"client_secret_file"`
+		ClientSecretEnv  string   `json:"client_secret_env"`
+		AuthStyle        string   `json:"auth_style"`
+		HTTPTimeout      string   `json:"http_timeout"`
+		Scopes           string   `json:"scopes"`
+		Grants           []string `json:"grants"`
+	} `json:"registrations"`
+}
+
+// loadConfig reads --config into registrations that share c's Redis and
+// key flags.
+func (c *runConfig) loadConfig(env func(string) string) error {
+	raw, err := os.ReadFile(c.config)
+	if err != nil {
+		return fmt.Errorf("--config: %w", err)
+	}
+	var f configFile
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&f); err != nil {
+		return fmt.Errorf("--config %s: %w", c.config, err)
+	}
+	if len(f.Registrations) == 0 {
+		return fmt.Errorf("--config %s: no registrations", c.config)
+	}
+	var errs []error
+	owner := map[string]string{}
+	for i, r := range f.Registrations {
+		name := r.Name
+		if name == "" {
+			name = fmt.Sprintf("#%d", i+1)
+		}
+		cm := c.common // Redis, lock masters, keys
+		cm.Provider, cm.TokenURL, cm.AuthURL, cm.ClientID, cm.AuthStyle = r.Provider, r.TokenURL, r.AuthURL, r.ClientID, r.AuthStyle
+		cm.ClientSecretFile, cm.HTTPTimeout = r.ClientSecretFile, 0
+		if cm.AuthStyle == "" {
+			cm.AuthStyle = "params"
+		}
+		if r.HTTPTimeout != "" {
+			d, err := time.ParseDuration(r.HTTPTimeout)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("registration %s: http_timeout %q: %w", name, r.HTTPTimeout, err))
+			}
+			cm.HTTPTimeout = d
+		}
+		secretEnv := r.ClientSecretEnv
+		cm.UseEnv(func(k string) string {
+			if k == cli.EnvClientSecret && secretEnv != "" {
+				return env(secretEnv)
+			}
+			return env(k)
+		})
+		if len(r.Grants) == 0 {
+			errs = append(errs, fmt.Errorf("registration %s: no grants", name))
+			continue
+		}
+		for _, g := range r.Grants {
+			if o, dup := owner[g]; dup {
+				errs = append(errs, fmt.Errorf("grant %s is in registrations %s and %s", g, o, name))
+			}
+			owner[g] = name
+		}
+		cm.Grant = r.Grants[0]
+		if err := cm.Validate(); err != nil {
+			errs = append(errs, fmt.Errorf("registration %s: %w", name, err))
+		}
+		c.regs = append(c.regs, &registration{name: name, common: cm, scopes: r.Scopes, grants: r.Grants})
+	}
+	return errors.Join(errs...)
 }
 
 func parseRunFlags(args []string, env func(string) string, stderr io.Writer) (*runConfig, error) {
@@ -55,19 +153,35 @@ func parseRunFlags(args []string, env func(string) string, stderr io.Writer) (*r
 	fs.DurationVar(&c.stateTTL, "state-ttl", 10*time.Minute, "how long a /connect login may take")
 	fs.DurationVar(&c.warnAbsolute, "warn-absolute", 30*24*time.Hour, "warn when a grant's absolute expiry is closer than this")
 	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.StringVar(&c.config, "config", "", "JSON `file` of client registrations, each with its grants (see README); without it, the flags describe one registration, serving --grant or, if unset, every grant in the schedule")
+	fs.StringVar(&c.adminPassFile, "admin-password-file", "", "`file` with the password (user admin, HTTP basic auth) that /connect requires (else env "+envAdminPassword+")")
 	if err := parseArgs(fs, args); err != nil {
 		return nil, err
 	}
 	var errs []error
-	// The refresher serves every grant in the schedule; --grant is optional.
-	grant := c.common.Grant
-	if grant == "" {
-		c.common.Grant = "unused"
+	if c.config != "" {
+		if err := c.common.ValidateStore(false, true); err != nil {
+			errs = append(errs, err)
+		}
+		if err := c.loadConfig(env); err != nil {
+			errs = append(errs, err)
+		}
+	} else {
+		// One registration: --grant, or every grant in the schedule.
+		grant := c.common.Grant
+		if grant == "" {
+			c.common.Grant = "unused"
+		}
+		if err := c.common.Validate(); err != nil {
+			errs = append(errs, err)
+		}
+		c.common.Grant = grant
+		reg := &registration{name: "default", common: c.common, scopes: c.scopes}
+		if grant != "" {
+			reg.grants = []string{grant}
+		}
+		c.regs = []*registration{reg}
 	}
-	if err := c.common.Validate(); err != nil {
-		errs = append(errs, err)
-	}
-	c.common.Grant = grant
 	if c.refreshBefore <= 0 || c.tick <= 0 || c.stateTTL <= 0 || c.jitter < 0 || c.warnAbsolute < 0 {
 		errs = append(errs, errors.New("--refresh-before, --tick and --state-ttl must be positive; --jitter and --warn-absolute not negative"))
 	}
@@ -84,11 +198,30 @@ func parseRunFlags(args []string, env func(string) string, stderr io.Writer) (*r
 	if err := l.UnmarshalText([]byte(c.logLevel)); err != nil {
 		errs = append(errs, fmt.Errorf("--log-level %q: want debug, info, warn or error", c.logLevel))
 	}
-	if c.redirectURL != "" && c.common.AuthURL == "" {
-		errs = append(errs, errors.New("--redirect-url needs --auth-url (or --provider atlassian)"))
+	if c.redirectURL != "" {
+		for _, r := range c.regs {
+			if r.common.AuthURL == "" {
+				errs = append(errs, fmt.Errorf("registration %s: --redirect-url needs --auth-url (or --provider atlassian)", r.name))
+			}
+		}
+		switch {
+		case c.adminPassFile != "":
+			b, err := os.ReadFile(c.adminPassFile)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("--admin-password-file: %w", err))
+			}
+			c.adminPassword = strings.TrimSpace(string(b))
+		default:
+			c.adminPassword = env(envAdminPassword)
+		}
+		if len(c.adminPassword) < 12 {
+			errs = append(errs, errors.New("/connect (enabled by --redirect-url) needs an admin password of 12+ characters: --admin-password-file or "+envAdminPassword+"; anyone who can open /connect can replace a grant"))
+		}
 	}
 	return c, errors.Join(errs...)
 }
+
+const envAdminPassword = "TOKENMGR_ADMIN_PASSWORD"
 
 func cmdRun(ctx context.Context, args []string, env func(string) string, stdout, stderr io.Writer) error {
 	c, err := parseRunFlags(args, env, stderr)
@@ -99,13 +232,21 @@ func cmdRun(ctx context.Context, args []string, env func(string) string, stdout,
 	_ = level.UnmarshalText([]byte(c.logLevel))
 	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
 
-	o, err := c.common.Options()
-	if err != nil {
-		return err
+	var opts []tokenmgr.Options
+	defer func() {
+		for _, o := range opts {
+			cli.CloseClients(o)
+		}
+	}()
+	for _, r := range c.regs {
+		o, err := r.common.Options()
+		if err != nil {
+			return fmt.Errorf("registration %s: %w", r.name, err)
+		}
+		o.Logger = log.With("registration", r.name)
+		opts = append(opts, o)
 	}
-	defer cli.CloseClients(o)
-	o.Logger = log
-	p, err := newPod(ctx, c, o)
+	srv, err := newServer(ctx, c, opts)
 	if err != nil {
 		return err
 	}
@@ -113,86 +254,149 @@ func cmdRun(ctx context.Context, args []string, env func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: p.handler, ReadHeaderTimeout: 10 * time.Second}
+	hs := &http.Server{Handler: srv.handler, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.Error("http server", "err", err)
 		}
 	}()
 	fmt.Fprintf(stdout, "listening on http://%s\n", ln.Addr())
-	log.Info("refresher running", "listen", ln.Addr().String(), "refresh_before", c.refreshBefore, "jitter", c.jitter, "provider", c.common.Provider)
+	log.Info("refresher running", "listen", ln.Addr().String(), "registrations", len(c.regs), "refresh_before", c.refreshBefore, "jitter", c.jitter)
 
 	// SIGTERM ends ctx: no new work; refreshes in flight finish and are
 	// written; then the lease is released and held pairs flushed by Close.
-	p.sched.loop(ctx, c.tick)
+	var wg sync.WaitGroup
+	for _, p := range srv.pods {
+		wg.Go(func() { p.sched.loop(ctx, c.tick) })
+	}
+	wg.Wait()
 	log.Info("shutting down: in-flight refreshes finished")
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
-	_ = srv.Shutdown(sctx)
-	if err := p.m.Close(sctx); err != nil {
+	_ = hs.Shutdown(sctx)
+	var errs []error
+	for _, p := range srv.pods {
+		errs = append(errs, p.m.Close(sctx))
+	}
+	if err := errors.Join(errs...); err != nil {
 		return err
 	}
 	log.Info("stopped")
 	return nil
 }
 
-// pod is a running refresher without its listener: the Manager, the
-// scheduler and the HTTP handler.
+// pod is one registration at work: its Manager and scheduler.
 type pod struct {
+	reg     *registration
 	m       *tokenmgr.Manager
 	sched   *scheduler
+	handler http.Handler // the server's, for tests that build one pod
+}
+
+// server is every pod and the HTTP handler they share.
+type server struct {
+	pods    []*pod
 	handler http.Handler
 }
 
+// newPod builds a one-registration server from c's flags (tests).
 func newPod(ctx context.Context, c *runConfig, o tokenmgr.Options) (*pod, error) {
-	o.RefreshBefore = c.refreshBefore
-	o.MaxRefreshFraction = c.maxFraction
-	m, err := tokenmgr.New(ctx, o)
+	if len(c.regs) == 0 {
+		reg := &registration{name: "default", common: c.common, scopes: c.scopes}
+		if c.common.Grant != "" {
+			reg.grants = []string{c.common.Grant}
+		}
+		c.regs = []*registration{reg}
+	}
+	s, err := newServer(ctx, c, []tokenmgr.Options{o})
 	if err != nil {
 		return nil, err
 	}
-	if o.Now == nil {
-		o.Now = time.Now
-	}
-	log := o.Logger
-	mt := newMetrics(m, m.Admin)
-	s := &scheduler{
-		m: m, now: o.Now, margin: c.refreshBefore, jitter: c.jitter, batch: c.batch,
-		sem: make(chan struct{}, c.concurrency), limiter: rate.NewLimiter(rate.Limit(c.rate), 1),
-		log: log, metrics: mt, warnAbsolute: c.warnAbsolute,
-		notBefore: map[string]time.Time{}, running: map[string]bool{},
+	p := s.pods[0]
+	p.handler = s.handler
+	return p, nil
+}
+
+// newServer starts a Manager and a scheduler per registration (opts[i]
+// for c.regs[i]) and builds the HTTP handler.
+func newServer(ctx context.Context, c *runConfig, opts []tokenmgr.Options) (*server, error) {
+	reg := prometheus.NewRegistry()
+	mt := newMetrics(reg)
+	srv := &server{}
+	conn := &connector{pkce: c.pkce, stateTTL: c.stateTTL, adminPassword: c.adminPassword, routes: map[string]*route{},
+		secureCookie: strings.HasPrefix(c.redirectURL, "https://"), limiter: rate.NewLimiter(1, 10)}
+	for i, r := range c.regs {
+		o := opts[i]
+		o.RefreshBefore = c.refreshBefore
+		o.MaxRefreshFraction = c.maxFraction
+		m, err := tokenmgr.New(ctx, o)
+		if err != nil {
+			for _, p := range srv.pods {
+				_ = p.m.Close(ctx)
+			}
+			return nil, fmt.Errorf("registration %s: %w", r.name, err)
+		}
+		now := o.Now
+		if now == nil {
+			now = time.Now
+		}
+		mt.addManager(reg, r.name, m)
+		s := &scheduler{
+			m: m, now: now, margin: c.refreshBefore, jitter: c.jitter, batch: c.batch,
+			sem: make(chan struct{}, c.concurrency), limiter: rate.NewLimiter(rate.Limit(c.rate), 1),
+			log: m.Logger(), metrics: mt, warnAbsolute: c.warnAbsolute, period: c.tick, holder: m.Holder(),
+			notBefore: map[string]time.Time{}, running: map[string]bool{},
+		}
+		if r.grants != nil {
+			s.only = map[string]bool{}
+			for _, g := range r.grants {
+				s.only[g] = true
+			}
+		}
+		srv.pods = append(srv.pods, &pod{reg: r, m: m, sched: s})
+		if i == 0 {
+			mt.addAdmin(reg, m.Admin)
+			conn.rdb, conn.log = o.Redis, m.Logger()
+			conn.prefix = o.KeyPrefix
+			if conn.prefix == "" {
+				conn.prefix = "tm"
+			}
+		}
+		if c.redirectURL != "" {
+			cfg := *o.OAuth2
+			cfg.RedirectURL = c.redirectURL
+			cfg.Scopes = strings.Fields(r.scopes)
+			rt := &route{cfg: &cfg, admin: m.Admin, httpClient: &http.Client{Timeout: o.Provider.HTTPTimeout}}
+			if r.common.Provider == "atlassian" {
+				rt.params = append(rt.params, oauth2.SetAuthURLParam("audience", "api.atlassian.com"), oauth2.SetAuthURLParam("prompt", "consent"))
+				if !slices.Contains(cfg.Scopes, "offline_access") {
+					cfg.Scopes = append(cfg.Scopes, "offline_access")
+				}
+			}
+			if r.grants == nil {
+				conn.fallback = rt
+			}
+			for _, g := range r.grants {
+				conn.routes[g] = rt
+			}
+		}
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
 		pctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
-		if err := o.Redis.Ping(pctx).Err(); err != nil {
+		if err := opts[0].Redis.Ping(pctx).Err(); err != nil {
 			http.Error(w, "redis unreachable", http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ok")
 	})
-	mux.Handle("GET /metrics", promhttp.HandlerFor(mt.reg, promhttp.HandlerOpts{}))
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	if c.redirectURL != "" {
-		cfg := *o.OAuth2
-		cfg.RedirectURL = c.redirectURL
-		cfg.Scopes = strings.Fields(c.scopes)
-		var params []oauth2.AuthCodeOption
-		if c.common.Provider == "atlassian" {
-			params = append(params, oauth2.SetAuthURLParam("audience", "api.atlassian.com"), oauth2.SetAuthURLParam("prompt", "consent"))
-			if !strings.Contains(" "+c.scopes+" ", " offline_access ") {
-				cfg.Scopes = append(cfg.Scopes, "offline_access")
-			}
-		}
-		prefix := o.KeyPrefix
-		if prefix == "" {
-			prefix = "tm"
-		}
-		conn := &connector{cfg: &cfg, params: params, pkce: c.pkce, rdb: o.Redis, prefix: prefix, admin: m.Admin,
-			stateTTL: c.stateTTL, log: log, httpClient: &http.Client{Timeout: o.Provider.HTTPTimeout}}
 		mux.HandleFunc("GET /connect/{grant}", conn.handleConnect)
 		mux.HandleFunc("GET /callback", conn.handleCallback)
 	}
-	return &pod{m: m, sched: s, handler: mux}, nil
+	srv.handler = mux
+	return srv, nil
 }

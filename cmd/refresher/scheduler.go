@@ -34,6 +34,16 @@ type scheduler struct {
 	// warnAbsolute: log a warning when a grant's absolute expiry (forced
 	// re-consent) is closer than this.
 	warnAbsolute time.Duration
+	// period is the loop's tick: jitter stays a tick clear of the
+	// workers' margin.
+	period time.Duration
+	// only, when set, limits the scheduler to these grants (--grant, or
+	// the grants of one registration in --config); others in the shared
+	// schedule belong to other refreshers.
+	only map[string]bool
+	// holder is the Manager's holder name, to tell our rotations from
+	// other replicas' and workers'.
+	holder string
 
 	wg sync.WaitGroup // in-flight refreshes
 
@@ -44,12 +54,16 @@ type scheduler struct {
 	running   map[string]bool
 }
 
+// parkedUntil is far in the future: where grants with nothing to refresh
+// wait in the schedule.
+var parkedUntil = time.Unix(1<<35, 0)
+
 // jitterFor is a stable offset in [0, bound) for one version of a grant:
 // replicas agree on it, and it spreads many grants with equal expiries.
 // bound is --jitter, capped at half the grant's refresh margin, so that
 // short-lived tokens are still refreshed ahead of the workers.
 func (s *scheduler) jitterFor(grant string, version int64, margin time.Duration) time.Duration {
-	bound := min(s.jitter, margin/2)
+	bound := min(s.jitter, margin/2-s.period)
 	if bound <= 0 {
 		return 0
 	}
@@ -70,6 +84,9 @@ func (s *scheduler) tick(ctx context.Context) int {
 	}
 	started := 0
 	for _, d := range due {
+		if s.only != nil && !s.only[d.Grant] {
+			continue
+		}
 		s.mu.Lock()
 		skip := s.running[d.Grant] || now.Before(s.notBefore[d.Grant])
 		if !skip {
@@ -113,20 +130,34 @@ func (s *scheduler) process(ctx context.Context, grant string) time.Time {
 	st, err := s.m.Status(ctx, grant)
 	if err != nil {
 		if errors.Is(err, tokenmgr.ErrGrantNotFound) {
-			s.log.Warn("scheduled grant has no record; removing it from the schedule is an operator's call", "grant", grant)
-			return s.now().Add(time.Minute)
+			// Scheduled but no record: park it so it cannot crowd the
+			// head of the schedule; a seed puts it back.
+			s.log.Warn("scheduled grant has no record; parked until it is seeded", "grant", grant)
+			s.metrics.outcome("not_found")
+			if err := s.m.Postpone(ctx, grant, parkedUntil); err != nil {
+				return s.now().Add(time.Minute)
+			}
+			return time.Time{}
 		}
 		s.log.Warn("could not read grant", "grant", grant, "err", err)
 		s.metrics.outcome("error")
 		return s.now().Add(5 * time.Second)
 	}
-	s.metrics.observe(st, s.now())
+	s.metrics.observe(st)
 	if st.Status != tokenmgr.StatusOK {
-		return time.Time{} // parked at the end of the schedule
+		if err := s.m.Postpone(ctx, grant, parkedUntil); err != nil { // normally parked already
+			return s.now().Add(time.Minute)
+		}
+		return time.Time{}
 	}
 	if left := st.AbsoluteExpiry.Sub(s.now()); !st.AbsoluteExpiry.IsZero() && left < s.warnAbsolute {
 		s.log.Warn("grant reaches its absolute expiry soon; re-consent before then or the fleet stops",
 			"grant", grant, "absolute_expiry", st.AbsoluteExpiry, "days_left", int(left.Hours()/24))
+	}
+	if st.RetryAt.After(s.now()) {
+		// The fleet backs off (a 429 or 5xx seen by anyone): wait it out.
+		s.metrics.outcome("backing_off")
+		return st.RetryAt
 	}
 	dueAt := s.m.RefreshDueAt(st)
 	dueAt = dueAt.Add(s.jitterFor(grant, st.Version, st.Expiry.Sub(dueAt)))
@@ -144,13 +175,24 @@ func (s *scheduler) process(ctx context.Context, grant string) time.Time {
 	var re *tokenmgr.RefreshError
 	switch {
 	case err == nil && after.Version != st.Version:
+		s.metrics.observe(after)
+		if after.RotatedBy != s.holder {
+			s.metrics.outcome("rotated_elsewhere") // another replica or a worker got there first
+			return time.Time{}
+		}
 		s.metrics.outcome("refreshed")
-		s.metrics.observe(after, s.now())
 		s.log.Info("grant pre-rotated", "grant", grant, "version", after.Version, "expiry", after.Expiry)
 		return time.Time{}
+	case err == nil && after.RetryAt.After(s.now()):
+		s.metrics.outcome("backing_off")
+		return after.RetryAt
 	case err == nil:
 		s.metrics.outcome("not_due")
-		return s.m.RefreshDueAt(after)
+		next := s.m.RefreshDueAt(after)
+		if soon := s.now().Add(s.period); next.Before(soon) {
+			next = soon
+		}
+		return next
 	case errors.Is(err, tokenmgr.ErrReauthRequired):
 		s.metrics.outcome("reauth_required")
 		s.log.Error("grant needs re-consent", "grant", grant, "err", err)

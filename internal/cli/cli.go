@@ -7,6 +7,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net/url"
 	"os"
 	"strings"
 	"time"
@@ -69,6 +70,10 @@ func (c *Common) Register(fs *flag.FlagSet, env func(string) string) {
 	fs.StringVar(&c.KeyFile, "encryption-key-file", "", "`file` of AES-256 keys, one \"ID:BASE64\" per line, the last one encrypting (else env "+EnvEncryptionKey+", same format, comma-separated)")
 	fs.BoolVar(&c.InsecurePlain, "insecure-plaintext", false, "store tokens in Redis unencrypted (never in production)")
 }
+
+// UseEnv sets where Validate reads environment variables (Register does
+// it too); for Commons built from a config file.
+func (c *Common) UseEnv(env func(string) string) { c.env = env }
 
 // loadKeyring reads the encryption keys. Without keys the services refuse
 // to start unless --insecure-plaintext says otherwise.
@@ -190,8 +195,9 @@ func (c *Common) authStyle() (oauth2.AuthStyle, error) {
 }
 
 // ValidateStore checks only what talking to Redis needs (for operator
-// commands that never call the provider): --redis, and --grant if needed.
-func (c *Common) ValidateStore(needGrant bool) error {
+// commands that never call the provider): --redis, --grant if needGrant,
+// and the encryption key if needKey (reading metadata needs none).
+func (c *Common) ValidateStore(needGrant, needKey bool) error {
 	var errs []error
 	if c.RedisURL == "" {
 		errs = append(errs, errors.New("--redis (or "+EnvRedisURL+") is required"))
@@ -208,8 +214,10 @@ func (c *Common) ValidateStore(needGrant bool) error {
 	if _, err := c.profile(); err != nil {
 		errs = append(errs, err)
 	}
-	if err := c.loadKeyring(); err != nil {
-		errs = append(errs, err)
+	if needKey || c.KeyFile != "" || (c.env != nil && c.env(EnvEncryptionKey) != "") {
+		if err := c.loadKeyring(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -268,52 +276,71 @@ func CloseClients(o tokenmgr.Options) {
 }
 
 // NewRedis makes a client from a URL: redis:// or rediss:// for one server,
-// redis+cluster:// for Cluster, redis+sentinel:// for Sentinel.
+// redis+cluster:// for Cluster, redis+sentinel:// for Sentinel. Errors
+// never show a password.
 func NewRedis(rawURL string) (redis.UniversalClient, error) {
 	scheme, rest, ok := strings.Cut(rawURL, "://")
 	if !ok {
-		return nil, fmt.Errorf("%q is not a URL (want redis://host:port)", redactURL(rawURL))
+		return nil, fmt.Errorf("%s is not a URL (want redis://host:port)", redactURL(rawURL))
 	}
 	base, mode, _ := strings.Cut(scheme, "+")
 	if base != "redis" && base != "rediss" {
 		return nil, fmt.Errorf("unsupported scheme %q in %s (want redis, rediss, redis+cluster, redis+sentinel)", scheme, redactURL(rawURL))
 	}
 	u := base + "://" + rest
+	bad := func(err error) error {
+		// url.Parse errors quote the whole URL, password included.
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
+		return fmt.Errorf("%s: %s", redactURL(rawURL), strings.ReplaceAll(err.Error(), rawURL, redactURL(rawURL)))
+	}
 	switch mode {
 	case "":
 		o, err := redis.ParseURL(u)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", redactURL(rawURL), err)
+			return nil, bad(err)
 		}
 		return redis.NewClient(o), nil
 	case "cluster":
 		o, err := redis.ParseClusterURL(u)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", redactURL(rawURL), err)
+			return nil, bad(err)
 		}
 		return redis.NewClusterClient(o), nil
 	case "sentinel":
 		o, err := redis.ParseFailoverURL(u)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", redactURL(rawURL), err)
+			return nil, bad(err)
 		}
 		return redis.NewFailoverClient(o), nil
 	}
 	return nil, fmt.Errorf("unsupported scheme %q (want redis, rediss, redis+cluster, redis+sentinel)", scheme)
 }
 
-// redactURL hides a password in a Redis URL for error messages.
+// redactURL hides the password of a Redis URL (userinfo, or a password
+// query parameter) for messages.
 func redactURL(raw string) string {
 	scheme, rest, ok := strings.Cut(raw, "://")
 	if !ok {
-		if strings.Contains(raw, "@") {
-			return "[redacted]"
+		return "the given value"
+	}
+	hostPart, query, hasQuery := strings.Cut(rest, "?")
+	if at := strings.LastIndex(hostPart, "@"); at >= 0 {
+		user, _, _ := strings.Cut(hostPart[:at], ":")
+		hostPart = user + ":[redacted]@" + hostPart[at+1:]
+	}
+	out := scheme + "://" + hostPart
+	if hasQuery {
+		parts := strings.Split(query, "&")
+		for i, p := range parts {
+			k, _, _ := strings.Cut(p, "=")
+			if strings.Contains(strings.ToLower(k), "password") {
+				parts[i] = k + "=[redacted]"
+			}
 		}
-		return raw
+		out += "?" + strings.Join(parts, "&")
 	}
-	if at := strings.LastIndex(rest, "@"); at >= 0 {
-		user, _, _ := strings.Cut(rest[:at], ":")
-		return scheme + "://" + user + ":[redacted]@" + rest[at+1:]
-	}
-	return raw
+	return out
 }

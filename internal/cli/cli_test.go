@@ -85,9 +85,11 @@ func TestNewRedis(t *testing.T) {
 			t.Errorf("%s accepted", u)
 		}
 	}
-	_, err := NewRedis("redis://user:hunter2@h:1/notadb")
-	if err == nil || strings.Contains(err.Error(), "hunter2") {
-		t.Errorf("bad URL error %v must not show the password", err)
+	for _, u := range []string{"redis://user:hunter2@h:1/notadb", "redis://user:hun%zzter2@h:1", "redis+sentinel://h:1?master_name=m&sentinel_password=hunter2&bogus=1", "hunter2@nowhere"} {
+		_, err := NewRedis(u)
+		if err == nil || strings.Contains(err.Error(), "hunter2") || strings.Contains(err.Error(), "hun%zzter2") {
+			t.Errorf("bad URL error %v must not show the password", err)
+		}
 	}
 }
 

@@ -428,5 +428,11 @@ func (m *Manager) usable(rec *record, now time.Time) bool {
 	return rec.Status == StatusOK && now.Before(hard)
 }
 
+// Logger is the Manager's logger (with its component and holder).
+func (m *Manager) Logger() *slog.Logger { return m.log }
+
+// Holder is the name this Manager writes in intents and rotated_by.
+func (m *Manager) Holder() string { return m.opts.Holder }
+
 // Stats returns the Manager's counters since it was built.
 func (m *Manager) Stats() Stats { return m.stats.snapshot() }

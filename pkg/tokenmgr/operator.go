@@ -156,12 +156,13 @@ func (s GrantStatus) LogValue() slog.Value {
 		slog.String("status", s.Status), slog.String("reason", s.Reason), slog.Time("expiry", s.Expiry))
 }
 
-// Status reads grant's metadata from Redis.
+// Status reads grant's metadata from Redis. It decrypts nothing, so it
+// works without the encryption key.
 func (a *Admin) Status(ctx context.Context, grant string) (GrantStatus, error) {
 	if err := ValidateGrantName(grant); err != nil {
 		return GrantStatus{}, err
 	}
-	rec, err := a.store.read(ctx, grant, grantKeys(a.opts.KeyPrefix, grant))
+	rec, err := a.store.readMeta(ctx, grant, grantKeys(a.opts.KeyPrefix, grant))
 	if errors.Is(err, errMissing) {
 		return GrantStatus{}, &NotFoundError{Grant: grant}
 	}
@@ -172,7 +173,7 @@ func (a *Admin) Status(ctx context.Context, grant string) (GrantStatus, error) {
 		Grant: grant, Version: rec.V, Status: rec.Status, Reason: rec.Reason, TokenType: rec.TokenType,
 		Expiry: rec.Expiry, Scope: rec.Scope, RotatedAt: rec.RotatedAt, RotatedBy: rec.RotatedBy,
 		RefreshCount: rec.RefreshCount, IdleExpiry: rec.IdleExpiry, AbsoluteExpiry: rec.AbsoluteExpiry,
-		RetryAt: rec.RetryAt, Restored: rec.Restored, HasRefreshToken: rec.RefreshToken != "",
+		RetryAt: rec.RetryAt, Restored: rec.Restored, HasRefreshToken: rec.hasRefresh,
 	}, nil
 }
 

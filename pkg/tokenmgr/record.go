@@ -32,6 +32,9 @@ type record struct {
 	AbsoluteExpiry time.Time
 	RetryAt        time.Time // fleet-wide backoff after a transient provider error
 	Restored       bool
+	// hasRefresh reports a non-empty refresh_token field, known even when
+	// only metadata was decoded.
+	hasRefresh bool
 }
 
 // Field names of the record hash. Documented in the README.
@@ -105,7 +108,8 @@ func (e *CorruptRecordError) Error() string {
 func (e *CorruptRecordError) Unwrap() error { return e.Err }
 
 // decodeRecord parses an HGETALL reply. An empty map means the record does
-// not exist; the caller checks that first.
+// not exist; the caller checks that first. With a nil Sealer only the
+// metadata is decoded (for status displays, which need no key).
 func decodeRecord(grant string, h map[string]string, s Sealer) (*record, error) {
 	bad := func(field string, err error) error { return &CorruptRecordError{Grant: grant, Field: field, Err: err} }
 	r := &record{Status: h[fStatus], Reason: h[fReason], TokenType: h[fType], Scope: h[fScope], RotatedBy: h[fRotatedBy]}
@@ -132,6 +136,10 @@ func decodeRecord(grant string, h map[string]string, s Sealer) (*record, error) 
 		}
 	}
 	r.Restored = h[fRestored] == "1"
+	r.hasRefresh = h[fRefresh] != ""
+	if s == nil {
+		return r, nil // metadata only: no key needed
+	}
 	if r.Status == StatusReauthRequired {
 		// A dead grant's tokens are not needed to fail fast; do not let a
 		// damaged token field hide the reason.

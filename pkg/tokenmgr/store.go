@@ -70,6 +70,18 @@ func (s *store) read(ctx context.Context, grant string, k keys) (*record, error)
 	return decodeRecord(grant, h, s.sealer)
 }
 
+// readMeta is read without the tokens: for operators' status views.
+func (s *store) readMeta(ctx context.Context, grant string, k keys) (*record, error) {
+	h, err := s.rdb.HGetAll(ctx, k.record).Result()
+	if err != nil {
+		return nil, err
+	}
+	if len(h) == 0 {
+		return nil, errMissing
+	}
+	return decodeRecord(grant, h, nil)
+}
+
 // readVersions returns the stored version of each grant in one pipelined
 // round trip: 0 when the record is missing, -1 when its read failed (on
 // Cluster, one shard can fail while the others answer). Used by the poll.
