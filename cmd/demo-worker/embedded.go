@@ -126,7 +126,10 @@ func runFleet(ctx context.Context, c *config, log *slog.Logger, stdout io.Writer
 		}
 	}
 
-	runCtx, cancel := context.WithTimeout(ctx, c.duration)
+	runCtx, cancel := context.WithCancel(ctx)
+	if c.duration > 0 {
+		runCtx, cancel = context.WithTimeout(ctx, c.duration)
+	}
 	defer cancel()
 	live := &liveCounters{}
 	ticker := startTicker(runCtx, c, stdout, res.Name, idp, live, stats)
@@ -143,8 +146,11 @@ func runFleet(ctx context.Context, c *config, log *slog.Logger, stdout io.Writer
 			case <-time.After(time.Duration(i) * c.stagger):
 			}
 			per := int64(0)
-			if c.requests > 0 {
-				per = max(1, c.requests/int64(len(clients)))
+			if n := int64(len(clients)); c.requests > 0 {
+				per = c.requests / n
+				if int64(i) < c.requests%n {
+					per++ // the remainder, spread over the first workers
+				}
 			}
 			r := runLoad(runCtx, loadSpec{client: client, url: idp.APIURL(), concurrency: c.concurrency, requests: per, counters: live})
 			mu.Lock()

@@ -53,6 +53,7 @@ type config struct {
 	logLevel    string
 
 	// embedded demo only
+	waitGrant time.Duration
 	workers   int
 	profile   string
 	accessTTL time.Duration
@@ -71,6 +72,7 @@ func parseFlags(args []string, env func(string) string, stderr io.Writer) (*conf
 	fs.Int64Var(&c.requests, "requests", 0, "stop after this many requests in all (0: no limit)")
 	fs.StringVar(&c.report, "report", "text", "report format at exit: text or json")
 	fs.StringVar(&c.logLevel, "log-level", "warn", "log level: debug, info, warn, error")
+	fs.DurationVar(&c.waitGrant, "wait-for-grant", 0, "wait up to this long for the grant to be seeded before starting (e.g. in docker compose)")
 	fs.IntVar(&c.workers, "workers", 4, "embedded demo: workers in the fleet, each with its own Manager")
 	fs.StringVar(&c.profile, "profile", "atlassian", "embedded demo: fake IdP profile: atlassian, strict, grace, grace-xero, non-rotating")
 	fs.DurationVar(&c.accessTTL, "access-ttl", 2*time.Second, "embedded demo: access token lifetime")
@@ -114,6 +116,9 @@ func parseFlags(args []string, env func(string) string, stderr io.Writer) (*conf
 		if c.duration == 0 && c.requests == 0 {
 			c.duration = 12 * time.Second
 		}
+		if c.requests > 0 && c.requests < int64(c.workers) {
+			errs = append(errs, fmt.Errorf("--requests %d: at least one per worker (%d)", c.requests, c.workers))
+		}
 	} else {
 		if err := c.common.Validate(); err != nil {
 			errs = append(errs, err)
@@ -128,8 +133,11 @@ func parseFlags(args []string, env func(string) string, stderr io.Writer) (*conf
 	return c, errors.Join(errs...)
 }
 
-// embedded reports whether no Redis was configured: run the demo.
-func (c *config) embedded() bool { return c.common.RedisURL == "" }
+// embedded reports whether neither Redis nor an IdP nor a grant was
+// configured: run the demo. A half-configured worker is an error instead.
+func (c *config) embedded() bool {
+	return c.common.RedisURL == "" && c.apiURL == "" && c.common.TokenURL == "" && c.common.Grant == "" && c.common.ClientID == ""
+}
 
 func parseLevel(s string) (slog.Level, error) {
 	var l slog.Level
@@ -171,6 +179,11 @@ func runWorker(ctx context.Context, c *config, log *slog.Logger, stdout io.Write
 			log.Error("close", "err", err)
 		}
 	}()
+	if c.waitGrant > 0 {
+		if err := waitForGrant(ctx, m, c.common.Grant, c.waitGrant, log); err != nil {
+			return err
+		}
+	}
 	rep := runLoad(ctx, loadSpec{client: m.Client(c.common.Grant), url: c.apiURL, concurrency: c.concurrency, duration: c.duration, requests: c.requests})
 	st := m.Stats()
 	rep.UnauthorizedSeen, rep.UnauthorizedAfterRetry, rep.Refreshes = st.Unauthorized, st.UnauthorizedAfterRetry, st.Refreshes
@@ -181,4 +194,23 @@ func runWorker(ctx context.Context, c *config, log *slog.Logger, stdout io.Write
 		return errFailures
 	}
 	return nil
+}
+
+// waitForGrant waits until the grant exists, for fleets started together
+// with whatever seeds it.
+func waitForGrant(ctx context.Context, m *tokenmgr.Manager, grant string, d time.Duration, log *slog.Logger) error {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	for {
+		_, err := m.Token(ctx, grant)
+		if err == nil || !errors.Is(err, tokenmgr.ErrGrantNotFound) {
+			return nil // ready, or an error the requests will report
+		}
+		log.Info("waiting for the grant to be seeded", "grant", grant)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("grant %s was not seeded within %s", grant, d)
+		case <-time.After(time.Second):
+		}
+	}
 }

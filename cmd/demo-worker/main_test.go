@@ -30,7 +30,9 @@ func TestFlagsRejected(t *testing.T) {
 	for _, args := range [][]string{
 		{"--concurrency", "0"}, {"--report", "xml"}, {"--profile", "google"}, {"--compare", "fancy"},
 		{"--workers", "0"}, {"--access-ttl", "10ms"}, {"--log-level", "loud"}, {"stray"},
-		{"--redis", "redis://127.0.0.1:1", "--grant", "g"}, // no --api-url, client id or secret
+		{"--redis", "redis://127.0.0.1:1", "--grant", "g"},                           // no --api-url, client id or secret
+		{"--api-url", "http://api", "--token-url", "http://idp", "--client-id", "c"}, // a worker without --redis is not the demo
+		{"--requests", "2", "--workers", "4"},
 	} {
 		if _, err := parseFlags(args, noEnv, io.Discard); err == nil {
 			t.Errorf("%v accepted", args)
@@ -64,6 +66,20 @@ func TestEmbeddedDemoCompareNaive(t *testing.T) {
 	}
 	if !naive.GrantLost || naive.FamiliesRevoked == 0 || naive.Failed == 0 {
 		t.Errorf("naive fleet kept the grant: %+v", naive)
+	}
+}
+
+func TestEmbeddedDemoRequestBudget(t *testing.T) {
+	var out bytes.Buffer
+	if err := run(t.Context(), []string{"--requests", "203", "--workers", "4", "--report", "json", "--stagger", "0s"}, noEnv, &out, io.Discard); err != nil {
+		t.Fatalf("run: %v\n%s", err, out.String())
+	}
+	var got struct{ Fleets []fleetResult }
+	if err := json.Unmarshal(out.Bytes(), &got); err != nil {
+		t.Fatal(err)
+	}
+	if r := got.Fleets[0]; r.Requests != 203 || r.OK != 203 {
+		t.Errorf("--requests 203 made %d requests (%d ok)", r.Requests, r.OK)
 	}
 }
 

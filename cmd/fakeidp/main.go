@@ -209,6 +209,9 @@ func run(ctx context.Context, args []string, env func(string) string, stdout, st
 // (docker-compose starts services together).
 func seedGrant(ctx context.Context, idp *tokenmgrtest.IdP, c config, keys string, log *slog.Logger) error {
 	o := tokenmgr.Options{Logger: log}
+	if c.profile == "atlassian" {
+		o.Provider = tokenmgr.Atlassian // the idle and absolute expiry countdowns
+	}
 	if keys != "" {
 		kr, err := tokenmgr.ParseKeyring(keys)
 		if err != nil {

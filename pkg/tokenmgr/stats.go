@@ -16,7 +16,7 @@ type Stats struct {
 	MarkedDead             int64 `json:"marked_dead"`              // grants this Manager declared in need of re-consent
 	Reads                  int64 `json:"reads"`                    // record reads from Redis
 	RotationMessages       int64 `json:"rotation_messages"`        // rotation messages received
-	Unauthorized           int64 `json:"unauthorized"`             // 401s seen by managed clients
+	Unauthorized           int64 `json:"unauthorized"`             // 401s received by managed clients (retries included)
 	UnauthorizedAfterRetry int64 `json:"unauthorized_after_retry"` // 401s returned to the caller: not cured by the 401 rule
 }
 

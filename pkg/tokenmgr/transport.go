@@ -110,6 +110,7 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		if err != nil || resp.StatusCode != http.StatusUnauthorized {
 			return resp, err
 		}
+		t.m.stats.unauthorized.Add(1)
 		e = next
 	}
 	t.m.stats.unauthorizedAfterRetry.Add(1)
