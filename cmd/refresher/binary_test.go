@@ -246,3 +246,32 @@ func TestSIGTERMDuringRefresh(t *testing.T) {
 		t.Errorf("after SIGTERM: version %s, intent %d, lock %d, IdP rotations %d; want 2, 0, 0, 1\n%s", v, intent, lock, s["rotations"], logs.String())
 	}
 }
+
+// Key rotation as an operator does it: add a key, rewrap, drop the old key.
+func TestRewrapCommand(t *testing.T) {
+	b := newBinEnv(t, "--profile", "strict")
+	grantJSON, _ := b.newGrantJSON()
+	if _, errOut, code := b.refresher(grantJSON, "seed", "--grant", "jira"); code != 0 {
+		t.Fatalf("seed: %s", errOut)
+	}
+	oldKey := b.key
+	newKey, _ := tokenmgr.GenerateKey("k2")
+	b.key = oldKey + "," + newKey.Encode()
+	out, errOut, code := b.refresher("", "rewrap")
+	if code != 0 || !strings.Contains(out, "rewrapped 1 of 1 grants") {
+		t.Fatalf("rewrap: %d %q %q", code, out, errOut)
+	}
+	b.key = newKey.Encode()
+	out, errOut, code = b.refresher("", "status", "--json")
+	if code != 0 || !strings.Contains(out, `"status": "ok"`) {
+		t.Fatalf("status with only the new key: %d %q %q", code, out, errOut)
+	}
+	// A damaged token field shows in status when the key is at hand.
+	rdb := redis.NewClient(&redis.Options{Addr: b.redis.Addr()})
+	defer rdb.Close()
+	rdb.HSet(t.Context(), "tm:{jira}:tok", "access_token", "enc:v1:k2:garbage")
+	out, _, _ = b.refresher("", "status", "--json")
+	if !strings.Contains(out, `"status": "corrupt"`) || !strings.Contains(out, "access_token") {
+		t.Errorf("status does not show the damaged field: %s", out)
+	}
+}

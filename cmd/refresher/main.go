@@ -8,6 +8,7 @@
 //	refresher seed   --grant G        import an oauth2 token JSON from stdin
 //	refresher status [--grant G] [--json]
 //	refresher rotate --grant G        one fenced refresh now
+//	refresher rewrap [--grant G]      re-encrypt under the newest key
 package main
 
 import (
@@ -42,6 +43,7 @@ commands:
   seed     import a token JSON from standard input for --grant
   status   show grants (metadata only, never a token)
   rotate   force one fenced refresh of --grant now
+  rewrap   re-encrypt every grant (or --grant) under the newest encryption key
 
 Run 'refresher COMMAND -h' for the flags of a command.
 `
@@ -60,6 +62,8 @@ func run(ctx context.Context, args []string, env func(string) string, stdin io.R
 		return cmdStatus(ctx, args[1:], env, stdout, stderr)
 	case "rotate":
 		return cmdRotate(ctx, args[1:], env, stdout, stderr)
+	case "rewrap":
+		return cmdRewrap(ctx, args[1:], env, stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil

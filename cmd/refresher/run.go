@@ -261,6 +261,9 @@ func cmdRun(ctx context.Context, args []string, env func(string) string, stdout,
 		}
 	}()
 	fmt.Fprintf(stdout, "listening on http://%s\n", ln.Addr())
+	if c.common.InsecurePlain {
+		log.Error("--insecure-plaintext: tokens are stored in Redis UNENCRYPTED; anyone who can read Redis can use the grants")
+	}
 	log.Info("refresher running", "listen", ln.Addr().String(), "registrations", len(c.regs), "refresh_before", c.refreshBefore, "jitter", c.jitter)
 
 	// SIGTERM ends ctx: no new work; refreshes in flight finish and are

@@ -125,3 +125,43 @@ func FuzzKeyringOpen(f *testing.F) {
 		}
 	})
 }
+
+// Rewrap moves a grant to the newest key, fenced on the version, and
+// workers with only the new key can then read it.
+func TestRewrap(t *testing.T) {
+	e := newEnv(t, miniredisBackend, tokenmgrtest.Atlassian)
+	k1, _ := GenerateKey("k1")
+	k2, _ := GenerateKey("k2")
+	oldRing, _ := NewKeyring(k1)
+	bothRing, _ := NewKeyring(k1, k2)
+	newRing, _ := NewKeyring(k2)
+	m := e.manager(Atlassian, func(o *Options) { o.Sealer = oldRing })
+	seeded := e.seed(m)
+	admin, err := NewAdmin(Options{Redis: e.client(), Sealer: bothRing})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if wrote, err := admin.Rewrap(t.Context(), e.grant); err != nil || !wrote {
+		t.Fatalf("Rewrap = %v, %v; want a write", wrote, err)
+	}
+	if wrote, err := admin.Rewrap(t.Context(), e.grant); err != nil || wrote {
+		t.Errorf("second Rewrap = %v, %v; want nothing to do", wrote, err)
+	}
+	raw, _ := e.client().HGetAll(t.Context(), grantKeys("tm", e.grant).record).Result()
+	if !strings.HasPrefix(raw[fAccess], "enc:v1:k2:") || !strings.HasPrefix(raw[fRefresh], "enc:v1:k2:") || raw[fV] != "1" {
+		t.Errorf("after rewrap: %s %s v=%s", raw[fAccess][:10], raw[fRefresh][:10], raw[fV])
+	}
+	w := e.manager(Atlassian, func(o *Options) { o.Sealer = newRing })
+	tok, err := w.Token(t.Context(), e.grant)
+	if err != nil || tok.AccessToken != seeded.AccessToken {
+		t.Errorf("a worker with only the new key: %v", err)
+	}
+	if err := admin.Check(t.Context(), e.grant); err != nil {
+		t.Errorf("Check: %v", err)
+	}
+	e.client().HSet(t.Context(), grantKeys("tm", e.grant).record, fRefresh, "enc:v1:k2:AAAA")
+	var ce *CorruptRecordError
+	if err := admin.Check(t.Context(), e.grant); !errors.As(err, &ce) || ce.Field != fRefresh {
+		t.Errorf("Check of a damaged record = %v, want the refresh_token field named", err)
+	}
+}

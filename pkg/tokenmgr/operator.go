@@ -285,3 +285,61 @@ func (a *Admin) schedule(ctx context.Context, grant string, rec *record) {
 		a.log.Warn("could not update the refresh schedule", "grant", grant, "err", err)
 	}
 }
+
+// Rewrap re-encrypts grant's tokens under the Sealer's active key (after a
+// key was added to a Keyring), fenced on the version like any write: if a
+// rotation lands meanwhile, it has written fresh values already. It reports
+// whether it wrote. The tokens themselves do not change, so workers are
+// not told.
+func (a *Admin) Rewrap(ctx context.Context, grant string) (bool, error) {
+	kr, ok := a.opts.Sealer.(*Keyring)
+	if !ok {
+		return false, errors.New("tokenmgr: rewrap needs a Keyring as the Sealer")
+	}
+	k := grantKeys(a.opts.KeyPrefix, grant)
+	for range 3 {
+		rec, err := a.store.read(ctx, grant, k)
+		if errors.Is(err, errMissing) {
+			return false, &NotFoundError{Grant: grant}
+		}
+		if err != nil {
+			return false, err
+		}
+		if rec.Status != StatusOK {
+			return false, nil // a dead grant's tokens are not used again
+		}
+		raw, err := a.opts.Redis.HMGet(ctx, k.record, fAccess, fRefresh).Result()
+		if err != nil {
+			return false, err
+		}
+		current := encPrefix + kr.ActiveKeyID() + ":"
+		if s0, _ := raw[0].(string); strings.HasPrefix(s0, current) {
+			if s1, _ := raw[1].(string); strings.HasPrefix(s1, current) {
+				return false, nil // already under the active key
+			}
+		}
+		at, err := kr.Seal(grant, fAccess, []byte(rec.AccessToken))
+		if err != nil {
+			return false, err
+		}
+		rt, err := kr.Seal(grant, fRefresh, []byte(rec.RefreshToken))
+		if err != nil {
+			return false, err
+		}
+		written, err := a.store.rewrap(ctx, grant, k, rec.V, at, rt)
+		if err != nil || written {
+			return written, err
+		}
+	}
+	return false, fmt.Errorf("tokenmgr: rewrap %q: the grant kept rotating; try again", grant)
+}
+
+// Check decodes grant's whole record, tokens included, and returns what is
+// wrong with it (a *CorruptRecordError naming the field), or nil.
+func (a *Admin) Check(ctx context.Context, grant string) error {
+	_, err := a.store.read(ctx, grant, grantKeys(a.opts.KeyPrefix, grant))
+	if errors.Is(err, errMissing) {
+		return &NotFoundError{Grant: grant}
+	}
+	return err
+}

@@ -218,6 +218,14 @@ func (s *store) deferRefresh(ctx context.Context, grant string, k keys, v int64,
 		strconv.FormatInt(v, 10), s.channel, grant, "defer", fRetry, msString(t)).Err()
 }
 
+// rewrap stores re-encrypted token fields if the record is still at
+// version v (a rotation meanwhile wrote fresh ones under the active key).
+func (s *store) rewrap(ctx context.Context, grant string, k keys, v int64, access, refresh string) (bool, error) {
+	n, err := markScript.Run(ctx, s.rdb, []string{k.record, k.intent},
+		strconv.FormatInt(v, 10), s.channel, grant, "rewrap", fAccess, access, fRefresh, refresh).Int64()
+	return n == 1, err
+}
+
 // schedule records the grant's place in the refresher's schedule (the
 // expiry of its access token). tm:due is in another Cluster slot than the
 // grant's keys, so it is written outside the scripts; ZADD is idempotent.

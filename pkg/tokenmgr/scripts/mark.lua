@@ -1,9 +1,10 @@
--- Sets status fields of the record at version ARGV[1] without a rotation:
+-- Sets fields of the record at version ARGV[1] without a rotation:
 -- "reauth_required" with its reason (the grant is dead, DESIGN.md invariant
--- 6), or a fleet-wide retry_at after a transient IdP error. Never creates a
--- record, never touches a newer one.
+-- 6), a fleet-wide retry_at after a transient IdP error, or the same tokens
+-- re-encrypted under a new key (rewrap). Never creates a record, never
+-- touches a newer one.
 -- KEYS[1] record hash, KEYS[2] intent hash
--- ARGV[1] version, ARGV[2] channel, ARGV[3] grant, ARGV[4] "dead" or "defer",
+-- ARGV[1] version, ARGV[2] channel, ARGV[3] grant, ARGV[4] "dead", "defer" or "rewrap",
 -- ARGV[5..] field/value pairs
 -- Returns 1 when written, 0 when the version moved on or the record is gone.
 local v = redis.call('HGET', KEYS[1], 'v')
