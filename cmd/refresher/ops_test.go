@@ -49,3 +49,29 @@ func TestComposeCommands(t *testing.T) {
 		}
 	}
 }
+
+func FuzzConfigFile(f *testing.F) {
+	f.Add(`{"registrations":[{"name":"j","provider":"atlassian","client_id":"a","client_secret_env":"S","grants":["g"]}]}`)
+	f.Add(`{"registrations":[{"provider":"strict","grants":["a b"]}]}`)
+	f.Add(`{"registrations":null}`)
+	f.Add(`[]`)
+	env := func(k string) string {
+		return map[string]string{"S": "secret", "TOKENMGR_ENCRYPTION_KEY": testKey}[k]
+	}
+	f.Fuzz(func(t *testing.T, doc string) {
+		c := &runConfig{}
+		c.common.RedisURL = "redis://127.0.0.1:1"
+		c.common.UseEnv(env)
+		if err := c.parseConfig([]byte(doc), env); err != nil {
+			return
+		}
+		if len(c.regs) == 0 {
+			t.Fatal("a config without registrations was accepted")
+		}
+		for _, r := range c.regs {
+			if len(r.grants) == 0 || r.common.OAuth2Config().ClientSecret == "" {
+				t.Fatalf("registration %s accepted without grants or a secret", r.name)
+			}
+		}
+	})
+}

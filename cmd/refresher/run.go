@@ -80,6 +80,12 @@ func (c *runConfig) loadConfig(env func(string) string) error {
 	if err != nil {
 		return fmt.Errorf("--config: %w", err)
 	}
+	return c.parseConfig(raw, env)
+}
+
+// parseConfig reads a --config document. Errors name the registration and
+// field, never a secret (secrets come from files or the environment).
+func (c *runConfig) parseConfig(raw []byte, env func(string) string) error {
 	var f configFile
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
