@@ -4,6 +4,8 @@
 package cli
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -24,6 +26,7 @@ const (
 	EnvClientID      = "TOKENMGR_CLIENT_ID"
 	EnvClientSecret  = "TOKENMGR_CLIENT_SECRET"
 	EnvEncryptionKey = "TOKENMGR_ENCRYPTION_KEY"
+	EnvRedisCAFile   = "TOKENMGR_REDIS_CA_FILE"
 )
 
 // Atlassian endpoints, for --provider atlassian.
@@ -47,6 +50,7 @@ type Common struct {
 	HTTPTimeout      time.Duration
 	KeyFile          string
 	InsecurePlain    bool
+	RedisCAFile      string
 
 	clientSecret string // from the environment or the file, never a flag value
 	keyring      *tokenmgr.Keyring
@@ -58,6 +62,7 @@ func (c *Common) Register(fs *flag.FlagSet, env func(string) string) {
 	c.env = env
 	fs.StringVar(&c.RedisURL, "redis", env(EnvRedisURL), "Redis `URL`: redis://[user:pass@]host:port[/db], rediss:// for TLS; "+
 		"redis+cluster://host:port?addr=host2:port2 for Cluster; redis+sentinel://host:port?master_name=NAME for Sentinel (env "+EnvRedisURL+")")
+	fs.StringVar(&c.RedisCAFile, "redis-ca-file", env(EnvRedisCAFile), "PEM `file` of the CA that signed the Redis servers' TLS certificates, for rediss:// (default: the system roots; env "+EnvRedisCAFile+")")
 	fs.StringVar(&c.LockRedisURLs, "lock-redis", "", "comma-separated redis:// `URLs` of independent Redlock masters (default: the --redis server)")
 	fs.StringVar(&c.Grant, "grant", "", "grant `name` (1-200 bytes, no braces or spaces)")
 	fs.StringVar(&c.Provider, "provider", "atlassian", "provider profile: atlassian, strict, okta, xero, non-rotating, or generic (= strict: rotating, no reuse leeway)")
@@ -225,7 +230,7 @@ func (c *Common) ValidateStore(needGrant, needKey bool) error {
 // AdminOptions are Options with only the Redis client and provider set,
 // for tokenmgr.NewAdmin. Close the client with CloseClients.
 func (c *Common) AdminOptions() (tokenmgr.Options, error) {
-	rdb, err := NewRedis(c.RedisURL)
+	rdb, err := NewRedisTLS(c.RedisURL, c.RedisCAFile)
 	if err != nil {
 		return tokenmgr.Options{}, fmt.Errorf("--redis: %w", err)
 	}
@@ -246,7 +251,7 @@ func (c *Common) OAuth2Config() *oauth2.Config {
 // Options returns tokenmgr options with the Redis clients, provider and
 // client registration filled in. Close the clients with CloseClients.
 func (c *Common) Options() (tokenmgr.Options, error) {
-	rdb, err := NewRedis(c.RedisURL)
+	rdb, err := NewRedisTLS(c.RedisURL, c.RedisCAFile)
 	if err != nil {
 		return tokenmgr.Options{}, fmt.Errorf("--redis: %w", err)
 	}
@@ -254,7 +259,7 @@ func (c *Common) Options() (tokenmgr.Options, error) {
 	o.Provider, _ = c.profile()
 	if c.LockRedisURLs != "" {
 		for _, u := range strings.Split(c.LockRedisURLs, ",") {
-			lc, err := NewRedis(strings.TrimSpace(u))
+			lc, err := NewRedisTLS(strings.TrimSpace(u), c.RedisCAFile)
 			if err != nil {
 				CloseClients(o)
 				return tokenmgr.Options{}, fmt.Errorf("--lock-redis: %w", err)
@@ -277,8 +282,32 @@ func CloseClients(o tokenmgr.Options) {
 
 // NewRedis makes a client from a URL: redis:// or rediss:// for one server,
 // redis+cluster:// for Cluster, redis+sentinel:// for Sentinel. Errors
-// never show a password.
-func NewRedis(rawURL string) (redis.UniversalClient, error) {
+// never show a password. TLS always verifies the server: skip_verify is
+// refused.
+func NewRedis(rawURL string) (redis.UniversalClient, error) { return NewRedisTLS(rawURL, "") }
+
+// NewRedisTLS is NewRedis trusting the CA in caFile (PEM) for rediss://.
+func NewRedisTLS(rawURL, caFile string) (redis.UniversalClient, error) {
+	if strings.Contains(strings.ToLower(rawURL), "skip_verify") {
+		return nil, fmt.Errorf("%s: skip_verify is refused: tokens cross this connection; trust the server's CA with --redis-ca-file", redactURL(rawURL))
+	}
+	var roots *x509.CertPool
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("--redis-ca-file: %w", err)
+		}
+		roots = x509.NewCertPool()
+		if !roots.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--redis-ca-file %s: no PEM certificate in it", caFile)
+		}
+	}
+	withCA := func(t *tls.Config) *tls.Config {
+		if t != nil && roots != nil {
+			t.RootCAs = roots
+		}
+		return t
+	}
 	scheme, rest, ok := strings.Cut(rawURL, "://")
 	if !ok {
 		return nil, fmt.Errorf("%s is not a URL (want redis://host:port)", redactURL(rawURL))
@@ -302,18 +331,21 @@ func NewRedis(rawURL string) (redis.UniversalClient, error) {
 		if err != nil {
 			return nil, bad(err)
 		}
+		o.TLSConfig = withCA(o.TLSConfig)
 		return redis.NewClient(o), nil
 	case "cluster":
 		o, err := redis.ParseClusterURL(u)
 		if err != nil {
 			return nil, bad(err)
 		}
+		o.TLSConfig = withCA(o.TLSConfig)
 		return redis.NewClusterClient(o), nil
 	case "sentinel":
 		o, err := redis.ParseFailoverURL(u)
 		if err != nil {
 			return nil, bad(err)
 		}
+		o.TLSConfig = withCA(o.TLSConfig)
 		return redis.NewFailoverClient(o), nil
 	}
 	return nil, fmt.Errorf("unsupported scheme %q (want redis, rediss, redis+cluster, redis+sentinel)", scheme)
