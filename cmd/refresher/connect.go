@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/base64"
 	"encoding/json"
@@ -52,6 +53,7 @@ type pendingConnect struct {
 	Grant    string    `json:"grant"`
 	Verifier string    `json:"verifier,omitempty"`
 	Started  time.Time `json:"started"`
+	Replace  bool      `json:"replace,omitempty"` // the operator asked to replace a healthy grant
 }
 
 func (c *connector) stateKey(state string) string { return c.prefix + ":connect:" + state }
@@ -63,20 +65,24 @@ func (c *connector) route(grant string) *route {
 	return c.fallback
 }
 
+// authorized compares digests, so neither the time taken nor an early
+// length mismatch tells anything about the password.
 func (c *connector) authorized(r *http.Request) bool {
 	user, pass, ok := r.BasicAuth()
-	return ok && subtle.ConstantTimeCompare([]byte(user), []byte("admin")) == 1 &&
-		subtle.ConstantTimeCompare([]byte(pass), []byte(c.adminPassword)) == 1
+	u, p := sha256.Sum256([]byte(user)), sha256.Sum256([]byte(pass))
+	wu, wp := sha256.Sum256([]byte("admin")), sha256.Sum256([]byte(c.adminPassword))
+	return ok && subtle.ConstantTimeCompare(u[:], wu[:])&subtle.ConstantTimeCompare(p[:], wp[:]) == 1
 }
 
 func (c *connector) handleConnect(w http.ResponseWriter, r *http.Request) {
+	// Limit before checking credentials: password guessing is limited too.
+	if !c.limiter.Allow() {
+		http.Error(w, "too many connect attempts; try again shortly", http.StatusTooManyRequests)
+		return
+	}
 	if !c.authorized(r) {
 		w.Header().Set("WWW-Authenticate", `Basic realm="tokenmgr refresher", charset="UTF-8"`)
 		http.Error(w, "operator credentials required", http.StatusUnauthorized)
-		return
-	}
-	if !c.limiter.Allow() {
-		http.Error(w, "too many connect attempts; try again shortly", http.StatusTooManyRequests)
 		return
 	}
 	grant := r.PathValue("grant")
@@ -90,14 +96,15 @@ func (c *connector) handleConnect(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// Replacing a live grant is a deliberate act.
-	if st, err := rt.admin.Status(r.Context(), grant); err == nil && st.Status == tokenmgr.StatusOK && r.URL.Query().Get("replace") != "1" {
+	replace := r.URL.Query().Get("replace") == "1"
+	if st, err := rt.admin.Status(r.Context(), grant); err == nil && st.Status == tokenmgr.StatusOK && !replace {
 		http.Error(w, "grant "+grant+" is healthy; add ?replace=1 to replace it with a new consent", http.StatusConflict)
 		return
 	}
 	b := make([]byte, 32)
 	_, _ = rand.Read(b)
 	state := base64.RawURLEncoding.EncodeToString(b)
-	p := pendingConnect{Grant: grant, Started: time.Now()}
+	p := pendingConnect{Grant: grant, Started: time.Now(), Replace: replace}
 	opts := append([]oauth2.AuthCodeOption{}, rt.params...)
 	if c.pkce {
 		p.Verifier = oauth2.GenerateVerifier()
@@ -157,6 +164,11 @@ func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
 	code := q.Get("code")
 	if code == "" {
 		http.Error(w, "missing code", http.StatusBadRequest)
+		return
+	}
+	// The grant may have been seeded meanwhile: replace it only if asked.
+	if st, err := rt.admin.Status(r.Context(), p.Grant); err == nil && st.Status == tokenmgr.StatusOK && !p.Replace {
+		http.Error(w, "grant "+p.Grant+" became healthy meanwhile; start again with ?replace=1 to replace it", http.StatusConflict)
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)

@@ -36,13 +36,19 @@ func parseArgs(fs *flag.FlagSet, args []string) error {
 }
 
 // openAdmin connects to Redis for the operator commands.
-func openAdmin(c *cli.Common, needGrant, needKey bool, stderr io.Writer) (*tokenmgr.Admin, func(), error) {
+func openAdmin(c *cli.Common, needGrant, needKey bool, stderr io.Writer, adjust ...func(*tokenmgr.Options)) (*tokenmgr.Admin, func(), error) {
 	if err := c.ValidateStore(needGrant, needKey); err != nil {
 		return nil, nil, err
 	}
 	o, err := c.AdminOptions()
 	if err != nil {
 		return nil, nil, err
+	}
+	for _, f := range adjust {
+		f(&o)
+	}
+	if o.Sealer == nil {
+		fmt.Fprintln(stderr, "refresher: --insecure-plaintext: tokens are stored in Redis UNENCRYPTED")
 	}
 	o.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	a, err := tokenmgr.NewAdmin(o)
@@ -169,6 +175,11 @@ func cmdStatus(ctx context.Context, args []string, env func(string) string, stdo
 	haveKey := c.KeyFile != "" || env(cli.EnvEncryptionKey) != ""
 	for _, g := range grants {
 		st, err := admin.Status(ctx, g)
+		var corrupt *tokenmgr.CorruptRecordError
+		if errors.As(err, &corrupt) {
+			out = append(out, tokenmgr.GrantStatus{Grant: g, Status: "corrupt", Reason: err.Error()})
+			continue
+		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", g, err))
 			continue
@@ -275,13 +286,21 @@ func cmdRewrap(ctx context.Context, args []string, env func(string) string, stdo
 	var c cli.Common
 	fs := newFlagSet("rewrap", stderr)
 	c.Register(fs, env)
+	acceptPlain := fs.Bool("accept-plaintext", false, "also encrypt values stored in plaintext (migrating a store written before encryption was on)")
 	if err := parseArgs(fs, args); err != nil {
 		return err
 	}
 	if c.InsecurePlain {
 		return errors.New("rewrap needs the encryption keys, not --insecure-plaintext")
 	}
-	admin, done, err := openAdmin(&c, false, true, stderr)
+	admin, done, err := openAdmin(&c, false, true, stderr, func(o *tokenmgr.Options) {
+		if kr, ok := o.Sealer.(*tokenmgr.Keyring); ok {
+			if *acceptPlain {
+				o.Sealer = kr.WithPlaintextReads()
+			}
+			fmt.Fprintf(stdout, "sealing under key %q: every process must already hold it\n", kr.ActiveKeyID())
+		}
+	})
 	if err != nil {
 		return err
 	}

@@ -108,6 +108,11 @@ func (c *runConfig) parseConfig(raw []byte, env func(string) string) error {
 		if cm.AuthStyle == "" {
 			cm.AuthStyle = "params"
 		}
+		if r.ClientSecretFile == "" && r.ClientSecretEnv == "" {
+			// Never fall back to TOKENMGR_CLIENT_SECRET: that may be another
+			// registration's secret, and would be sent to this provider.
+			errs = append(errs, fmt.Errorf("registration %s: set client_secret_file or client_secret_env", name))
+		}
 		if r.HTTPTimeout != "" {
 			d, err := time.ParseDuration(r.HTTPTimeout)
 			if err != nil {

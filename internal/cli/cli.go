@@ -318,12 +318,12 @@ func NewRedisTLS(rawURL, caFile string) (redis.UniversalClient, error) {
 	}
 	u := base + "://" + rest
 	bad := func(err error) error {
-		// url.Parse errors quote the whole URL, password included.
 		var ue *url.Error
 		if errors.As(err, &ue) {
-			err = ue.Err
+			// url.Parse errors quote parts of the URL, password included.
+			return fmt.Errorf("%s://[unparseable URL]: it does not parse as a URL (percent-encode special characters such as / ? # @ in the password)", scheme)
 		}
-		return fmt.Errorf("%s: %s", redactURL(rawURL), strings.ReplaceAll(err.Error(), rawURL, redactURL(rawURL)))
+		return fmt.Errorf("%s: %v", redactURL(rawURL), err)
 	}
 	switch mode {
 	case "":
@@ -352,27 +352,22 @@ func NewRedisTLS(rawURL, caFile string) (redis.UniversalClient, error) {
 }
 
 // redactURL hides the password of a Redis URL (userinfo, or a password
-// query parameter) for messages.
+// query parameter) for messages; a URL that does not parse is not shown.
 func redactURL(raw string) string {
-	scheme, rest, ok := strings.Cut(raw, "://")
-	if !ok {
-		return "the given value"
-	}
-	hostPart, query, hasQuery := strings.Cut(rest, "?")
-	if at := strings.LastIndex(hostPart, "@"); at >= 0 {
-		user, _, _ := strings.Cut(hostPart[:at], ":")
-		hostPart = user + ":[redacted]@" + hostPart[at+1:]
-	}
-	out := scheme + "://" + hostPart
-	if hasQuery {
-		parts := strings.Split(query, "&")
-		for i, p := range parts {
-			k, _, _ := strings.Cut(p, "=")
-			if strings.Contains(strings.ToLower(k), "password") {
-				parts[i] = k + "=[redacted]"
-			}
+	u, err := url.Parse(raw)
+	if err != nil || u.Scheme == "" || u.Host == "" {
+		scheme, _, ok := strings.Cut(raw, "://")
+		if !ok || strings.ContainsAny(scheme, "@:/?#") {
+			return "the given value"
 		}
-		out += "?" + strings.Join(parts, "&")
+		return scheme + "://[unparseable URL]"
 	}
-	return out
+	q := u.Query()
+	for k := range q {
+		if strings.Contains(strings.ToLower(k), "password") {
+			q.Set(k, "xxxxx")
+		}
+	}
+	u.RawQuery = q.Encode()
+	return u.Redacted()
 }

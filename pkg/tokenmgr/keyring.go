@@ -19,11 +19,22 @@ import (
 // open. Stored values look like "enc:v1:KEYID:BASE64URL(nonce|ciphertext)";
 // the rest of the record stays readable in redis-cli.
 //
-// Values stored as "plain:..." (written before encryption was turned on)
-// are still read; the next rotation writes them encrypted.
+// Values stored as "plain:..." are refused: anyone able to write to Redis
+// could otherwise slip in a token of their choosing. To migrate a store
+// written before encryption was on, rewrap it with WithPlaintextReads.
 type Keyring struct {
-	aeads  map[string]cipher.AEAD
-	active string
+	aeads       map[string]cipher.AEAD
+	active      string
+	acceptPlain bool
+}
+
+// WithPlaintextReads returns a copy of the keyring that also reads
+// "plain:" values, for migrating to encryption (refresher rewrap
+// --accept-plaintext). Do not give it to workers.
+func (kr *Keyring) WithPlaintextReads() *Keyring {
+	c := *kr
+	c.acceptPlain = true
+	return &c
 }
 
 // Key is one AES-256 key and its id.
@@ -48,12 +59,17 @@ func NewKeyring(keys ...Key) (*Keyring, error) {
 		return nil, errors.New("tokenmgr: keyring: no keys")
 	}
 	kr := &Keyring{aeads: map[string]cipher.AEAD{}}
-	for _, k := range keys {
+	for i, k := range keys {
 		if !keyIDPattern.MatchString(k.ID) {
-			return nil, fmt.Errorf("tokenmgr: keyring: key id %q: want 1-32 of A-Z a-z 0-9 _ -", k.ID)
+			// Not quoted: a key written the wrong way round would put
+			// its material in the message.
+			return nil, fmt.Errorf("tokenmgr: keyring: key %d: the id must be 1-32 of A-Z a-z 0-9 _ - (is the entry ID:BASE64?)", i+1)
 		}
 		if len(k.Secret) != 32 {
 			return nil, fmt.Errorf("tokenmgr: keyring: key %q is %d bytes, want 32 (AES-256)", k.ID, len(k.Secret))
+		}
+		if weakKey(k.Secret) {
+			return nil, fmt.Errorf("tokenmgr: keyring: key %q does not look random (make one with: head -c32 /dev/urandom | base64)", k.ID)
 		}
 		if _, dup := kr.aeads[k.ID]; dup {
 			return nil, fmt.Errorf("tokenmgr: keyring: key id %q given twice", k.ID)
@@ -94,13 +110,28 @@ func ParseKeyring(s string) (*Keyring, error) {
 		if !ok {
 			return nil, fmt.Errorf("tokenmgr: keyring: entry %d: want ID:BASE64", i+1)
 		}
+		id = strings.TrimSpace(id)
+		if !keyIDPattern.MatchString(id) {
+			return nil, fmt.Errorf("tokenmgr: keyring: entry %d: the id must be 1-32 of A-Z a-z 0-9 _ - (is the entry ID:BASE64?)", i+1)
+		}
 		secret, err := decodeKey(strings.TrimSpace(b64))
 		if err != nil {
-			return nil, fmt.Errorf("tokenmgr: keyring: key %q: not base64", strings.TrimSpace(id))
+			return nil, fmt.Errorf("tokenmgr: keyring: key %q: not base64", id)
 		}
-		keys = append(keys, Key{ID: strings.TrimSpace(id), Secret: secret})
+		keys = append(keys, Key{ID: id, Secret: secret})
 	}
 	return NewKeyring(keys...)
+}
+
+// weakKey catches keys that are not random: all one byte, or so few
+// distinct bytes that they must come from a pattern or a short alphabet (32
+// random bytes have fewer than 16 distinct values with negligible odds).
+func weakKey(b []byte) bool {
+	seen := map[byte]bool{}
+	for _, c := range b {
+		seen[c] = true
+	}
+	return len(seen) < 16
 }
 
 func decodeKey(s string) ([]byte, error) {
@@ -147,7 +178,10 @@ func (kr *Keyring) Seal(grant, field string, plaintext []byte) (string, error) {
 // quoting the value.
 func (kr *Keyring) Open(grant, field, stored string) ([]byte, error) {
 	if strings.HasPrefix(stored, plainPrefix) {
-		return []byte(stored[len(plainPrefix):]), nil
+		if kr.acceptPlain {
+			return []byte(stored[len(plainPrefix):]), nil
+		}
+		return nil, errors.New("stored in plaintext while encryption is on (an injected value, or data from before encryption: run refresher rewrap --accept-plaintext)")
 	}
 	rest, ok := strings.CutPrefix(stored, encPrefix)
 	if !ok {

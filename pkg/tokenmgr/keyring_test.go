@@ -53,8 +53,18 @@ func TestKeyring(t *testing.T) {
 			t.Errorf("%s: %v, want %q", tc.name, err, tc.want)
 		}
 	}
-	if pt, err := old.Open("jira", fAccess, "plain:legacy"); err != nil || string(pt) != "legacy" {
-		t.Errorf("a plaintext value from before encryption: %q %v", pt, err)
+	if _, err := old.Open("jira", fAccess, "plain:injected"); err == nil || !strings.Contains(err.Error(), "plaintext") {
+		t.Errorf("a plaintext value was accepted by a keyring: %v", err)
+	}
+	if pt, err := old.WithPlaintextReads().Open("jira", fAccess, "plain:legacy"); err != nil || string(pt) != "legacy" {
+		t.Errorf("migration keyring on a plaintext value: %q %v", pt, err)
+	}
+	zero := Key{ID: "z", Secret: make([]byte, 32)}
+	if _, err := NewKeyring(zero); err == nil || !strings.Contains(err.Error(), "random") {
+		t.Errorf("an all-zero key was accepted: %v", err)
+	}
+	if _, err := ParseKeyring(k1.Encode()[3:] + ":k1"); err == nil || strings.Contains(err.Error(), k1.Encode()[3:13]) {
+		t.Errorf("a swapped entry: %v (must not quote key material)", err)
 	}
 	for _, bad := range []string{"", "nocolon", "k1:!!!", "k1:" + strings.Repeat("A", 10), "bad id!:" + k1.Encode()[3:], k1.Encode() + "," + k1.Encode()} {
 		if _, err := ParseKeyring(bad); err == nil {

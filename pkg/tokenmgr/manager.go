@@ -68,6 +68,8 @@ type grant struct {
 	announced atomic.Int64
 	// flushMu serialises writes of the pending pair (flusher, Close, sync).
 	flushMu sync.Mutex
+	// reportedV is the last version given to Options.OnVersion.
+	reportedV atomic.Int64
 
 	mu sync.Mutex // guards the fields below
 	// flight is the load or refresh in progress, shared by every caller in
@@ -116,7 +118,7 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 	sealer := o.Sealer
 	if sealer == nil {
 		sealer = plaintext{}
-		o.Logger.Warn("tokenmgr: no Sealer configured; tokens are stored in Redis unencrypted")
+		o.Logger.Error("tokenmgr: no Sealer configured: tokens are stored in Redis UNENCRYPTED")
 	}
 	lockClients := o.LockRedis
 	if len(lockClients) == 0 {
@@ -383,6 +385,9 @@ func (m *Manager) install(g *grant, rec *record) *entry {
 		e.softAt, e.hardAt = m.deadlines(rec, true)
 	}
 	g.entry.Store(e)
+	if m.opts.OnVersion != nil && g.reportedV.Swap(e.v) != e.v {
+		m.opts.OnVersion(g.name, e.v)
+	}
 	return e
 }
 

@@ -296,6 +296,8 @@ func (a *Admin) Rewrap(ctx context.Context, grant string) (bool, error) {
 	if !ok {
 		return false, errors.New("tokenmgr: rewrap needs a Keyring as the Sealer")
 	}
+	// Values are written under the active key only: make sure every process
+	// holds it before rewrapping (see the README on key rotation).
 	k := grantKeys(a.opts.KeyPrefix, grant)
 	for range 3 {
 		rec, err := a.store.read(ctx, grant, k)

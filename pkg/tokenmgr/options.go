@@ -116,6 +116,12 @@ type Options struct {
 	// Logger receives the Manager's logs; never a token. Default slog.Default().
 	Logger *slog.Logger
 
+	// OnVersion, if set, is called each time the Manager starts serving a
+	// new version of a grant (after a rotation here or elsewhere, a seed or
+	// a restore): for metrics such as rotation-to-adoption latency. It
+	// must not block.
+	OnVersion func(grant string, version int64)
+
 	// noSubscribe turns off rotation messages, so tests can exercise the
 	// version poll and the 401 rule.
 	noSubscribe bool

@@ -1,8 +1,10 @@
 package tokenmgr
 
 import (
+	"encoding/base64"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/oauth2"
@@ -136,7 +138,7 @@ func decodeRecord(grant string, h map[string]string, s Sealer) (*record, error) 
 		}
 	}
 	r.Restored = h[fRestored] == "1"
-	r.hasRefresh = h[fRefresh] != ""
+	r.hasRefresh = !sealedEmpty(h[fRefresh])
 	if s == nil {
 		return r, nil // metadata only: no key needed
 	}
@@ -176,4 +178,19 @@ func parseMS(s string) (time.Time, error) {
 		return time.Time{}, fmt.Errorf("want unix milliseconds, have %q", s)
 	}
 	return time.UnixMilli(ms), nil
+}
+
+// sealedEmpty reports, without a key, whether a stored token value holds
+// the empty string: "" or "plain:" or a ciphertext of nothing (nonce and
+// tag only).
+func sealedEmpty(stored string) bool {
+	if stored == "" || stored == plainPrefix {
+		return true
+	}
+	if rest, ok := strings.CutPrefix(stored, encPrefix); ok {
+		if _, b64, ok := strings.Cut(rest, ":"); ok {
+			return base64.RawURLEncoding.DecodedLen(len(b64)) <= 12+16
+		}
+	}
+	return false
 }
