@@ -1,0 +1,220 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
+)
+
+// fig4: Redis commands per rotation across the fleet, counted on every
+// Manager's client.
+func fig4(ctx context.Context, out io.Writer, _ string) error {
+	fmt.Fprintln(out, "| fleet | tokenmgr, pre-rotated (per worker) | tokenmgr, all tokens expired at once (per worker) | every worker taking the lock (per worker) |")
+	fmt.Fprintln(out, "|---|---|---|---|")
+	for _, n := range []int{10, 100, 1000} {
+		pre, all, err := commandsPerRotation(ctx, n)
+		if err != nil {
+			return err
+		}
+		peer, err := everyoneLocks(ctx, n)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "| %d | %.2f | %.2f | %.2f |\n", n, pre, all, peer)
+	}
+	fmt.Fprintln(out, "\nPre-rotated: one Manager (or the refresher) rotates while the others still hold valid tokens; each of the others reads the record once after the message. All expired: every Manager needs a token at the same instant (no refresher, no jitter left).")
+	return nil
+}
+
+func commandsPerRotation(ctx context.Context, n int) (pre, all float64, err error) {
+	w, err := newWorld(tokenmgrtest.Strict, time.Hour)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer w.close()
+	var adopted sync.Map
+	ms := make([]*tokenmgr.Manager, n)
+	for i := range ms {
+		if ms[i], err = w.manager(true, tokenmgr.Strict, func(o *tokenmgr.Options) {
+			o.PollInterval = 10 * time.Second
+			o.OnVersion = func(_ string, v int64) {
+				c, _ := adopted.LoadOrStore(v, new(atomic.Int64))
+				c.(*atomic.Int64).Add(1)
+			}
+		}); err != nil {
+			return 0, 0, err
+		}
+	}
+	rotator, err := w.manager(false, tokenmgr.Strict, nil)
+	if err != nil {
+		return 0, 0, err
+	}
+	if _, err := rotator.Seed(ctx, "g", w.idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
+		return 0, 0, err
+	}
+	for _, m := range ms {
+		if _, err := m.Token(ctx, "g"); err != nil {
+			return 0, 0, err
+		}
+		for !m.Subscribed() {
+			time.Sleep(time.Millisecond)
+		}
+	}
+	w.clock.Advance(time.Minute)
+	w.commands.Store(0)
+	v, err := rotator.Rotate(ctx, "g")
+	if err != nil {
+		return 0, 0, err
+	}
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		if c, ok := adopted.Load(v); ok && c.(*atomic.Int64).Load() >= int64(n) {
+			break
+		}
+	}
+	time.Sleep(50 * time.Millisecond) // let stragglers finish their reads
+	pre = float64(w.commands.Load()) / float64(n)
+
+	w.clock.Advance(2 * time.Hour)
+	w.commands.Store(0)
+	var wg sync.WaitGroup
+	for _, m := range ms {
+		wg.Go(func() { _, _ = m.Token(ctx, "g") })
+	}
+	wg.Wait()
+	time.Sleep(50 * time.Millisecond)
+	all = float64(w.commands.Load()) / float64(n)
+	return pre, all, nil
+}
+
+// everyoneLocks is the peer: on expiry every worker takes the lock, reads,
+// and releases it (waiting its turn while another holds it).
+func everyoneLocks(ctx context.Context, n int) (float64, error) {
+	w, err := newWorld(tokenmgrtest.Strict, time.Hour)
+	if err != nil {
+		return 0, err
+	}
+	defer w.close()
+	rdb := w.client(true)
+	rdb.HSet(ctx, "rec", "v", 1)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			me := strconv.Itoa(i)
+			for {
+				ok, err := rdb.SetNX(ctx, "lock", me, 5*time.Second).Result()
+				if err != nil {
+					return
+				}
+				if ok {
+					rdb.HGetAll(ctx, "rec")
+					rdb.Del(ctx, "lock")
+					return
+				}
+				time.Sleep(time.Duration(1+rand.IntN(5)) * time.Millisecond)
+			}
+		})
+	}
+	wg.Wait()
+	return float64(w.commands.Load()) / float64(n), nil
+}
+
+// fig7: the refresher's scheduling tick over 100k grants (one ZRANGE by
+// score on tm:due) against a full SCAN that reads each grant's expiry.
+func fig7(ctx context.Context, out io.Writer, _ string) error {
+	addr, stop, err := startRedis()
+	if err != nil {
+		fmt.Fprintf(out, "skipped: %v\n", err)
+		return nil
+	}
+	defer stop()
+	rdb := redis.NewClient(&redis.Options{Addr: addr})
+	defer rdb.Close()
+	var commands atomic.Int64
+	rdb.AddHook(countHook{&commands})
+	const grants = 100_000
+	now := time.Now()
+	pipe := rdb.Pipeline()
+	for i := range grants {
+		g := "grant-" + strconv.Itoa(i)
+		exp := now.Add(time.Duration(rand.Int64N(int64(24 * time.Hour))))
+		pipe.ZAdd(ctx, "tm:due", redis.Z{Score: float64(exp.UnixMilli()), Member: g})
+		pipe.HSet(ctx, "tm:{"+g+"}:tok", "v", 1, "status", "ok", "expiry", exp.UnixMilli(), "access_token", "enc:v1:k1:xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx")
+		if i%5000 == 4999 {
+			if _, err := pipe.Exec(ctx); err != nil {
+				return err
+			}
+		}
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		return err
+	}
+	admin, err := tokenmgr.NewAdmin(tokenmgr.Options{Redis: rdb, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		return err
+	}
+	const rounds = 20
+	commands.Store(0)
+	start := time.Now()
+	due := 0
+	for range rounds {
+		d, err := admin.DueGrants(ctx, time.Now().Add(10*time.Minute), 1000)
+		if err != nil {
+			return err
+		}
+		due = len(d)
+	}
+	tick := time.Since(start) / rounds
+	tickCmds := float64(commands.Load()) / rounds
+
+	commands.Store(0)
+	start = time.Now()
+	scanRounds := 3
+	found := 0
+	for range scanRounds {
+		found = 0
+		var cursor uint64
+		for {
+			keys, next, err := rdb.Scan(ctx, cursor, "tm:{*}:tok", 1000).Result()
+			if err != nil {
+				return err
+			}
+			p := rdb.Pipeline()
+			cmds := make([]*redis.StringCmd, len(keys))
+			for i, k := range keys {
+				cmds[i] = p.HGet(ctx, k, "expiry")
+			}
+			if _, err := p.Exec(ctx); err != nil {
+				return err
+			}
+			limit := time.Now().Add(10 * time.Minute).UnixMilli()
+			for _, c := range cmds {
+				if ms, err := c.Int64(); err == nil && ms <= limit {
+					found++
+				}
+			}
+			cursor = next
+			if cursor == 0 {
+				break
+			}
+		}
+	}
+	scan := time.Since(start) / time.Duration(scanRounds)
+	scanCmds := float64(commands.Load()) / float64(scanRounds)
+	fmt.Fprintln(out, "| approach | time per tick | Redis commands per tick | due grants found |")
+	fmt.Fprintln(out, "|---|---|---|---|")
+	fmt.Fprintf(out, "| tokenmgr: ZRANGE tm:due BYSCORE LIMIT 1000 | %s | %.0f | %d |\n", tick.Round(time.Microsecond), tickCmds, due)
+	fmt.Fprintf(out, "| full SCAN + HGET expiry of every grant | %s | %.0f | %d |\n", scan.Round(time.Millisecond), scanCmds, found)
+	fmt.Fprintf(out, "\n%d grants on a real redis-server; the tick is %.0fx cheaper in time and %.0fx in commands.\n", grants, float64(scan)/float64(tick), scanCmds/tickCmds)
+	return nil
+}
