@@ -29,7 +29,8 @@ func fig1(ctx context.Context, out io.Writer, _ string) error {
 		return err
 	}
 	defer w.close()
-	m, err := w.manager(false, tokenmgr.Atlassian, nil)
+	// The production clock (time.Now), as the peer has.
+	m, err := w.manager(false, tokenmgr.Atlassian, func(o *tokenmgr.Options) { o.Now = nil })
 	if err != nil {
 		return err
 	}
@@ -96,7 +97,10 @@ func fig2(ctx context.Context, out io.Writer, _ string) error {
 		return err
 	}
 	defer w.close()
-	worker, err := w.manager(true, tokenmgr.Strict, nil)
+	var serving atomic.Int64
+	worker, err := w.manager(true, tokenmgr.Strict, func(o *tokenmgr.Options) {
+		o.OnVersion = func(_ string, v int64) { serving.Store(v) }
+	})
 	if err != nil {
 		return err
 	}
@@ -113,41 +117,42 @@ func fig2(ctx context.Context, out io.Writer, _ string) error {
 	for !worker.Subscribed() {
 		time.Sleep(time.Millisecond)
 	}
+	between := func() float64 {
+		before := w.commands.Load()
+		for range 100_000 {
+			_, _ = worker.Token(ctx, "g")
+		}
+		return float64(w.commands.Load()-before) / 100_000
+	}()
 	const calls, every = 1_000_000, 100_000
 	w.commands.Store(0)
+	rotations := 0
 	for i := range calls {
 		if _, err := worker.Token(ctx, "g"); err != nil {
 			return err
 		}
-		if i > 0 && i%every == 0 {
-			v, err := rotator.Rotate(ctx, "g")
+		if i%every == every-1 {
+			v, err := rotator.Rotate(ctx, "g") // by another process: not counted
 			if err != nil {
 				return err
 			}
-			for worker.Stats().Reads == 0 || !adopted(ctx, worker, v) {
-				time.Sleep(100 * time.Microsecond)
+			rotations++
+			for deadline := time.Now().Add(5 * time.Second); serving.Load() < v; time.Sleep(50 * time.Microsecond) {
+				if time.Now().After(deadline) {
+					return fmt.Errorf("worker did not adopt version %d", v)
+				}
 			}
+			w.clock.Advance(time.Minute) // past MinForcedRefreshAge
 		}
 	}
-	between := func() float64 {
-		before := w.commands.Load()
-		for range every {
-			_, _ = worker.Token(ctx, "g")
-		}
-		return float64(w.commands.Load()-before) / every
-	}()
 	fmt.Fprintln(out, "| approach | Redis commands per Token() call |")
 	fmt.Fprintln(out, "|---|---|")
-	fmt.Fprintf(out, "| tokenmgr, between rotations (%d calls) | %.6f |\n", every, between)
-	fmt.Fprintf(out, "| tokenmgr, amortized over %d calls with a rotation every %d | %.6f |\n", calls, every, float64(w.commands.Load())/float64(calls+every))
+	fmt.Fprintf(out, "| tokenmgr, between rotations (100000 calls) | %.6f |\n", between)
+	fmt.Fprintf(out, "| tokenmgr, amortized over %d calls with %d rotations by another process | %.6f (%d commands) |\n", calls, rotations, float64(w.commands.Load())/calls, w.commands.Load())
 	fmt.Fprintln(out, "| reading Redis on every call | 1.000000 |")
 	return nil
 }
 
-func adopted(ctx context.Context, m *tokenmgr.Manager, v int64) bool {
-	st, err := m.Status(ctx, "g")
-	return err == nil && st.Version >= v
-}
 
 // fig3: IdP refresh calls and invalid_grant per rotation, against fleet
 // size, when every worker needs a new token at once (strict provider).
@@ -179,7 +184,7 @@ func fig3(ctx context.Context, out io.Writer, dir string) error {
 		series[1] = append(series[1], point{float64(n), r.naive[0]})
 		series[2] = append(series[2], point{float64(n), r.shared[0]})
 	}
-	fmt.Fprintln(out, "\nPer rotation, 3 rotations for tokenmgr; the peers' first rotation (after it the grant is revoked). ![refresh amplification](refresh-amplification.svg)")
+	fmt.Fprintln(out, "\ntokenmgr: the worst of 3 rotations; the peers: their first rotation (after it the grant is revoked). ![refresh amplification](refresh-amplification.svg)")
 	return writeLineChart(dir+"/refresh-amplification.svg", "IdP refresh calls per rotation vs fleet size", "managers in the fleet", "IdP refresh calls per rotation",
 		[]string{"tokenmgr", "per-worker x/oauth2", "shared Redis pair, no lock"}, series[:])
 }
@@ -200,7 +205,9 @@ func fleetManaged(ctx context.Context, n int) ([2]float64, error) {
 		return [2]float64{}, err
 	}
 	const rotations = 3
+	var worst [2]float64 // the worst rotation: calls, invalid_grant
 	for range rotations {
+		before := w.idp.Stats()
 		w.clock.Advance(time.Hour) // every cached token expired at once
 		var wg sync.WaitGroup
 		var failed atomic.Int64
@@ -215,9 +222,11 @@ func fleetManaged(ctx context.Context, n int) ([2]float64, error) {
 		if failed.Load() > 0 {
 			return [2]float64{}, fmt.Errorf("%d of %d managers failed", failed.Load(), n)
 		}
+		after := w.idp.Stats()
+		worst[0] = max(worst[0], float64(after.RefreshOK+after.RefreshFailed-before.RefreshOK-before.RefreshFailed))
+		worst[1] = max(worst[1], float64(after.RefreshFailed-before.RefreshFailed))
 	}
-	s := w.idp.Stats()
-	return [2]float64{float64(s.RefreshOK+s.RefreshFailed) / rotations, float64(s.RefreshFailed) / rotations}, nil
+	return worst, nil
 }
 
 // fleetNaive: each worker refreshes with its own x/oauth2 source from the
@@ -341,9 +350,9 @@ func adoption(ctx context.Context, n int, newW func(tokenmgrtest.Profile, time.D
 			return nil, err
 		}
 	}
-	var rotatedAt sync.Map // version -> time the rotator stored it
+	var writeAt atomic.Int64 // when the rotator sent its fenced write
 	rotator, err := w.manager(false, tokenmgr.Strict, func(o *tokenmgr.Options) {
-		o.OnVersion = func(_ string, v int64) { rotatedAt.Store(v, time.Now()) }
+		o.Redis.(*redis.Client).AddHook(writeHook{&writeAt})
 	})
 	if err != nil {
 		return nil, err
@@ -377,11 +386,15 @@ func adoption(ctx context.Context, n int, newW func(tokenmgrtest.Profile, time.D
 			}
 			time.Sleep(time.Millisecond)
 		}
-		t0v, _ := rotatedAt.Load(v)
-		t0 := t0v.(time.Time)
+		t0 := time.Unix(0, writeAt.Load())
 		mu.Lock()
 		for _, t := range seen[v] {
-			lat = append(lat, max(0, t.Sub(t0)))
+			d := t.Sub(t0)
+			if d < 0 {
+				mu.Unlock()
+				return nil, fmt.Errorf("a manager served version %d before its write was sent", v)
+			}
+			lat = append(lat, d)
 		}
 		mu.Unlock()
 		w.clock.Advance(time.Minute) // past MinForcedRefreshAge for the next Rotate
@@ -397,9 +410,9 @@ func pollingAdoption(ctx context.Context, n int, interval time.Duration, newW fu
 		return nil, err
 	}
 	defer w.close()
-	var written atomic.Int64 // unix nanos of the last rotation's fenced write
+	var written atomic.Int64 // when the rotator sent its fenced write
 	rotator, err := w.manager(false, tokenmgr.Strict, func(o *tokenmgr.Options) {
-		o.OnVersion = func(string, int64) { written.Store(time.Now().UnixNano()) }
+		o.Redis.(*redis.Client).AddHook(writeHook{&written})
 	})
 	if err != nil {
 		return nil, err
@@ -431,7 +444,7 @@ func pollingAdoption(ctx context.Context, n int, interval time.Duration, newW fu
 				v, err := rdb.HGet(ctx, "tm:{g}:tok", "v").Int64()
 				if err == nil && v > seen {
 					seen = v
-					d := max(0, time.Since(time.Unix(0, written.Load())))
+					d := time.Since(time.Unix(0, written.Load()))
 					mu.Lock()
 					lat = append(lat, d)
 					mu.Unlock()
@@ -441,9 +454,6 @@ func pollingAdoption(ctx context.Context, n int, interval time.Duration, newW fu
 	}
 	time.Sleep(interval)
 	for range 10 {
-		// An upper bound until the rotator's OnVersion gives the write's
-		// time: a poller may see the new version first.
-		written.Store(time.Now().UnixNano())
 		if _, err := rotator.Rotate(ctx, "g"); err != nil {
 			return nil, err
 		}
@@ -456,7 +466,9 @@ func pollingAdoption(ctx context.Context, n int, interval time.Duration, newW fu
 }
 
 // fig6: Token() latency while a refresh with a 500ms provider is in
-// flight, against each approach's steady state.
+// flight, against each approach's steady state. Samples are kept only while
+// the refresh is in flight; 2 callers (one per CPU) so that the scheduler
+// does not add its own waits.
 func fig6(ctx context.Context, out io.Writer, _ string) error {
 	w, err := newWorld(tokenmgrtest.Atlassian, time.Hour)
 	if err != nil {
@@ -475,17 +487,14 @@ func fig6(ctx context.Context, out io.Writer, _ string) error {
 	}
 	w.idp.SetLatency(500 * time.Millisecond)
 	ours := func() error { _, err := m.Token(ctx, "g"); return err }
-	steady, err := latencies(ours, 300*time.Millisecond)
+	steady, err := latencies(ours, 300*time.Millisecond, nil)
 	if err != nil {
 		return err
 	}
 	w.clock.Advance(58 * time.Minute) // due: the next call starts a background refresh
-	inflight, err := latencies(ours, time.Second)
+	inflight, err := latencies(ours, 2*time.Second, func() bool { return m.Stats().Refreshes == 0 })
 	if err != nil {
 		return err
-	}
-	if st := m.Stats(); st.Refreshes != 1 {
-		return fmt.Errorf("expected one refresh in flight during the window, saw %d", st.Refreshes)
 	}
 
 	cfg := w.idp.OAuthConfig(oauth2.AuthStyleInParams)
@@ -493,18 +502,19 @@ func fig6(ctx context.Context, out io.Writer, _ string) error {
 	fresh.Expiry = time.Now().Add(time.Hour)
 	reuse := cfg.TokenSource(ctx, fresh)
 	peer := func() error { _, err := reuse.Token(); return err }
-	peerSteady, err := latencies(peer, 300*time.Millisecond)
+	peerSteady, err := latencies(peer, 300*time.Millisecond, nil)
 	if err != nil {
 		return err
 	}
 	due := w.idp.NewGrant("")
 	due.Expiry = time.Now().Add(5 * time.Second) // inside x/oauth2's 10s early expiry: refreshes now
 	reuse = cfg.TokenSource(ctx, due)
-	peerInflight, err := latencies(peer, time.Second)
+	before := w.idp.Stats().RefreshOK
+	peerInflight, err := latencies(peer, 2*time.Second, func() bool { return w.idp.Stats().RefreshOK == before })
 	if err != nil {
 		return err
 	}
-	fmt.Fprintln(out, "| approach | steady p50 | steady p99 | steady max | during refresh p50 | during refresh p99 | p99 ratio | calls over 100 ms during refresh | max during refresh |")
+	fmt.Fprintln(out, "| approach | steady p50 | steady p99 | in-flight p50 | in-flight p99 | p99 ratio | in-flight calls | of them waiting over 100 ms | max |")
 	fmt.Fprintln(out, "|---|---|---|---|---|---|---|---|---|")
 	row := func(name string, s, r []time.Duration) {
 		slow := 0
@@ -513,29 +523,41 @@ func fig6(ctx context.Context, out io.Writer, _ string) error {
 				slow++
 			}
 		}
-		fmt.Fprintf(out, "| %s | %s | %s | %s | %s | %s | %.1fx | %d of %d | %s |\n", name, percentile(s, .5), percentile(s, .99), s[len(s)-1].Round(time.Microsecond),
-			percentile(r, .5), percentile(r, .99), float64(percentile(r, .99))/float64(max(1, percentile(s, .99))), slow, len(r), r[len(r)-1].Round(time.Millisecond))
+		fmt.Fprintf(out, "| %s | %s | %s | %s | %s | %.1fx | %d | %d | %s |\n", name, percentile(s, .5), percentile(s, .99),
+			percentile(r, .5), percentile(r, .99), float64(percentile(r, .99))/float64(max(1, percentile(s, .99))), len(r), slow, r[len(r)-1].Round(time.Millisecond))
 	}
 	row("tokenmgr", steady, inflight)
 	row("x/oauth2 ReuseTokenSource", peerSteady, peerInflight)
-	fmt.Fprintln(out, "\n8 goroutines calling Token() in a loop; the provider takes 500 ms per refresh.")
+	fmt.Fprintln(out, "\n2 goroutines calling Token() in a closed loop; the provider takes 500 ms per refresh. In-flight samples are the calls that started while the refresh was in flight. Each latency includes two clock reads (~40-100 ns here).")
 	return nil
 }
 
-func latencies(f func() error, d time.Duration) ([]time.Duration, error) {
-	const workers = 8
+// latencies times calls to f from 2 goroutines for d. With inFlight set,
+// it keeps only the calls that start while inFlight() is true, and stops
+// once it turns false.
+func latencies(f func() error, d time.Duration, inFlight func() bool) ([]time.Duration, error) {
+	const workers = 2
 	var mu sync.Mutex
 	var all []time.Duration
 	var firstErr error
 	deadline := time.Now().Add(d)
+	var done atomic.Bool
 	var wg sync.WaitGroup
 	for range workers {
 		wg.Go(func() {
 			local := make([]time.Duration, 0, 1<<16)
-			for time.Now().Before(deadline) {
+			for time.Now().Before(deadline) && !done.Load() {
+				keep := inFlight == nil || inFlight()
+				if !keep && len(local) > 0 {
+					done.Store(true) // the refresh has landed
+					break
+				}
 				t := time.Now()
 				err := f()
-				local = append(local, time.Since(t))
+				el := time.Since(t)
+				if keep {
+					local = append(local, el)
+				}
 				if err != nil {
 					mu.Lock()
 					firstErr = errors.Join(firstErr, err)
@@ -550,5 +572,8 @@ func latencies(f func() error, d time.Duration) ([]time.Duration, error) {
 	}
 	wg.Wait()
 	sortDurations(all)
+	if len(all) == 0 {
+		return nil, errors.Join(firstErr, errors.New("no samples"))
+	}
 	return all, firstErr
 }

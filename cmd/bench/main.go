@@ -73,7 +73,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		if len(want) > 0 && !want[f.n] {
 			continue
 		}
-		fmt.Fprintf(stdout, "### Figure %d: %s\n\n", f.n, f.name)
+		fmt.Fprintf(stdout, "## Figure %d: %s\n\n", f.n, f.name)
 		if err := f.run(ctx, stdout, *out); err != nil {
 			return fmt.Errorf("figure %d: %w", f.n, err)
 		}

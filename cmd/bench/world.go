@@ -15,17 +15,14 @@ import (
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
 
-// clock is a fake clock shared by the Managers and the fake IdP, so token
-// lifetimes pass without waiting.
-type clock struct{ ns atomic.Int64 }
+// clock is the wall clock plus an offset that Advance moves, shared by the
+// Managers and the fake IdP: token lifetimes pass without waiting, and a
+// clock read costs what production pays (a real time.Now).
+type clock struct{ offset atomic.Int64 }
 
-func newClock() *clock {
-	c := &clock{}
-	c.ns.Store(time.Now().UnixNano())
-	return c
-}
-func (c *clock) Now() time.Time          { return time.Unix(0, c.ns.Load()) }
-func (c *clock) Advance(d time.Duration) { c.ns.Add(int64(d)) }
+func newClock() *clock                   { return &clock{} }
+func (c *clock) Now() time.Time          { return time.Now().Add(time.Duration(c.offset.Load())) }
+func (c *clock) Advance(d time.Duration) { c.offset.Add(int64(d)) }
 
 // world is one measurement's embedded Redis, fake IdP and clock.
 type world struct {
@@ -66,14 +63,52 @@ func (w *world) close() {
 	}
 }
 
+// countHook counts commands, leaving out the handshake a new connection
+// sends (HELLO, CLIENT SETINFO): that is setup, not work.
 type countHook struct{ n *atomic.Int64 }
+
+func handshake(cmd redis.Cmder) bool { return cmd.Name() == "hello" || cmd.Name() == "client" }
 
 func (h countHook) DialHook(next redis.DialHook) redis.DialHook { return next }
 func (h countHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error { h.n.Add(1); return next(ctx, cmd) }
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if !handshake(cmd) {
+			h.n.Add(1)
+		}
+		return next(ctx, cmd)
+	}
 }
 func (h countHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return func(ctx context.Context, cmds []redis.Cmder) error { h.n.Add(int64(len(cmds))); return next(ctx, cmds) }
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		for _, c := range cmds {
+			if !handshake(c) {
+				h.n.Add(1)
+			}
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// writeHook records when a fenced write (a script that publishes on
+// tm:rotated) is sent: the start of rotation-to-adoption latency.
+type writeHook struct{ at *atomic.Int64 }
+
+func (h writeHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h writeHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if n := cmd.Name(); n == "evalsha" || n == "eval" {
+			for _, a := range cmd.Args() {
+				if a == "tm:rotated" {
+					h.at.Store(time.Now().UnixNano())
+					break
+				}
+			}
+		}
+		return next(ctx, cmd)
+	}
+}
+func (h writeHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
 }
 
 // client returns a Redis client; counted ones add to w.commands.
