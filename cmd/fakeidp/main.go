@@ -4,7 +4,8 @@
 //
 // Endpoints: POST /oauth/token, GET /authorize, GET /rest/api/3/myself,
 // GET /stats (counters as JSON), and for test harnesses POST /admin/grant
-// (a new grant's token pair as JSON) and POST /admin/faults.
+// (a new grant's token pair as JSON) and POST /admin/faults (latency,
+// answer_delay, fail_5xx, fail_429, retry_after, drop).
 package main
 
 import (
@@ -130,6 +131,14 @@ func newIdP(c config) (*tokenmgrtest.IdP, http.Handler) {
 		if err := applyFaults(idp, q.Get("latency"), q.Get("fail_5xx"), q.Get("fail_429"), q.Get("retry_after"), q.Get("drop")); err != nil {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
+		}
+		if d := q.Get("answer_delay"); d != "" {
+			dd, err := time.ParseDuration(d)
+			if err != nil || dd < 0 {
+				http.Error(w, "answer_delay: want a duration", http.StatusBadRequest)
+				return
+			}
+			idp.SetAnswerDelay(dd)
 		}
 		w.WriteHeader(http.StatusNoContent)
 	})

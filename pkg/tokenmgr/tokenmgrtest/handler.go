@@ -141,6 +141,14 @@ func (p *IdP) handleToken(w http.ResponseWriter, r *http.Request) {
 		dropConnection(w)
 		return
 	}
+	p.mu.Lock()
+	after := p.answerDelay
+	p.mu.Unlock()
+	if after > 0 {
+		// The rotation has happened; the answer is late. A client that
+		// dies now has spent its refresh token without learning the new one.
+		time.Sleep(after)
+	}
 	writeJSON(w, rep)
 }
 

@@ -65,18 +65,19 @@ type IdP struct {
 	cfg Config // immutable after New, except cfg.Now, which is guarded by mu
 	mux *http.ServeMux
 
-	mu         sync.Mutex // guards every field below, and cfg.Now
-	latency    time.Duration
-	fail5xx    int
-	fail429    int
-	retryAfter time.Duration
-	drop       int
-	stats      Stats
-	families   map[string]*family      // by family id
-	refresh    map[string]*family      // every refresh token ever issued -> its family
-	access     map[string]*accessToken // every access token ever issued
-	codes      map[string]*authCode    // unused authorization codes
-	issued     []string                // every access and refresh token, in issue order
+	mu          sync.Mutex // guards every field below, and cfg.Now
+	latency     time.Duration
+	answerDelay time.Duration // after processing, before answering
+	fail5xx     int
+	fail429     int
+	retryAfter  time.Duration
+	drop        int
+	stats       Stats
+	families    map[string]*family      // by family id
+	refresh     map[string]*family      // every refresh token ever issued -> its family
+	access      map[string]*accessToken // every access token ever issued
+	codes       map[string]*authCode    // unused authorization codes
+	issued      []string                // every access and refresh token, in issue order
 }
 
 // family is one grant: the chain of refresh tokens descending from one
@@ -196,6 +197,15 @@ func (p *IdP) SetLatency(d time.Duration) {
 
 // Fail5xx makes the next n refresh requests answer 503
 // temporarily_unavailable without touching any token.
+// SetAnswerDelay delays every token-endpoint answer after the request was
+// processed (a rotation has already happened): a client killed meanwhile
+// has spent its refresh token without receiving the new one.
+func (p *IdP) SetAnswerDelay(d time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.answerDelay = d
+}
+
 func (p *IdP) Fail5xx(n int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()

@@ -1,0 +1,287 @@
+//go:build integration
+
+// Package integration runs fleets of real processes (demo-workers,
+// refreshers, the fake IdP) against real redis-server processes, under
+// faults. Run alone with:
+//
+//	go test -tags integration -v ./integration/
+package integration
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"golang.org/x/oauth2"
+
+	"github.com/tokenmgr/tokenmgr/internal/cli"
+	"github.com/tokenmgr/tokenmgr/internal/redisserver"
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
+)
+
+var binDir string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "tokenmgr-it-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	for _, cmd := range []string{"refresher", "demo-worker", "fakeidp"} {
+		out, err := exec.Command("go", "build", "-o", filepath.Join(dir, cmd), "github.com/tokenmgr/tokenmgr/cmd/"+cmd).CombinedOutput()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "build %s: %v\n%s", cmd, err, out)
+			os.Exit(1)
+		}
+	}
+	binDir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// fleet is one scenario's world.
+type fleet struct {
+	t        *testing.T
+	redisURL string // what the processes use; the store's URL unless a cluster
+	grant    string
+	key      string // TOKENMGR_ENCRYPTION_KEY
+	store    *redisserver.Server
+	idpURL   string
+	profile  string
+	procs    []*exec.Cmd
+}
+
+func newFleet(t *testing.T, profile string, idpArgs ...string) *fleet {
+	f := &fleet{t: t, grant: "jira", profile: profile, store: redisserver.Start(t)}
+	f.redisURL = f.store.URL()
+	f.startIdP(idpArgs)
+	f.seed()
+	return f
+}
+
+// newClusterFleet is newFleet on a Redis Cluster.
+func newClusterFleet(t *testing.T, profile string, nodes []*redisserver.Server) *fleet {
+	f := &fleet{t: t, grant: "jira", profile: profile, store: nodes[0]}
+	f.redisURL = "redis+cluster://" + nodes[0].Addr() + "?addr=" + nodes[1].Addr() + "&addr=" + nodes[2].Addr()
+	f.startIdP(nil)
+	f.seed()
+	return f
+}
+
+func (f *fleet) startIdP(idpArgs []string) {
+	t := f.t
+	key, _ := tokenmgr.GenerateKey("k1")
+	f.key = key.Encode()
+	profile := f.profile
+	cmd := exec.Command(filepath.Join(binDir, "fakeidp"), append([]string{"--addr", "127.0.0.1:0", "--profile", profile,
+		"--access-ttl", "2s", "--auth-style", "params"}, idpArgs...)...)
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		t.Fatalf("fakeidp: %v", err)
+	}
+	f.idpURL = strings.TrimSpace(strings.TrimPrefix(line, "listening on "))
+}
+
+func (f *fleet) provider() string {
+	switch f.profile {
+	case "grace":
+		return "okta"
+	case "grace-xero":
+		return "xero"
+	}
+	return f.profile
+}
+
+func (f *fleet) env() []string {
+	return append(os.Environ(), "TOKENMGR_REDIS_URL="+f.redisURL, "TOKENMGR_CLIENT_ID=client-id",
+		"TOKENMGR_CLIENT_SECRET=client-secret", "TOKENMGR_ENCRYPTION_KEY="+f.key)
+}
+
+func (f *fleet) common() []string {
+	return []string{"--grant", f.grant, "--provider", f.provider(), "--token-url", f.idpURL + "/oauth/token", "--http-timeout", "2s"}
+}
+
+func (f *fleet) rdb() redis.UniversalClient {
+	c, err := cli.NewRedis(f.redisURL)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	f.t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// seed creates a grant at the IdP and stores it, as an operator would.
+func (f *fleet) seed() {
+	resp, err := http.Post(f.idpURL+"/admin/grant", "", nil)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	var tok struct {
+		AccessToken  string `json:"access_token"`
+		RefreshToken string `json:"refresh_token"`
+		ExpiresIn    int64  `json:"expires_in"`
+	}
+	_ = json.NewDecoder(resp.Body).Decode(&tok)
+	resp.Body.Close()
+	kr, _ := tokenmgr.ParseKeyring(f.key)
+	admin, err := tokenmgr.NewAdmin(tokenmgr.Options{Redis: f.rdb(), Sealer: kr, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	if _, err := admin.Seed(context.Background(), f.grant, &oauth2.Token{AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken,
+		TokenType: "Bearer", Expiry: time.Now().Add(time.Duration(tok.ExpiresIn) * time.Second)}, tokenmgr.SeedOptions{}); err != nil {
+		f.t.Fatal(err)
+	}
+}
+
+// start runs a process of ours in the background; it is killed at the end.
+func (f *fleet) start(name string, args ...string) (*exec.Cmd, *bytes.Buffer) {
+	cmd := exec.Command(filepath.Join(binDir, name), args...)
+	cmd.Env = f.env()
+	var out bytes.Buffer
+	cmd.Stdout = &out
+	cmd.Stderr = io.Discard
+	if err := cmd.Start(); err != nil {
+		f.t.Fatal(err)
+	}
+	f.procs = append(f.procs, cmd)
+	f.t.Cleanup(func() { _ = cmd.Process.Kill(); _, _ = cmd.Process.Wait() })
+	return cmd, &out
+}
+
+// refresher starts a refresher pod.
+func (f *fleet) refresher(extra ...string) *exec.Cmd {
+	args := append([]string{"run", "--listen", "127.0.0.1:0", "--tick", "100ms", "--jitter", "0s", "--log-level", "warn"}, f.common()...)
+	cmd, _ := f.start("refresher", append(args, extra...)...)
+	return cmd
+}
+
+// report is a demo-worker's JSON report.
+type report struct {
+	Requests               int64            `json:"requests"`
+	OK                     int64            `json:"ok"`
+	Failed                 int64            `json:"failed"`
+	UnauthorizedSeen       int64            `json:"unauthorized_seen"`
+	UnauthorizedAfterRetry int64            `json:"unauthorized_after_retry"`
+	Refreshes              int64            `json:"refreshes"`
+	ReauthRequired         bool             `json:"reauth_required"`
+	Failures               map[string]int64 `json:"failures"`
+}
+
+// workers runs n demo-workers for d and returns their reports.
+func (f *fleet) workers(n int, d time.Duration, extra ...string) []report {
+	type result struct {
+		rep report
+		err error
+	}
+	results := make([]result, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			args := append([]string{"--api-url", f.idpURL + "/rest/api/3/myself", "--concurrency", "2",
+				"--duration", d.String(), "--report", "json", "--log-level", "error"}, f.common()...)
+			cmd := exec.Command(filepath.Join(binDir, "demo-worker"), append(args, extra...)...)
+			cmd.Env = f.env()
+			out, err := cmd.Output()
+			if ee, ok := err.(*exec.ExitError); ok && ee.ExitCode() == 1 {
+				err = nil // failures are in the report
+			}
+			results[i].err = err
+			if err == nil {
+				results[i].err = json.Unmarshal(out, &results[i].rep)
+			}
+		})
+	}
+	wg.Wait()
+	var reps []report
+	for i, r := range results {
+		if r.err != nil {
+			f.t.Fatalf("worker %d: %v", i, r.err)
+		}
+		reps = append(reps, r.rep)
+	}
+	return reps
+}
+
+func sum(reps []report) report {
+	var s report
+	s.Failures = map[string]int64{}
+	for _, r := range reps {
+		s.Requests += r.Requests
+		s.OK += r.OK
+		s.Failed += r.Failed
+		s.UnauthorizedSeen += r.UnauthorizedSeen
+		s.UnauthorizedAfterRetry += r.UnauthorizedAfterRetry
+		s.Refreshes += r.Refreshes
+		s.ReauthRequired = s.ReauthRequired || r.ReauthRequired
+		for k, n := range r.Failures {
+			s.Failures[k] += n
+		}
+	}
+	return s
+}
+
+func (f *fleet) stats() map[string]int64 {
+	resp, err := http.Get(f.idpURL + "/stats")
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var m map[string]int64
+	_ = json.NewDecoder(resp.Body).Decode(&m)
+	return m
+}
+
+func (f *fleet) faults(q string) {
+	resp, err := http.Post(f.idpURL+"/admin/faults?"+q, "", nil)
+	if err != nil || resp.StatusCode != http.StatusNoContent {
+		f.t.Fatalf("faults %s: %v %v", q, resp, err)
+	}
+	resp.Body.Close()
+}
+
+func (f *fleet) version() int64 {
+	v, _ := f.rdb().HGet(context.Background(), "tm:{"+f.grant+"}:tok", "v").Int64()
+	return v
+}
+
+// summary prints the scenario's figures on one line.
+func (f *fleet) summary(name string, s report, idp map[string]int64) {
+	line := fmt.Sprintf("SCENARIO %s: requests=%d ok=%d failed=%d 401_seen=%d 401_after_retry=%d rotations=%d idp_refresh_ok=%d idp_refresh_failed=%d reuse=%d revoked=%d version=%d failures=%v",
+		name, s.Requests, s.OK, s.Failed, s.UnauthorizedSeen, s.UnauthorizedAfterRetry, idp["rotations"], idp["refresh_ok"], idp["refresh_failed"],
+		idp["reuse_detected"], idp["families_revoked"], f.version(), s.Failures)
+	f.t.Log(line)
+	fmt.Println(line)
+}
+
+func signal(cmd *exec.Cmd, sig syscall.Signal) { _ = cmd.Process.Signal(sig) }
+
+// waitRotations waits until the IdP has rotated the grant n times.
+func (f *fleet) waitRotations(n int64) {
+	for deadline := time.Now().Add(3 * time.Minute); f.stats()["rotations"] < n; time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			f.t.Errorf("fewer than %d rotations after 3 minutes", n)
+			return
+		}
+	}
+}
