@@ -153,7 +153,6 @@ func fig2(ctx context.Context, out io.Writer, _ string) error {
 	return nil
 }
 
-
 // fig3: IdP refresh calls and invalid_grant per rotation, against fleet
 // size, when every worker needs a new token at once (strict provider).
 func fig3(ctx context.Context, out io.Writer, dir string) error {

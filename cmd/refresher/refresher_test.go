@@ -25,25 +25,15 @@ import (
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
 
-type clock struct{ ns atomic.Int64 }
-
-func newClock() *clock {
-	c := &clock{}
-	c.ns.Store(time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC).UnixNano())
-	return c
-}
-func (c *clock) Now() time.Time          { return time.Unix(0, c.ns.Load()) }
-func (c *clock) Advance(d time.Duration) { c.ns.Add(int64(d)) }
-
 type world struct {
 	t     *testing.T
 	mr    *miniredis.Miniredis
-	clock *clock
+	clock *tokenmgrtest.Clock
 	idp   *tokenmgrtest.Server
 }
 
 func newWorld(t *testing.T, profile tokenmgrtest.Profile) *world {
-	w := &world{t: t, mr: miniredis.RunT(t), clock: newClock()}
+	w := &world{t: t, mr: miniredis.RunT(t), clock: tokenmgrtest.NewClock(time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC))}
 	w.idp = tokenmgrtest.NewServer(tokenmgrtest.Config{Profile: profile, AuthStyle: oauth2.AuthStyleInParams, Now: w.clock.Now})
 	t.Cleanup(w.idp.Close)
 	return w

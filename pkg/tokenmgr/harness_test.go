@@ -21,17 +21,6 @@ import (
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
 
-// fakeClock is shared by the Managers and the fake IdP of a test.
-type fakeClock struct{ ns atomic.Int64 }
-
-func newFakeClock() *fakeClock {
-	c := &fakeClock{}
-	c.ns.Store(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
-	return c
-}
-func (c *fakeClock) Now() time.Time          { return time.Unix(0, c.ns.Load()) }
-func (c *fakeClock) Advance(d time.Duration) { c.ns.Add(int64(d)) }
-
 // syncBuffer collects every log line a test produces, to scan for tokens.
 type syncBuffer struct {
 	mu  sync.Mutex
@@ -64,7 +53,7 @@ type env struct {
 	t     *testing.T
 	addr  string
 	mr    *miniredis.Miniredis // nil on a real redis-server
-	clock *fakeClock
+	clock *tokenmgrtest.Clock  // shared by the Managers and the fake IdP
 	idp   *tokenmgrtest.Server
 	logs  *syncBuffer
 	grant string
@@ -77,7 +66,7 @@ type env struct {
 
 func newEnv(t *testing.T, b backend, profile tokenmgrtest.Profile) *env {
 	t.Helper()
-	e := &env{t: t, clock: newFakeClock(), logs: &syncBuffer{}, grant: "jira-prod"}
+	e := &env{t: t, clock: tokenmgrtest.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)), logs: &syncBuffer{}, grant: "jira-prod"}
 	switch b {
 	case miniredisBackend:
 		e.mr = miniredis.RunT(t)

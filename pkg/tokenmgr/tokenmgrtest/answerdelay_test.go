@@ -26,3 +26,12 @@ func TestAnswerDelaySpendsTheToken(t *testing.T) {
 		t.Errorf("rotations %d, want 1: the token was spent before the delay", s.Rotations)
 	}
 }
+
+func TestClock(t *testing.T) {
+	start := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	c := NewClock(start)
+	c.Advance(90 * time.Minute)
+	if got := c.Now().Sub(start); got != 90*time.Minute {
+		t.Errorf("advanced %s, want 90m", got)
+	}
+}
