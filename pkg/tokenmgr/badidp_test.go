@@ -105,7 +105,7 @@ func FuzzProviderResponse(f *testing.F) {
 	f.Cleanup(srv.Close)
 	m := &Manager{
 		oauth: &oauth2.Config{ClientID: "c", Endpoint: oauth2.Endpoint{TokenURL: srv.URL, AuthStyle: oauth2.AuthStyleInParams}},
-		opts:  Options{Provider: Provider{HTTPTimeout: 5 * time.Second}, IdPTransport: http.DefaultTransport},
+		Admin: &Admin{opts: Options{Provider: Provider{HTTPTimeout: 5 * time.Second}, IdPTransport: http.DefaultTransport}},
 	}
 	f.Fuzz(func(t *testing.T, b string, code int) {
 		if code < 200 || code > 599 {

@@ -24,14 +24,13 @@ import (
 // Each process (pod) should have one Manager, shared by all its goroutines.
 // Close it when done.
 type Manager struct {
-	*Admin // Seed (overridden below), Status, Grants, DueGrants, Postpone
+	// Admin holds the defaulted options, the logger and the store (opts,
+	// log, store are its fields), and gives Status, Grants, DueGrants and
+	// Postpone; Seed is overridden below.
+	*Admin
 
-	opts   Options
-	log    *slog.Logger
-	store  *store
-	locks  *redsync.Redsync
-	oauth  *oauth2.Config
-	sealer Sealer
+	locks *redsync.Redsync
+	oauth *oauth2.Config
 
 	// grants maps a grant name to its state. Copy-on-write: the hot path
 	// loads the map without a lock; grantsMu serialises writers.
@@ -130,15 +129,10 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 	}
 	cfg := *o.OAuth2 // our own copy: the caller may reuse theirs
 	o.Sealer = sealer
-	admin := newAdmin(o)
 	m := &Manager{
-		Admin:  admin,
-		opts:   o,
-		log:    admin.log,
-		store:  admin.store,
-		locks:  redsync.New(pools...),
-		oauth:  &cfg,
-		sealer: sealer,
+		Admin: newAdmin(o),
+		locks: redsync.New(pools...),
+		oauth: &cfg,
 	}
 	empty := map[string]*grant{}
 	m.grants.Store(&empty)

@@ -72,7 +72,7 @@ func TestOptionsRejected(t *testing.T) {
 
 // The refresh margin never exceeds a fraction of a short token's lifetime.
 func TestRefreshMarginShortTokens(t *testing.T) {
-	m := &Manager{opts: Options{RefreshBefore: 5 * time.Minute, MaxRefreshFraction: 0.2}}
+	m := &Manager{Admin: &Admin{opts: Options{RefreshBefore: 5 * time.Minute, MaxRefreshFraction: 0.2}}}
 	now := time.Unix(1_700_000_000, 0)
 	for _, tc := range []struct {
 		life, want time.Duration
