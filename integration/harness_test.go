@@ -8,7 +8,6 @@
 package integration
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -19,7 +18,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -30,23 +28,17 @@ import (
 
 	"github.com/tokenmgr/tokenmgr/internal/cli"
 	"github.com/tokenmgr/tokenmgr/internal/redisserver"
+	"github.com/tokenmgr/tokenmgr/internal/testbin"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
 var binDir string
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "tokenmgr-it-")
+	dir, err := testbin.Build("refresher", "demo-worker", "fakeidp")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
-	}
-	for _, cmd := range []string{"refresher", "demo-worker", "fakeidp"} {
-		out, err := exec.Command("go", "build", "-o", filepath.Join(dir, cmd), "github.com/tokenmgr/tokenmgr/cmd/"+cmd).CombinedOutput()
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "build %s: %v\n%s", cmd, err, out)
-			os.Exit(1)
-		}
 	}
 	binDir = dir
 	code := m.Run()
@@ -84,22 +76,9 @@ func newClusterFleet(t *testing.T, profile string, nodes []*redisserver.Server) 
 }
 
 func (f *fleet) startIdP(idpArgs []string) {
-	t := f.t
 	key, _ := tokenmgr.GenerateKey("k1")
 	f.key = key.Encode()
-	profile := f.profile
-	cmd := exec.Command(filepath.Join(binDir, "fakeidp"), append([]string{"--addr", "127.0.0.1:0", "--profile", profile,
-		"--access-ttl", "2s", "--auth-style", "params"}, idpArgs...)...)
-	stdout, _ := cmd.StdoutPipe()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	line, err := bufio.NewReader(stdout).ReadString('\n')
-	if err != nil {
-		t.Fatalf("fakeidp: %v", err)
-	}
-	f.idpURL = strings.TrimSpace(strings.TrimPrefix(line, "listening on "))
+	f.idpURL = testbin.StartFakeIdP(f.t, binDir, append([]string{"--profile", f.profile, "--access-ttl", "2s", "--auth-style", "params"}, idpArgs...)...)
 }
 
 func (f *fleet) provider() string {

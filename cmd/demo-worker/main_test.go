@@ -1,11 +1,9 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
-	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -21,6 +19,7 @@ import (
 
 	"github.com/tokenmgr/tokenmgr/internal/compose"
 	"github.com/tokenmgr/tokenmgr/internal/redisserver"
+	"github.com/tokenmgr/tokenmgr/internal/testbin"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
@@ -96,36 +95,7 @@ func TestEmbeddedDemoText(t *testing.T) {
 }
 
 // buildBinaries compiles the commands once per test run.
-var buildBinaries = sync.OnceValues(func() (string, error) {
-	dir, err := os.MkdirTemp("", "tokenmgr-bin-")
-	if err != nil {
-		return "", err
-	}
-	for _, cmd := range []string{"demo-worker", "fakeidp"} {
-		out, err := exec.Command("go", "build", "-o", filepath.Join(dir, cmd), "github.com/tokenmgr/tokenmgr/cmd/"+cmd).CombinedOutput()
-		if err != nil {
-			return "", fmt.Errorf("build %s: %v\n%s", cmd, err, out)
-		}
-	}
-	return dir, nil
-})
-
-// startFakeIdP runs the fakeidp binary on a free port and returns its URL.
-func startFakeIdP(t *testing.T, bin string, args ...string) string {
-	t.Helper()
-	cmd := exec.Command(filepath.Join(bin, "fakeidp"), append([]string{"--addr", "127.0.0.1:0"}, args...)...)
-	stdout, _ := cmd.StdoutPipe()
-	cmd.Stderr = io.Discard
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	line, err := bufio.NewReader(stdout).ReadString('\n')
-	if err != nil {
-		t.Fatalf("fakeidp did not say where it listens: %v", err)
-	}
-	return strings.TrimSpace(strings.TrimPrefix(line, "listening on "))
-}
+var buildBinaries = sync.OnceValues(func() (string, error) { return testbin.Build("demo-worker", "fakeidp") })
 
 // Real demo-worker processes against the fakeidp binary and a real
 // redis-server: their JSON reports add up to the IdP's counters.
@@ -135,7 +105,7 @@ func TestProcessesAddUpToIdPCounters(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	idpURL := startFakeIdP(t, bin, "--profile", "strict", "--access-ttl", "2s", "--auth-style", "params")
+	idpURL := testbin.StartFakeIdP(t, bin, "--profile", "strict", "--access-ttl", "2s", "--auth-style", "params")
 
 	// Seed the grant as an operator would.
 	resp, err := http.Post(idpURL+"/admin/grant", "", nil)

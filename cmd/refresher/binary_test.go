@@ -1,10 +1,8 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
-	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -19,25 +17,14 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/tokenmgr/tokenmgr/internal/redisserver"
+	"github.com/tokenmgr/tokenmgr/internal/testbin"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
 // The operator commands and the pod, exercised as a user runs them: real
 // binaries, a real redis-server, the fakeidp binary.
 
-var buildBinaries = sync.OnceValues(func() (string, error) {
-	dir, err := os.MkdirTemp("", "tokenmgr-bin-")
-	if err != nil {
-		return "", err
-	}
-	for _, cmd := range []string{"refresher", "fakeidp"} {
-		out, err := exec.Command("go", "build", "-o", filepath.Join(dir, cmd), "github.com/tokenmgr/tokenmgr/cmd/"+cmd).CombinedOutput()
-		if err != nil {
-			return "", fmt.Errorf("build %s: %v\n%s", cmd, err, out)
-		}
-	}
-	return dir, nil
-})
+var buildBinaries = sync.OnceValues(func() (string, error) { return testbin.Build("refresher", "fakeidp") })
 
 type binEnv struct {
 	t      *testing.T
@@ -53,18 +40,9 @@ func newBinEnv(t *testing.T, idpArgs ...string) *binEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(filepath.Join(bin, "fakeidp"), append([]string{"--addr", "127.0.0.1:0", "--auth-style", "params"}, idpArgs...)...)
-	stdout, _ := cmd.StdoutPipe()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	line, err := bufio.NewReader(stdout).ReadString('\n')
-	if err != nil {
-		t.Fatalf("fakeidp: %v", err)
-	}
+	idpURL := testbin.StartFakeIdP(t, bin, append([]string{"--auth-style", "params"}, idpArgs...)...)
 	key, _ := tokenmgr.GenerateKey("k1")
-	return &binEnv{t: t, key: key.Encode(), bin: bin, redis: srv, idpURL: strings.TrimSpace(strings.TrimPrefix(line, "listening on "))}
+	return &binEnv{t: t, key: key.Encode(), bin: bin, redis: srv, idpURL: idpURL}
 }
 
 func (b *binEnv) env() []string {
