@@ -7,7 +7,6 @@ import (
 	"crypto/subtle"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"html"
 	"log/slog"
@@ -180,8 +179,8 @@ func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
 	}
 	tok, err := rt.cfg.Exchange(ctx, code, opts...)
 	if err != nil {
-		c.log.Error("code exchange failed", "grant", p.Grant, "err", describeErr(err))
-		http.Error(w, "code exchange failed: "+describeErr(err), http.StatusBadGateway)
+		c.log.Error("code exchange failed", "grant", p.Grant, "err", tokenmgr.DescribeProviderError(err))
+		http.Error(w, "code exchange failed: "+tokenmgr.DescribeProviderError(err), http.StatusBadGateway)
 		return
 	}
 	v, err := rt.admin.Seed(ctx, p.Grant, tok, tokenmgr.SeedOptions{ConsentedAt: time.Now()})
@@ -193,20 +192,4 @@ func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
 	c.log.Info("grant connected", "grant", p.Grant, "version", v)
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	fmt.Fprintf(w, "<!doctype html><title>Connected</title><p>Grant <b>%s</b> connected (version %d). You can close this page.</p>\n", html.EscapeString(p.Grant), v)
-}
-
-// describeErr summarises a provider error without its body.
-func describeErr(err error) string {
-	var re *oauth2.RetrieveError
-	if errors.As(err, &re) {
-		s := "provider answered"
-		if re.Response != nil {
-			s += " " + re.Response.Status
-		}
-		if re.ErrorCode != "" {
-			s += " " + re.ErrorCode
-		}
-		return s
-	}
-	return err.Error()
 }

@@ -163,12 +163,9 @@ func cmdStatus(ctx context.Context, args []string, env func(string) string, stdo
 		return err
 	}
 	defer done()
-	grants := []string{c.Grant}
-	if c.Grant == "" {
-		if grants, err = admin.Grants(ctx); err != nil {
-			return err
-		}
-		sort.Strings(grants)
+	grants, err := grantsOf(ctx, admin, c.Grant)
+	if err != nil {
+		return err
 	}
 	var out []tokenmgr.GrantStatus
 	var errs []error
@@ -305,12 +302,9 @@ func cmdRewrap(ctx context.Context, args []string, env func(string) string, stdo
 		return err
 	}
 	defer done()
-	grants := []string{c.Grant}
-	if c.Grant == "" {
-		if grants, err = admin.Grants(ctx); err != nil {
-			return err
-		}
-		sort.Strings(grants)
+	grants, err := grantsOf(ctx, admin, c.Grant)
+	if err != nil {
+		return err
 	}
 	var errs []error
 	n := 0
@@ -326,4 +320,14 @@ func cmdRewrap(ctx context.Context, args []string, env func(string) string, stdo
 	}
 	fmt.Fprintf(stdout, "rewrapped %d of %d grants under the newest key\n", n, len(grants))
 	return errors.Join(errs...)
+}
+
+// grantsOf is the one --grant, or every grant in the schedule, sorted.
+func grantsOf(ctx context.Context, admin *tokenmgr.Admin, grant string) ([]string, error) {
+	if grant != "" {
+		return []string{grant}, nil
+	}
+	grants, err := admin.Grants(ctx)
+	sort.Strings(grants)
+	return grants, err
 }

@@ -94,8 +94,12 @@ func (e *RefreshError) Error() string {
 
 func (e *RefreshError) Unwrap() error { return e.Err }
 
-// describe summarises an IdP error without its response body, which an
-// untrusted provider could fill with anything, including a token.
+// DescribeProviderError summarises an error from a token endpoint (an
+// *oauth2.RetrieveError or a transport error) without the response body,
+// which an untrusted provider could fill with anything, a token included.
+// Use it to log or show such errors.
+func DescribeProviderError(err error) string { return describe(err) }
+
 func describe(err error) string {
 	var re *oauth2.RetrieveError
 	if errors.As(err, &re) {
