@@ -53,7 +53,7 @@ func TestMalformedProviderResponses(t *testing.T) {
 					Endpoint: oauth2.Endpoint{TokenURL: bad.URL, AuthStyle: oauth2.AuthStyleInHeader}}
 				o.Provider.HTTPTimeout = time.Second
 			})
-			seeded := e.seed(m)
+			e.seed(m)
 			before, _ := e.client().HMGet(t.Context(), grantKeys("tm", e.grant).record, fV, fAccess, fRefresh).Result()
 			e.clock.Advance(time.Hour)
 			_, err := m.Token(t.Context(), e.grant)
@@ -76,7 +76,6 @@ func TestMalformedProviderResponses(t *testing.T) {
 			if calls.Load() != 1 {
 				t.Errorf("%d calls to the provider, want 1", calls.Load())
 			}
-			_ = seeded
 		})
 	}
 }
