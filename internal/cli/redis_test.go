@@ -158,6 +158,9 @@ func TestReadmeACLRules(t *testing.T) {
 	if _, err := refresher.DeadGrants(t.Context()); err != nil {
 		t.Fatalf("refresher DeadGrants: %v", err)
 	}
+	if _, errs := refresher.Statuses(t.Context(), []string{"jira"}); errs[0] != nil {
+		t.Fatalf("refresher Statuses (the dashboard): %v", errs[0])
+	}
 	if err := rrdb.Set(t.Context(), "tm:connect:x", "1", time.Minute).Err(); err != nil {
 		t.Fatalf("refresher connect state: %v", err)
 	}

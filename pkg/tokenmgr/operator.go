@@ -1,6 +1,7 @@
 package tokenmgr
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -148,6 +149,17 @@ type GrantStatus struct {
 	RetryAt         time.Time `json:"retry_at,omitzero"`
 	Restored        bool      `json:"restored,omitempty"`
 	HasRefreshToken bool      `json:"has_refresh_token"`
+	// RefreshesLastHour counts the rotations of the last hour, fleet-wide.
+	// Far more than the token lifetime explains means something forces
+	// refreshes (401s, a misconfigured margin).
+	RefreshesLastHour int64 `json:"refreshes_last_hour"`
+	// Refreshing: a holder recorded its intent to spend this version's
+	// refresh token and has not written the result yet. An intent much older
+	// than the provider's timeout is a holder that died mid-call; the next
+	// refresh replays it.
+	Refreshing       bool      `json:"refreshing,omitempty"`
+	RefreshHolder    string    `json:"refresh_holder,omitempty"`
+	RefreshStartedAt time.Time `json:"refresh_started_at,omitzero"`
 }
 
 // LogValue lets a GrantStatus be logged as a group.
@@ -159,22 +171,74 @@ func (s GrantStatus) LogValue() slog.Value {
 // Status reads grant's metadata from Redis. It decrypts nothing, so it
 // works without the encryption key.
 func (a *Admin) Status(ctx context.Context, grant string) (GrantStatus, error) {
-	if err := ValidateGrantName(grant); err != nil {
-		return GrantStatus{}, err
+	sts, errs := a.Statuses(ctx, []string{grant})
+	return sts[0], errs[0]
+}
+
+// Statuses reads the metadata of each grant, like Status, in one pipelined
+// round trip (one per node on Cluster): for views that list many grants.
+// errs[i] is grants[i]'s error (a *NotFoundError, a *CorruptRecordError, a
+// bad name or the Redis error); sts[i] is valid only when errs[i] is nil.
+func (a *Admin) Statuses(ctx context.Context, grants []string) (sts []GrantStatus, errs []error) {
+	sts, errs = make([]GrantStatus, len(grants)), make([]error, len(grants))
+	type reads struct {
+		record  *redis.MapStringStringCmd
+		intent  *redis.SliceCmd
+		rotated *redis.IntCmd
 	}
-	rec, err := a.store.readMeta(ctx, grant, grantKeys(a.opts.KeyPrefix, grant))
-	if errors.Is(err, errMissing) {
-		return GrantStatus{}, &NotFoundError{Grant: grant}
+	rs := make([]*reads, len(grants))
+	since := "(" + strconv.FormatInt(a.opts.Now().Add(-rotationWindow).UnixMilli(), 10) // the last hour, exclusive
+	_, _ = a.opts.Redis.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, g := range grants {
+			if errs[i] = ValidateGrantName(g); errs[i] != nil {
+				continue
+			}
+			k := grantKeys(a.opts.KeyPrefix, g)
+			rs[i] = &reads{
+				record:  p.HGetAll(ctx, k.record),
+				intent:  p.HMGet(ctx, k.intent, "holder", "from_v", "started_at"),
+				rotated: p.ZCount(ctx, k.rotations, since, "+inf"),
+			}
+		}
+		return nil
+	})
+	for i, r := range rs {
+		if r == nil {
+			continue
+		}
+		if err := cmp.Or(r.record.Err(), r.intent.Err(), r.rotated.Err()); err != nil {
+			errs[i] = err
+			continue
+		}
+		if len(r.record.Val()) == 0 {
+			errs[i] = &NotFoundError{Grant: grants[i]}
+			continue
+		}
+		rec, err := decodeRecord(grants[i], r.record.Val(), nil)
+		if err != nil {
+			errs[i] = err
+			continue
+		}
+		st := GrantStatus{
+			Grant: grants[i], Version: rec.V, Status: rec.Status, Reason: rec.Reason, TokenType: rec.TokenType,
+			Expiry: rec.Expiry, Scope: rec.Scope, RotatedAt: rec.RotatedAt, RotatedBy: rec.RotatedBy,
+			RefreshCount: rec.RefreshCount, IdleExpiry: rec.IdleExpiry, AbsoluteExpiry: rec.AbsoluteExpiry,
+			RetryAt: rec.RetryAt, Restored: rec.Restored, HasRefreshToken: rec.hasRefresh,
+			RefreshesLastHour: r.rotated.Val(),
+		}
+		// An intent for another version is left over; only the current
+		// version's means a refresh is under way.
+		in := r.intent.Val()
+		holder, _ := in[0].(string)
+		fromV, _ := in[1].(string)
+		if rec.Status == StatusOK && fromV == strconv.FormatInt(rec.V, 10) {
+			st.Refreshing, st.RefreshHolder = true, holder
+			started, _ := in[2].(string)
+			st.RefreshStartedAt, _ = parseMS(started) // a bad value only loses the time
+		}
+		sts[i] = st
 	}
-	if err != nil {
-		return GrantStatus{}, err
-	}
-	return GrantStatus{
-		Grant: grant, Version: rec.V, Status: rec.Status, Reason: rec.Reason, TokenType: rec.TokenType,
-		Expiry: rec.Expiry, Scope: rec.Scope, RotatedAt: rec.RotatedAt, RotatedBy: rec.RotatedBy,
-		RefreshCount: rec.RefreshCount, IdleExpiry: rec.IdleExpiry, AbsoluteExpiry: rec.AbsoluteExpiry,
-		RetryAt: rec.RetryAt, Restored: rec.Restored, HasRefreshToken: rec.hasRefresh,
-	}, nil
+	return sts, errs
 }
 
 // Rotate forces one fenced refresh of grant's current version now, as a

@@ -35,12 +35,18 @@ var (
 // all of them live in one Cluster slot and a script may touch them together.
 type keys struct {
 	record, lock, intent string
+	rotations            string // sorted set of the last hour's rotations, for operators
 }
 
 func grantKeys(prefix, grant string) keys {
 	tag := prefix + ":{" + grant + "}:"
-	return keys{record: tag + "tok", lock: tag + "lock", intent: tag + "intent"}
+	return keys{record: tag + "tok", lock: tag + "lock", intent: tag + "intent", rotations: tag + "rotations"}
 }
+
+// rotationWindow is how far back the rotations set reaches: operators see
+// "refreshes in the last hour", and a grant rotating far more often than its
+// token lifetime says something is forcing refreshes.
+const rotationWindow = time.Hour
 
 // store is the Redis side of a Manager: every read and write of a record.
 type store struct {
@@ -125,8 +131,8 @@ func (s *store) rotate(ctx context.Context, grant string, k keys, fromV int64, r
 	if err != nil {
 		return 0, 0, err
 	}
-	args := append([]any{strconv.FormatInt(fromV, 10), s.channel, grant}, f...)
-	res, err := rotateScript.Run(ctx, s.rdb, []string{k.record, k.intent}, args...).Int64Slice()
+	args := append([]any{strconv.FormatInt(fromV, 10), s.channel, grant, rec.RotatedAt.UnixMilli(), rotationWindow.Milliseconds()}, f...)
+	res, err := rotateScript.Run(ctx, s.rdb, []string{k.record, k.intent, k.rotations}, args...).Int64Slice()
 	if err != nil {
 		return 0, 0, err
 	}

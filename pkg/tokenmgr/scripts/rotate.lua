@@ -1,8 +1,9 @@
 -- Fenced write of a rotated token pair (DESIGN.md invariant 1).
--- KEYS[1] record hash, KEYS[2] intent hash
+-- KEYS[1] record hash, KEYS[2] intent hash, KEYS[3] rotations sorted set
 -- ARGV[1] the version the refresh token was read at
 -- ARGV[2] rotation channel, ARGV[3] grant name
--- ARGV[4..] field/value pairs of the new record (v excluded)
+-- ARGV[4] now (unix ms), ARGV[5] rotations window (ms)
+-- ARGV[6..] field/value pairs of the new record (v excluded)
 -- Returns {1, new_v} on success, {0, stored_v} when another writer got there
 -- first, {-1, 0} when the record is gone.
 local v = redis.call('HGET', KEYS[1], 'v')
@@ -14,8 +15,13 @@ if v ~= ARGV[1] then
 end
 local nv = tonumber(v) + 1
 redis.call('HDEL', KEYS[1], 'reason', 'retry_at', 'restored')
-redis.call('HSET', KEYS[1], 'v', nv, unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'v', nv, unpack(ARGV, 6))
 redis.call('HINCRBY', KEYS[1], 'refresh_count', 1)
 redis.call('DEL', KEYS[2])
+-- The last hour's rotations (member: the new version), for operators.
+local now = tonumber(ARGV[4])
+redis.call('ZADD', KEYS[3], now, nv)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (now - tonumber(ARGV[5])))
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
 redis.call('PUBLISH', ARGV[2], ARGV[3] .. ' ' .. nv)
 return {1, nv}
