@@ -2,7 +2,9 @@
 // tokenmgrtest on an address, for demos, docker-compose and integration
 // tests. Never point real clients at it: it consents to everything.
 //
-// Endpoints: POST /oauth/token, GET /authorize, GET /rest/api/3/myself,
+// Endpoints: POST /oauth/token, GET /authorize (redirects with a code at
+// once, or with --consent-page shows an Allow/Deny page that POSTs to
+// /authorize, for browser tests), GET /rest/api/3/myself,
 // GET /stats (counters as JSON), and for test harnesses POST /admin/grant
 // (a new grant's token pair as JSON) and POST /admin/faults (latency,
 // answer_delay, fail_5xx, fail_429, retry_after, drop).
@@ -47,6 +49,7 @@ type config struct {
 	seedGrant, seedRedis                             string
 	accessTTL, latency, retryAfter                   time.Duration
 	fail5xx, fail429, drop                           int
+	consentPage                                      bool
 }
 
 func parseFlags(args []string, stderr io.Writer) (config, error) {
@@ -64,6 +67,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.IntVar(&c.fail429, "fail-429", 0, "answer the next `N` refreshes with 429")
 	fs.DurationVar(&c.retryAfter, "retry-after", 5*time.Second, "Retry-After sent with 429")
 	fs.IntVar(&c.drop, "drop", 0, "perform the next `N` rotations but drop their responses")
+	fs.BoolVar(&c.consentPage, "consent-page", false, "at /authorize, show an Allow/Deny page instead of consenting at once (for browser tests)")
 	fs.StringVar(&c.seedGrant, "seed-grant", "", "at start, create a grant and seed it into --seed-redis under this `name` (for demos)")
 	fs.StringVar(&c.seedRedis, "seed-redis", "", "Redis `URL` for --seed-grant")
 	if err := fs.Parse(args); err != nil {
@@ -111,7 +115,10 @@ func authStyle(s string) (oauth2.AuthStyle, error) {
 func newIdP(c config) (*tokenmgrtest.IdP, http.Handler) {
 	profile, _ := tokenmgrtest.ProfileByName(c.profile)
 	style, _ := authStyle(c.authStyle)
-	idp := tokenmgrtest.New(tokenmgrtest.Config{Profile: profile, ClientID: c.clientID, ClientSecret: c.clientSecret, AuthStyle: style, AccessTTL: c.accessTTL})
+	idp := tokenmgrtest.New(tokenmgrtest.Config{
+		Profile: profile, ClientID: c.clientID, ClientSecret: c.clientSecret,
+		AuthStyle: style, AccessTTL: c.accessTTL, ConsentPage: c.consentPage,
+	})
 	idp.SetLatency(c.latency)
 	idp.Fail5xx(c.fail5xx)
 	idp.Fail429(c.fail429, c.retryAfter)

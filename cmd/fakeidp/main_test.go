@@ -78,3 +78,25 @@ func TestComposeCommands(t *testing.T) {
 		}
 	}
 }
+
+func TestConsentPageFlag(t *testing.T) {
+	authorize := "/authorize?response_type=code&client_id=client-id&redirect_uri=https%3A%2F%2Fapp.example%2Fcb"
+	for _, tt := range []struct {
+		args []string
+		want int
+	}{
+		{nil, http.StatusFound},
+		{[]string{"--consent-page"}, http.StatusOK},
+	} {
+		c, err := parseFlags(tt.args, io.Discard)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, h := newIdP(c)
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, authorize, nil))
+		if rec.Code != tt.want {
+			t.Errorf("%v: GET /authorize got %d, want %d", tt.args, rec.Code, tt.want)
+		}
+	}
+}

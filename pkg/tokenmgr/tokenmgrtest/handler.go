@@ -6,7 +6,9 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"html/template"
 	"io"
+	"maps"
 	"mime"
 	"net/http"
 	"net/http/httptest"
@@ -82,6 +84,9 @@ func (p *IdP) routes() *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+tokenPath, p.handleToken)
 	mux.HandleFunc("GET "+authorizePath, p.handleAuthorize)
+	if p.cfg.ConsentPage {
+		mux.HandleFunc("POST "+authorizePath, p.handleConsent)
+	}
 	mux.HandleFunc("GET "+apiPath, p.handleAPI)
 	mux.HandleFunc("GET "+statsPath, p.handleStats)
 	return mux
@@ -299,22 +304,62 @@ func verifierMatches(verifier, challenge, method string) bool {
 	return subtle.ConstantTimeCompare([]byte(want), []byte(challenge)) == 1
 }
 
-// handleAuthorize consents at once: there is no user to ask.
+// handleAuthorize consents at once, as there is no user to ask, unless
+// Config.ConsentPage asks for a page a browser test can click through.
 func (p *IdP) handleAuthorize(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
-	fail := func(code, desc string) { writeJSON(w, oauthError(http.StatusBadRequest, code, desc)) }
-	if q.Get("client_id") != p.cfg.ClientID {
-		fail("invalid_client", "unknown client_id")
+	c, redirect, rep, ok := p.authRequest(q)
+	if !ok {
+		writeJSON(w, rep)
 		return
+	}
+	if p.cfg.ConsentPage {
+		p.renderConsent(w, q)
+		return
+	}
+	redirectBack(w, r, redirect, "code", p.issueCode(c), q.Get("state"))
+}
+
+// handleConsent takes the consent page's answer. The form echoes the
+// original request, which is validated again: the browser may have changed it.
+func (p *IdP) handleConsent(w http.ResponseWriter, r *http.Request) {
+	r.Body = http.MaxBytesReader(w, r.Body, 1<<20)
+	if err := r.ParseForm(); err != nil {
+		writeJSON(w, oauthError(http.StatusBadRequest, "invalid_request", "malformed form body"))
+		return
+	}
+	q := r.PostForm
+	c, redirect, rep, ok := p.authRequest(q)
+	if !ok {
+		writeJSON(w, rep)
+		return
+	}
+	switch q.Get("decision") {
+	case "allow":
+		redirectBack(w, r, redirect, "code", p.issueCode(c), q.Get("state"))
+	case "deny":
+		redirectBack(w, r, redirect, "error", "access_denied", q.Get("state")) // RFC 6749 4.1.2.1
+	default:
+		writeJSON(w, oauthError(http.StatusBadRequest, "invalid_request", "decision must be allow or deny"))
+	}
+}
+
+// authRequest validates the parameters of an authorization request and
+// returns the code they would be granted (without expiry) and the parsed
+// redirect_uri. When ok is false, rep is the error to answer with.
+func (p *IdP) authRequest(q url.Values) (c *authCode, redirect *url.URL, rep reply, ok bool) {
+	fail := func(code, desc string) (*authCode, *url.URL, reply, bool) {
+		return nil, nil, oauthError(http.StatusBadRequest, code, desc), false
+	}
+	if q.Get("client_id") != p.cfg.ClientID {
+		return fail("invalid_client", "unknown client_id")
 	}
 	redirect, err := url.Parse(q.Get("redirect_uri"))
 	if err != nil || !redirect.IsAbs() {
-		fail("invalid_request", "redirect_uri must be an absolute URL")
-		return
+		return fail("invalid_request", "redirect_uri must be an absolute URL")
 	}
 	if q.Get("response_type") != "code" {
-		fail("unsupported_response_type", "only response_type=code is supported")
-		return
+		return fail("unsupported_response_type", "only response_type=code is supported")
 	}
 	method := q.Get("code_challenge_method")
 	challenge := q.Get("code_challenge")
@@ -322,26 +367,69 @@ func (p *IdP) handleAuthorize(w http.ResponseWriter, r *http.Request) {
 		method = "plain" // RFC 7636 4.3
 	}
 	if challenge != "" && method != "S256" && method != "plain" {
-		fail("invalid_request", "unsupported code_challenge_method")
-		return
+		return fail("invalid_request", "unsupported code_challenge_method")
 	}
+	c = &authCode{redirectURI: q.Get("redirect_uri"), scope: q.Get("scope"), challenge: challenge, method: method}
+	return c, redirect, reply{}, true
+}
+
+// issueCode stores c under a new single-use authorization code.
+func (p *IdP) issueCode(c *authCode) string {
 	code := "fake-code-" + randomString(24)
 	p.mu.Lock()
-	p.codes[code] = &authCode{
-		redirectURI: q.Get("redirect_uri"),
-		scope:       q.Get("scope"),
-		challenge:   challenge,
-		method:      method,
-		expiry:      p.nowLocked().Add(codeTTL),
-	}
-	p.mu.Unlock()
+	defer p.mu.Unlock()
+	c.expiry = p.nowLocked().Add(codeTTL)
+	p.codes[code] = c
+	return code
+}
+
+// redirectBack sends the browser to the client's redirect URI with key=value
+// and the state added to the URI's own query. A POST gets 303 so the
+// browser follows with a GET.
+func redirectBack(w http.ResponseWriter, r *http.Request, redirect *url.URL, key, value, state string) {
 	rq := redirect.Query()
-	rq.Set("code", code)
-	if st := q.Get("state"); st != "" {
-		rq.Set("state", st)
+	rq.Set(key, value)
+	if state != "" {
+		rq.Set("state", state)
 	}
 	redirect.RawQuery = rq.Encode()
-	http.Redirect(w, r, redirect.String(), http.StatusFound)
+	status := http.StatusFound
+	if r.Method == http.MethodPost {
+		status = http.StatusSeeOther
+	}
+	http.Redirect(w, r, redirect.String(), status)
+}
+
+// consentTmpl is the consent page. The hidden fields carry the original
+// request back, so the POST needs no server-side session.
+var consentTmpl = template.Must(template.New("consent").Parse(`<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>Fake IdP: consent</title></head>
+<body>
+<h1>Fake IdP: consent</h1>
+<p>Client <code id="client-id">{{.ClientID}}</code> asks for:</p>
+<ul id="scopes">{{range .Scopes}}<li>{{.}}</li>{{else}}<li>no scopes</li>{{end}}</ul>
+<form method="post" action="{{.Action}}">
+{{- range $k, $vs := .Params}}{{range $vs}}
+<input type="hidden" name="{{$k}}" value="{{.}}">{{end}}{{end}}
+<button id="allow" name="decision" value="allow">Allow</button>
+<button id="deny" name="decision" value="deny">Deny</button>
+</form>
+</body>
+</html>
+`))
+
+// renderConsent shows the consent page for the validated request q.
+func (p *IdP) renderConsent(w http.ResponseWriter, q url.Values) {
+	params := maps.Clone(q)
+	params.Del("decision") // the buttons' own field; an echoed one would win
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	_ = consentTmpl.Execute(w, struct {
+		ClientID, Action string
+		Scopes           []string
+		Params           url.Values
+	}{q.Get("client_id"), authorizePath, strings.Fields(q.Get("scope")), params})
 }
 
 func (p *IdP) handleAPI(w http.ResponseWriter, r *http.Request) {

@@ -42,6 +42,11 @@ type Config struct {
 	AccessTTL time.Duration
 	// Now is the clock for all expiry and leeway decisions. Default time.Now.
 	Now func() time.Time
+	// ConsentPage makes GET /authorize answer with an HTML consent page
+	// (buttons #allow and #deny, POSTing back to /authorize) instead of
+	// consenting at once, so browser tests can walk the consent step as a
+	// user would. Off, plain HTTP clients get the code from one redirect.
+	ConsentPage bool
 }
 
 // Stats counts what the IdP has seen since it started.
