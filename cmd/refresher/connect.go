@@ -3,14 +3,14 @@ package main
 import (
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/base64"
 	"encoding/json"
-	"fmt"
-	"html"
+	"html/template"
 	"log/slog"
 	"net/http"
+	"net/url"
+	"strconv"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -20,10 +20,12 @@ import (
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
-// connector bootstraps grants with the authorization-code flow:
-// GET /connect/{grant} (operator only: HTTP basic auth) sends the browser to
-// the provider with a single-use, expiring state bound to a cookie (and
-// PKCE); GET /callback checks both, exchanges the code and seeds the grant.
+// connector bootstraps grants with the authorization-code flow, on the
+// operator surface (behind adminAuth): GET /connect/{grant} shows what will
+// happen; its form POSTs (with the CSRF token) to /connect/{grant}, which
+// sends the browser to the provider with a single-use, expiring state bound
+// to a cookie (and PKCE); GET /callback checks both, exchanges the code,
+// seeds the grant and returns to the dashboard.
 type connector struct {
 	routes   map[string]*route // grant -> its registration
 	fallback *route            // for grants of a registration that serves every grant
@@ -32,10 +34,9 @@ type connector struct {
 	prefix   string // Redis key prefix for pending states
 	stateTTL time.Duration
 	log      *slog.Logger
-	// adminPassword guards /connect: whoever opens it can replace a grant.
-	adminPassword string
-	secureCookie  bool          // the callback is https: mark the cookie Secure
-	limiter       *rate.Limiter // /connect attempts, so a flood cannot fill Redis
+	secure   bool          // the callback is https: mark cookies Secure
+	limiter  *rate.Limiter // logins started, so a flood cannot fill Redis
+	now      func() time.Time
 }
 
 // route is what /connect needs of one registration.
@@ -64,46 +65,68 @@ func (c *connector) route(grant string) *route {
 	return c.fallback
 }
 
-// authorized compares digests, so neither the time taken nor an early
-// length mismatch tells anything about the password.
-func (c *connector) authorized(r *http.Request) bool {
-	user, pass, ok := r.BasicAuth()
-	u, p := sha256.Sum256([]byte(user)), sha256.Sum256([]byte(pass))
-	wu, wp := sha256.Sum256([]byte("admin")), sha256.Sum256([]byte(c.adminPassword))
-	return ok && subtle.ConstantTimeCompare(u[:], wu[:])&subtle.ConstantTimeCompare(p[:], wp[:]) == 1
+// confirmPage is GET /connect/{grant}: a form, so that a link or an image
+// on another site cannot start a login (state changes are POSTs).
+var confirmPage = template.Must(template.ParseFS(webFS, "web/connect.html"))
+
+func (c *connector) handleConfirm(w http.ResponseWriter, r *http.Request) {
+	grant := r.PathValue("grant")
+	rt, ok := c.checkGrant(w, grant)
+	if !ok {
+		return
+	}
+	data := struct {
+		Grant, Status, Reason, CSRF string
+		Healthy, Replace            bool
+	}{Grant: grant, Status: "not connected", CSRF: csrfToken(w, r, c.secure), Replace: r.URL.Query().Get("replace") == "1"}
+	if st, err := rt.admin.Status(r.Context(), grant); err == nil {
+		data.Status, data.Reason, data.Healthy = st.Status, st.Reason, st.Status == tokenmgr.StatusOK
+	}
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	if err := confirmPage.Execute(w, data); err != nil {
+		c.log.Error("connect page", "err", err)
+	}
 }
 
-func (c *connector) handleConnect(w http.ResponseWriter, r *http.Request) {
-	// Limit before checking credentials: password guessing is limited too.
-	if !c.limiter.Allow() {
-		http.Error(w, "too many connect attempts; try again shortly", http.StatusTooManyRequests)
-		return
-	}
-	if !c.authorized(r) {
-		w.Header().Set("WWW-Authenticate", `Basic realm="tokenmgr refresher", charset="UTF-8"`)
-		http.Error(w, "operator credentials required", http.StatusUnauthorized)
-		return
-	}
-	grant := r.PathValue("grant")
+// checkGrant answers 400 or 404 for a grant /connect cannot serve.
+func (c *connector) checkGrant(w http.ResponseWriter, grant string) (*route, bool) {
 	if err := tokenmgr.ValidateGrantName(grant); err != nil {
 		http.Error(w, err.Error(), http.StatusBadRequest)
-		return
+		return nil, false
 	}
 	rt := c.route(grant)
 	if rt == nil {
 		http.Error(w, "grant "+grant+" is not served by this refresher (see --grant / --config)", http.StatusNotFound)
+		return nil, false
+	}
+	return rt, true
+}
+
+// handleConnect is POST /connect/{grant}: it starts the login.
+func (c *connector) handleConnect(w http.ResponseWriter, r *http.Request) {
+	if !c.limiter.Allow() {
+		http.Error(w, "too many connect attempts; try again shortly", http.StatusTooManyRequests)
+		return
+	}
+	if !csrfValid(r) {
+		http.Error(w, "missing or wrong CSRF token: start again from the dashboard or GET /connect/{grant}", http.StatusForbidden)
+		return
+	}
+	grant := r.PathValue("grant")
+	rt, ok := c.checkGrant(w, grant)
+	if !ok {
 		return
 	}
 	// Replacing a live grant is a deliberate act.
-	replace := r.URL.Query().Get("replace") == "1"
+	replace := r.PostFormValue("replace") == "1"
 	if st, err := rt.admin.Status(r.Context(), grant); err == nil && st.Status == tokenmgr.StatusOK && !replace {
-		http.Error(w, "grant "+grant+" is healthy; add ?replace=1 to replace it with a new consent", http.StatusConflict)
+		http.Error(w, "grant "+grant+" is healthy; tick 'replace' (replace=1) to replace it with a new consent", http.StatusConflict)
 		return
 	}
 	b := make([]byte, 32)
 	_, _ = rand.Read(b)
 	state := base64.RawURLEncoding.EncodeToString(b)
-	p := pendingConnect{Grant: grant, Started: time.Now(), Replace: replace}
+	p := pendingConnect{Grant: grant, Started: c.now(), Replace: replace}
 	opts := append([]oauth2.AuthCodeOption{}, rt.params...)
 	if c.pkce {
 		p.Verifier = oauth2.GenerateVerifier()
@@ -115,11 +138,12 @@ func (c *connector) handleConnect(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// The state is also bound to this browser: a callback link lured into
-	// another browser does not complete.
+	// another browser does not complete. Lax: it must come back on the
+	// provider's redirect.
 	http.SetCookie(w, &http.Cookie{Name: stateCookie, Value: state, Path: "/", MaxAge: int(c.stateTTL.Seconds()),
-		HttpOnly: true, Secure: c.secureCookie, SameSite: http.SameSiteLaxMode})
-	c.log.Info("connect started", "grant", grant)
-	http.Redirect(w, r, rt.cfg.AuthCodeURL(state, opts...), http.StatusFound)
+		HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode})
+	c.log.Info("connect started", "grant", grant, "replace", replace)
+	http.Redirect(w, r, rt.cfg.AuthCodeURL(state, opts...), http.StatusSeeOther)
 }
 
 func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
@@ -131,10 +155,10 @@ func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
 	}
 	cookie, err := r.Cookie(stateCookie)
 	if err != nil || subtle.ConstantTimeCompare([]byte(cookie.Value), []byte(state)) != 1 {
-		http.Error(w, "this login was not started in this browser: start again at /connect/{grant}", http.StatusBadRequest)
+		http.Error(w, "this login was not started in this browser: start again from the dashboard or /connect/{grant}", http.StatusBadRequest)
 		return
 	}
-	http.SetCookie(w, &http.Cookie{Name: stateCookie, Value: "", Path: "/", MaxAge: -1, HttpOnly: true, Secure: c.secureCookie, SameSite: http.SameSiteLaxMode})
+	http.SetCookie(w, &http.Cookie{Name: stateCookie, Value: "", Path: "/", MaxAge: -1, HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode})
 	// GETDEL: a state works once, whatever happens next.
 	js, err := c.rdb.GetDel(r.Context(), c.stateKey(state)).Bytes()
 	if err == redis.Nil {
@@ -183,13 +207,13 @@ func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "code exchange failed: "+tokenmgr.DescribeProviderError(err), http.StatusBadGateway)
 		return
 	}
-	v, err := rt.admin.Seed(ctx, p.Grant, tok, tokenmgr.SeedOptions{ConsentedAt: time.Now()})
+	v, err := rt.admin.Seed(ctx, p.Grant, tok, tokenmgr.SeedOptions{ConsentedAt: c.now()})
 	if err != nil {
 		c.log.Error("seeding the connected grant failed", "grant", p.Grant, "err", err)
 		http.Error(w, "could not store the grant", http.StatusInternalServerError)
 		return
 	}
 	c.log.Info("grant connected", "grant", p.Grant, "version", v)
-	w.Header().Set("Content-Type", "text/html; charset=utf-8")
-	fmt.Fprintf(w, "<!doctype html><title>Connected</title><p>Grant <b>%s</b> connected (version %d). You can close this page.</p>\n", html.EscapeString(p.Grant), v)
+	// Back to the dashboard, which shows the grant healthy.
+	http.Redirect(w, r, "/?"+url.Values{"connected": {p.Grant}, "version": {strconv.FormatInt(v, 10)}}.Encode(), http.StatusSeeOther)
 }

@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -285,8 +286,11 @@ func TestConnectFlow(t *testing.T) {
 		}
 		return nil
 	}}
-	connect := func(path, pass string) (int, string) {
-		req, _ := http.NewRequest(http.MethodGet, srv.URL+path, nil)
+	send := func(method, path, pass string, form url.Values) (int, string) {
+		req, _ := http.NewRequest(method, srv.URL+path, strings.NewReader(form.Encode()))
+		if method == http.MethodPost {
+			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		}
 		if pass != "" {
 			req.SetBasicAuth("admin", pass)
 		}
@@ -298,14 +302,36 @@ func TestConnectFlow(t *testing.T) {
 		body, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(body)
 	}
-	if code, _ := connect("/connect/jira-prod", ""); code != http.StatusUnauthorized {
+	get := func(path, pass string) (int, string) { return send(http.MethodGet, path, pass, nil) }
+	// connect does what an operator does: open /connect/{grant}, then
+	// submit its form (which carries the CSRF token).
+	csrfInput := regexp.MustCompile(`name="csrf" value="([^"]+)"`)
+	connect := func(grant, pass string, replace bool) (int, string) {
+		code, page := get("/connect/"+grant, pass)
+		if code != http.StatusOK {
+			return code, page
+		}
+		m := csrfInput.FindStringSubmatch(page)
+		if m == nil {
+			t.Fatalf("connect page without a CSRF token: %s", page)
+		}
+		form := url.Values{"csrf": {m[1]}}
+		if replace {
+			form.Set("replace", "1")
+		}
+		return send(http.MethodPost, "/connect/"+grant, pass, form)
+	}
+	if code, _ := connect("jira-prod", "", false); code != http.StatusUnauthorized {
 		t.Errorf("connect without credentials: %d, want 401", code)
 	}
-	if code, _ := connect("/connect/jira-prod", "wrong password!"); code != http.StatusUnauthorized {
+	if code, _ := connect("jira-prod", "wrong password!", false); code != http.StatusUnauthorized {
 		t.Errorf("connect with a wrong password: %d, want 401", code)
 	}
-	code, body := connect("/connect/jira-prod", c.adminPassword)
-	if code != http.StatusOK || !strings.Contains(body, "connected") {
+	if code, _ := send(http.MethodPost, "/connect/jira-prod", c.adminPassword, url.Values{"csrf": {"guessed"}}); code != http.StatusForbidden {
+		t.Errorf("connect with a wrong CSRF token: %d, want 403", code)
+	}
+	code, body := connect("jira-prod", c.adminPassword, false)
+	if code != http.StatusOK || !strings.Contains(body, "<b>jira-prod</b> connected") {
 		t.Fatalf("connect flow ended with %d: %s", code, body)
 	}
 	m := w.manager(tokenmgr.Atlassian)
@@ -319,7 +345,7 @@ func TestConnectFlow(t *testing.T) {
 	// Replay of the same callback, even from the same browser: single use.
 	u, _ := url.Parse(lastCallback)
 	jar.SetCookies(u, []*http.Cookie{{Name: stateCookie, Value: u.Query().Get("state"), Path: "/"}})
-	if code, _ := connect(strings.TrimPrefix(lastCallback, srv.URL), ""); code != http.StatusBadRequest {
+	if code, _ := get(strings.TrimPrefix(lastCallback, srv.URL), ""); code != http.StatusBadRequest {
 		t.Errorf("replayed state answered %d, want 400", code)
 	}
 	// The callback link opened in another browser (no cookie).
@@ -335,17 +361,17 @@ func TestConnectFlow(t *testing.T) {
 	q.Set("state", "forged-state")
 	u.RawQuery = q.Encode()
 	jar.SetCookies(u, []*http.Cookie{{Name: stateCookie, Value: "forged-state", Path: "/"}})
-	if code, _ := connect(strings.TrimPrefix(u.String(), srv.URL), ""); code != http.StatusBadRequest {
+	if code, _ := get(strings.TrimPrefix(u.String(), srv.URL), ""); code != http.StatusBadRequest {
 		t.Errorf("forged state answered %d, want 400", code)
 	}
 	if st, _ := m.Status(t.Context(), "jira-prod"); st.Version != 1 {
 		t.Errorf("replay changed the grant: version %d", st.Version)
 	}
 	// A healthy grant is replaced only on purpose.
-	if code, _ := connect("/connect/jira-prod", c.adminPassword); code != http.StatusConflict {
+	if code, _ := connect("jira-prod", c.adminPassword, false); code != http.StatusConflict {
 		t.Errorf("connect over a healthy grant: %d, want 409", code)
 	}
-	if code, _ := connect("/connect/jira-prod?replace=1", c.adminPassword); code != http.StatusOK {
+	if code, _ := connect("jira-prod", c.adminPassword, true); code != http.StatusOK {
 		t.Errorf("connect with replace=1: %d", code)
 	}
 	if st, _ := m.Status(t.Context(), "jira-prod"); st.Version != 2 {
@@ -411,7 +437,7 @@ func TestConfigFile(t *testing.T) {
 			t.Errorf("config %s: %v, want %q", body, err, want)
 		}
 	}
-	if _, err := parseRunFlags([]string{"--config", good, "--redirect-url", "https://r.example/callback"}, getenv, io.Discard); err == nil || !strings.Contains(err.Error(), "admin password") {
+	if _, err := parseRunFlags([]string{"--config", good, "--redirect-url", "https://r.example/callback"}, getenv, io.Discard); err == nil || !strings.Contains(err.Error(), "needs the operator surface") {
 		t.Errorf("/connect without an admin password: %v", err)
 	}
 }

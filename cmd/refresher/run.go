@@ -26,25 +26,28 @@ import (
 )
 
 type runConfig struct {
-	common        cli.Common
-	config        string
-	regs          []*registration
-	listen        string
-	refreshBefore time.Duration
-	maxFraction   float64
-	jitter        time.Duration
-	tick          time.Duration
-	concurrency   int
-	rate          float64
-	batch         int64
-	redirectURL   string
-	scopes        string
-	pkce          bool
-	stateTTL      time.Duration
-	warnAbsolute  time.Duration
-	logLevel      string
-	adminPassFile string
-	adminPassword string
+	common         cli.Common
+	config         string
+	regs           []*registration
+	listen         string
+	refreshBefore  time.Duration
+	maxFraction    float64
+	jitter         time.Duration
+	tick           time.Duration
+	concurrency    int
+	rate           float64
+	batch          int64
+	redirectURL    string
+	scopes         string
+	pkce           bool
+	stateTTL       time.Duration
+	warnAbsolute   time.Duration
+	logLevel       string
+	adminListen    string
+	adminPassFile  string
+	adminPassword  string
+	adminTokenFile string
+	adminToken     string
 }
 
 // registration is one client registration and the grants it refreshes.
@@ -150,7 +153,8 @@ func parseRunFlags(args []string, env func(string) string, stderr io.Writer) (*r
 	c := &runConfig{}
 	fs := newFlagSet("run", stderr)
 	c.common.Register(fs, env)
-	fs.StringVar(&c.listen, "listen", "127.0.0.1:8080", "`address` for /healthz, /readyz, /metrics, /connect/{grant} and /callback")
+	fs.StringVar(&c.listen, "listen", "127.0.0.1:8080", "`address` for /healthz, /readyz and /metrics (and the operator surface when admin credentials are set and --admin-listen is not)")
+	fs.StringVar(&c.adminListen, "admin-listen", "", "`address` of a separate listener for the operator surface: the dashboard at /, /api/grants, /connect/{grant}, /callback. Without admin credentials it must be loopback (reach it with kubectl port-forward)")
 	fs.DurationVar(&c.refreshBefore, "refresh-before", 10*time.Minute, "refresh this long before a token expires (capped at 20% of its lifetime); keep it above the workers' RefreshBefore (5m by default) so they never wait")
 	fs.Float64Var(&c.maxFraction, "max-refresh-fraction", 0.4, "cap of --refresh-before as a fraction of a token's lifetime; above the workers' (0.2 by default), so short-lived tokens are refreshed by the refresher first")
 	fs.DurationVar(&c.jitter, "jitter", time.Minute, "delay each grant's refresh by a stable random part of this, so grants with equal expiries spread out; keep it below --refresh-before minus the workers' margin")
@@ -165,7 +169,8 @@ func parseRunFlags(args []string, env func(string) string, stderr io.Writer) (*r
 	fs.DurationVar(&c.warnAbsolute, "warn-absolute", 30*24*time.Hour, "warn when a grant's absolute expiry is closer than this")
 	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&c.config, "config", "", "JSON `file` of client registrations, each with its grants (see README); without it, the flags describe one registration, serving --grant or, if unset, every grant in the schedule")
-	fs.StringVar(&c.adminPassFile, "admin-password-file", "", "`file` with the password (user admin, HTTP basic auth) that /connect requires (else env "+envAdminPassword+")")
+	fs.StringVar(&c.adminPassFile, "admin-password-file", "", "`file` with the operator password (HTTP basic auth, user admin) for the dashboard and /connect (else env "+envAdminPassword+"); setting it turns the operator surface on")
+	fs.StringVar(&c.adminTokenFile, "admin-token-file", "", "`file` with an operator bearer token for the dashboard, /api/grants and /connect (else env "+envAdminToken+"); browsers may send it as user admin's basic-auth password")
 	if err := parseArgs(fs, args); err != nil {
 		return nil, err
 	}
@@ -215,24 +220,17 @@ func parseRunFlags(args []string, env func(string) string, stderr io.Writer) (*r
 				errs = append(errs, fmt.Errorf("registration %s: --redirect-url needs --auth-url (or --provider atlassian)", r.name))
 			}
 		}
-		switch {
-		case c.adminPassFile != "":
-			b, err := os.ReadFile(c.adminPassFile)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("--admin-password-file: %w", err))
-			}
-			c.adminPassword = strings.TrimSpace(string(b))
-		default:
-			c.adminPassword = env(envAdminPassword)
-		}
-		if len(c.adminPassword) < 12 {
-			errs = append(errs, errors.New("/connect (enabled by --redirect-url) needs an admin password of 12+ characters: --admin-password-file or "+envAdminPassword+"; anyone who can open /connect can replace a grant"))
-		}
 	}
+	var err error
+	if c.adminPassword, err = adminSecret(c.adminPassFile, envAdminPassword, env); err != nil {
+		errs = append(errs, fmt.Errorf("--admin-password-file: %w", err))
+	}
+	if c.adminToken, err = adminSecret(c.adminTokenFile, envAdminToken, env); err != nil {
+		errs = append(errs, fmt.Errorf("--admin-token-file: %w", err))
+	}
+	errs = append(errs, c.validateAdmin()...)
 	return c, errors.Join(errs...)
 }
-
-const envAdminPassword = "TOKENMGR_ADMIN_PASSWORD"
 
 func cmdRun(ctx context.Context, args []string, env func(string) string, stdout, stderr io.Writer) error {
 	c, err := parseRunFlags(args, env, stderr)
@@ -261,21 +259,14 @@ func cmdRun(ctx context.Context, args []string, env func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", c.listen)
+	servers, err := listen(c, srv, stdout, log)
 	if err != nil {
 		return err
 	}
-	hs := &http.Server{Handler: srv.handler, ReadHeaderTimeout: 10 * time.Second}
-	go func() {
-		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			log.Error("http server", "err", err)
-		}
-	}()
-	fmt.Fprintf(stdout, "listening on http://%s\n", ln.Addr())
 	if c.common.InsecurePlain {
 		log.Error("--insecure-plaintext: tokens are stored in Redis UNENCRYPTED; anyone who can read Redis can use the grants")
 	}
-	log.Info("refresher running", "listen", ln.Addr().String(), "registrations", len(c.regs), "refresh_before", c.refreshBefore, "jitter", c.jitter)
+	log.Info("refresher running", "listen", c.listen, "admin_listen", c.adminListen, "dashboard", srv.admin != nil, "registrations", len(c.regs), "refresh_before", c.refreshBefore, "jitter", c.jitter)
 
 	// SIGTERM ends ctx: no new work; refreshes in flight finish and are
 	// written; then the lease is released and held pairs flushed by Close.
@@ -287,7 +278,9 @@ func cmdRun(ctx context.Context, args []string, env func(string) string, stdout,
 	log.Info("shutting down: in-flight refreshes finished")
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
-	_ = hs.Shutdown(sctx)
+	for _, hs := range servers {
+		_ = hs.Shutdown(sctx)
+	}
 	var errs []error
 	for _, p := range srv.pods {
 		errs = append(errs, p.m.Close(sctx))
@@ -299,6 +292,40 @@ func cmdRun(ctx context.Context, args []string, env func(string) string, stdout,
 	return nil
 }
 
+// listen serves srv on --listen, and its operator surface on --admin-listen
+// when set.
+func listen(c *runConfig, srv *server, stdout io.Writer, log *slog.Logger) ([]*http.Server, error) {
+	type endpoint struct {
+		addr, what string
+		h          http.Handler
+	}
+	eps := []endpoint{{c.listen, "listening on", srv.handler}}
+	if c.adminListen != "" {
+		eps = append(eps, endpoint{c.adminListen, "operator dashboard on", srv.admin})
+	} else if srv.admin != nil {
+		eps[0].what = "listening (operator dashboard at /) on"
+	}
+	var servers []*http.Server
+	for _, ep := range eps {
+		ln, err := net.Listen("tcp", ep.addr)
+		if err != nil {
+			for _, hs := range servers {
+				_ = hs.Close()
+			}
+			return nil, err
+		}
+		hs := &http.Server{Handler: ep.h, ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("http server", "err", err)
+			}
+		}()
+		fmt.Fprintf(stdout, "%s http://%s\n", ep.what, ln.Addr())
+		servers = append(servers, hs)
+	}
+	return servers, nil
+}
+
 // pod is one registration at work: its Manager and scheduler.
 type pod struct {
 	reg     *registration
@@ -307,10 +334,11 @@ type pod struct {
 	handler http.Handler // the server's, for tests that build one pod
 }
 
-// server is every pod and the HTTP handler they share.
+// server is every pod and the HTTP handlers they share.
 type server struct {
 	pods    []*pod
-	handler http.Handler
+	handler http.Handler // health, readiness, metrics; the operator surface too without --admin-listen
+	admin   http.Handler // the operator surface (nil: off)
 }
 
 // newPod builds a one-registration server from c's flags (tests).
@@ -337,8 +365,8 @@ func newServer(ctx context.Context, c *runConfig, opts []tokenmgr.Options) (*ser
 	reg := prometheus.NewRegistry()
 	mt := newMetrics(reg)
 	srv := &server{}
-	conn := &connector{pkce: c.pkce, stateTTL: c.stateTTL, adminPassword: c.adminPassword, routes: map[string]*route{},
-		secureCookie: strings.HasPrefix(c.redirectURL, "https://"), limiter: rate.NewLimiter(1, 10)}
+	secure := strings.HasPrefix(c.redirectURL, "https://")
+	conn := &connector{pkce: c.pkce, stateTTL: c.stateTTL, routes: map[string]*route{}, secure: secure, limiter: rate.NewLimiter(1, 10)}
 	for i, r := range c.regs {
 		o := opts[i]
 		o.RefreshBefore = c.refreshBefore
@@ -407,10 +435,40 @@ func newServer(ctx context.Context, c *runConfig, opts []tokenmgr.Options) (*ser
 		fmt.Fprintln(w, "ok")
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	if c.redirectURL != "" {
-		mux.HandleFunc("GET /connect/{grant}", conn.handleConnect)
-		mux.HandleFunc("GET /callback", conn.handleCallback)
+	if c.adminEnabled() {
+		now := opts[0].Now
+		if now == nil {
+			now = time.Now
+		}
+		conn.now = now
+		d := &dashboard{pods: srv.pods, now: now, secure: secure, log: srv.pods[0].m.Logger(), holder: srv.pods[0].m.Holder(),
+			overdue: c.jitter + 2*c.tick + time.Minute, warnAbsolute: c.warnAbsolute}
+		if c.redirectURL != "" {
+			d.conn = conn
+		}
+		srv.admin = adminSurface(newAdminAuth(c.adminPassword, c.adminToken), d)
+		if c.adminListen == "" {
+			mux.Handle("/", srv.admin)
+		}
 	}
 	srv.handler = mux
 	return srv, nil
+}
+
+// adminSurface is the operator's part of the refresher: the dashboard, its
+// JSON and /connect behind the credentials, /callback behind the login
+// state. Cross-origin state changes are refused before anything else.
+func adminSurface(auth *adminAuth, d *dashboard) http.Handler {
+	am := http.NewServeMux()
+	am.Handle("GET /{$}", auth.wrap(http.HandlerFunc(d.handlePage)))
+	am.Handle("GET /api/grants", auth.wrap(http.HandlerFunc(d.handleJSON)))
+	am.Handle("GET /assets/", auth.wrap(assets()))
+	if d.conn != nil {
+		am.Handle("GET /connect/{grant}", auth.wrap(http.HandlerFunc(d.conn.handleConfirm)))
+		am.Handle("POST /connect/{grant}", auth.wrap(http.HandlerFunc(d.conn.handleConnect)))
+		// The provider's redirect: the single-use state and its cookie
+		// prove the login was started here by an operator.
+		am.HandleFunc("GET /callback", d.conn.handleCallback)
+	}
+	return securityHeaders(http.NewCrossOriginProtection().Handler(am))
 }

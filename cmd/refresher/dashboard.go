@@ -1,0 +1,269 @@
+package main
+
+import (
+	"context"
+	"embed"
+	"encoding/json"
+	"errors"
+	"html/template"
+	"io/fs"
+	"log/slog"
+	"net/http"
+	"slices"
+	"time"
+
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
+)
+
+//go:embed web
+var webFS embed.FS
+
+// dashboard is the operator page at / and its JSON at /api/grants: every
+// grant this refresher serves, from Redis metadata only. Neither ever holds
+// a token: rows are built field by field from tokenmgr.GrantStatus, which
+// has none.
+type dashboard struct {
+	pods    []*pod
+	conn    *connector // nil: /connect is off
+	now     func() time.Time
+	secure  bool // https: Secure cookies
+	log     *slog.Logger
+	holder  string
+	overdue time.Duration // past the refresher's due time by this much, a token is late
+	// warnAbsolute: the absolute expiry turns amber this far ahead.
+	warnAbsolute time.Duration
+}
+
+// Colour levels of a row or a countdown.
+const (
+	levelOK   = "ok"
+	levelWarn = "warn"
+	levelCrit = "crit"
+)
+
+// Row states, in the words operators page on.
+const (
+	stateOK           = "ok"
+	stateRefreshing   = "refreshing"
+	stateBackingOff   = "backing off"
+	stateReconsent    = "needs re-consent"
+	stateNotConnected = "not connected"
+	stateCorrupt      = "corrupt record"
+	stateUnknown      = "unknown"
+)
+
+// Thresholds of the countdowns' colours.
+const (
+	idleWarn     = 14 * 24 * time.Hour
+	idleCrit     = 3 * 24 * time.Hour
+	absoluteCrit = 7 * 24 * time.Hour
+	// stalledAfter: a refresh in flight this long is a holder that died
+	// mid-call (providers answer in seconds); the next refresh replays it.
+	stalledAfter = time.Minute
+)
+
+// dashboardRow is one grant as the page shows it.
+type dashboardRow struct {
+	Grant             string    `json:"grant"`
+	Registration      string    `json:"registration"`
+	State             string    `json:"state"`
+	Level             string    `json:"level"`
+	Reason            string    `json:"reason,omitempty"`
+	Version           int64     `json:"version"`
+	Expiry            time.Time `json:"expiry,omitzero"`
+	ExpiryLevel       string    `json:"expiry_level"`
+	RotatedAt         time.Time `json:"rotated_at,omitzero"`
+	RotatedBy         string    `json:"rotated_by,omitempty"`
+	RefreshesLastHour int64     `json:"refreshes_last_hour"`
+	IdleExpiry        time.Time `json:"idle_expiry,omitzero"`
+	IdleLevel         string    `json:"idle_level"`
+	AbsoluteExpiry    time.Time `json:"absolute_expiry,omitzero"`
+	AbsoluteLevel     string    `json:"absolute_level"`
+	RefreshHolder     string    `json:"refresh_holder,omitempty"`
+	RefreshStartedAt  time.Time `json:"refresh_started_at,omitzero"`
+	RetryAt           time.Time `json:"retry_at,omitzero"`
+	// Connect: the row offers (Re-)connect, which starts /connect.
+	Connect bool `json:"connect"`
+}
+
+// dashboardData is the JSON document, and the page's data.
+type dashboardData struct {
+	Now            time.Time      `json:"now"` // the page's countdowns run from the server's clock
+	Holder         string         `json:"holder"`
+	ConnectEnabled bool           `json:"connect_enabled"`
+	Error          string         `json:"error,omitempty"` // the grant list could not be read
+	Grants         []dashboardRow `json:"grants"`
+}
+
+// grantsToShow lists each grant with the pod that serves it: the grants
+// named in --grant or --config, and for a registration that serves every
+// grant, the rest of the schedule.
+func (d *dashboard) grantsToShow(ctx context.Context) ([]string, []*pod, error) {
+	owner := map[string]*pod{}
+	var everyGrant *pod
+	for _, p := range d.pods {
+		if p.reg.grants == nil {
+			everyGrant = p
+			continue
+		}
+		for _, g := range p.reg.grants {
+			owner[g] = p
+		}
+	}
+	if everyGrant != nil {
+		scheduled, err := everyGrant.m.Grants(ctx)
+		if err != nil {
+			return nil, nil, err
+		}
+		for _, g := range scheduled {
+			if owner[g] == nil {
+				owner[g] = everyGrant
+			}
+		}
+	}
+	names := make([]string, 0, len(owner))
+	for g := range owner {
+		names = append(names, g)
+	}
+	slices.Sort(names) // rows keep their place between updates
+	pods := make([]*pod, len(names))
+	for i, g := range names {
+		pods[i] = owner[g]
+	}
+	return names, pods, nil
+}
+
+func (d *dashboard) data(ctx context.Context) dashboardData {
+	now := d.now()
+	out := dashboardData{Now: now, Holder: d.holder, ConnectEnabled: d.conn != nil, Grants: []dashboardRow{}}
+	names, pods, err := d.grantsToShow(ctx)
+	if err != nil {
+		d.log.Warn("dashboard: cannot list grants", "err", err)
+		out.Error = "cannot read the grant list from Redis: " + err.Error()
+		return out
+	}
+	if len(names) == 0 {
+		return out
+	}
+	sts, errs := d.pods[0].m.Statuses(ctx, names)
+	for i, g := range names {
+		out.Grants = append(out.Grants, d.row(now, g, pods[i], sts[i], errs[i]))
+	}
+	return out
+}
+
+// row turns a status into what the page shows, colours included.
+func (d *dashboard) row(now time.Time, grant string, p *pod, st tokenmgr.GrantStatus, err error) dashboardRow {
+	r := dashboardRow{Grant: grant, Registration: p.reg.name}
+	var corrupt *tokenmgr.CorruptRecordError
+	switch {
+	case errors.Is(err, tokenmgr.ErrGrantNotFound):
+		r.State, r.Level, r.Reason = stateNotConnected, levelCrit, "no record in Redis: connect it, or import a token with 'refresher seed'"
+	case errors.As(err, &corrupt):
+		r.State, r.Level, r.Reason = stateCorrupt, levelCrit, err.Error()
+	case err != nil:
+		r.State, r.Level, r.Reason = stateUnknown, levelWarn, "cannot read the record: "+err.Error()
+	}
+	r.Connect = d.conn != nil && d.conn.route(grant) != nil && (r.State == stateNotConnected || r.State == stateCorrupt)
+	if err != nil {
+		return r
+	}
+	r.Version, r.Reason, r.Expiry, r.RotatedAt, r.RotatedBy = st.Version, st.Reason, st.Expiry, st.RotatedAt, st.RotatedBy
+	r.RefreshesLastHour, r.IdleExpiry, r.AbsoluteExpiry = st.RefreshesLastHour, st.IdleExpiry, st.AbsoluteExpiry
+	r.IdleLevel = countdownLevel(now, st.IdleExpiry, idleWarn, idleCrit)
+	r.AbsoluteLevel = countdownLevel(now, st.AbsoluteExpiry, d.warnAbsolute, absoluteCrit)
+	if st.Status != tokenmgr.StatusOK {
+		r.State, r.Level, r.Connect = stateReconsent, levelCrit, d.conn != nil && d.conn.route(grant) != nil
+		r.ExpiryLevel = levelCrit
+		return r
+	}
+	// The token is late once the refresher should have refreshed it.
+	r.ExpiryLevel = levelOK
+	switch due := p.m.RefreshDueAt(st); {
+	case !now.Before(st.Expiry):
+		r.ExpiryLevel = levelCrit
+	case now.After(due.Add(d.overdue)):
+		r.ExpiryLevel = levelWarn
+	}
+	r.State, r.Level = stateOK, worst(r.ExpiryLevel, r.IdleLevel, r.AbsoluteLevel)
+	switch {
+	case st.Refreshing:
+		r.State, r.RefreshHolder, r.RefreshStartedAt = stateRefreshing, st.RefreshHolder, st.RefreshStartedAt
+		if now.Sub(st.RefreshStartedAt) > stalledAfter {
+			r.Level = worst(r.Level, levelWarn)
+			r.Reason = "the refresh has not finished: its holder may have died mid-call; the next refresh replays it"
+		}
+	case st.RetryAt.After(now):
+		r.State, r.RetryAt, r.Level = stateBackingOff, st.RetryAt, worst(r.Level, levelWarn)
+		r.Reason = "the provider failed or asked to wait: nobody calls it before the retry time"
+	}
+	return r
+}
+
+// countdownLevel colours a countdown to t: crit within crit, warn within
+// warn. No time: nothing to warn about.
+func countdownLevel(now, t time.Time, warn, crit time.Duration) string {
+	switch left := t.Sub(now); {
+	case t.IsZero():
+		return levelOK
+	case left < crit:
+		return levelCrit
+	case left < warn:
+		return levelWarn
+	}
+	return levelOK
+}
+
+func worst(levels ...string) string {
+	out := levelOK
+	for _, l := range levels {
+		if l == levelCrit {
+			return levelCrit
+		}
+		if l == levelWarn {
+			out = levelWarn
+		}
+	}
+	return out
+}
+
+var dashboardPage = template.Must(template.New("dashboard.html").Funcs(template.FuncMap{
+	"until": until, "ago": ago, "ms": func(t time.Time) int64 {
+		if t.IsZero() {
+			return 0
+		}
+		return t.UnixMilli()
+	},
+}).ParseFS(webFS, "web/dashboard.html"))
+
+// handlePage renders the page; its script then keeps it current from
+// /api/grants.
+func (d *dashboard) handlePage(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+	defer cancel()
+	page := struct {
+		dashboardData
+		CSRF, Connected, ConnectedVersion string
+	}{dashboardData: d.data(ctx), CSRF: csrfToken(w, r, d.secure)}
+	if g := r.URL.Query().Get("connected"); tokenmgr.ValidateGrantName(g) == nil {
+		page.Connected, page.ConnectedVersion = g, r.URL.Query().Get("version")
+	}
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	if err := dashboardPage.Execute(w, page); err != nil {
+		d.log.Error("dashboard page", "err", err)
+	}
+}
+
+func (d *dashboard) handleJSON(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+	defer cancel()
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(d.data(ctx))
+}
+
+// assets serves the page's script and style sheet (no build step: plain
+// files, embedded).
+func assets() http.Handler {
+	sub, _ := fs.Sub(webFS, "web/assets")
+	return http.StripPrefix("/assets/", http.FileServerFS(sub))
+}

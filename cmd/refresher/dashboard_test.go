@@ -1,0 +1,399 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/oauth2"
+
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
+)
+
+const testAdminPassword = "correct horse battery"
+
+// dashboardServer serves a one-registration refresher for grants, with
+// /connect on and admin credentials set; mod adjusts the flags first.
+func dashboardServer(t *testing.T, w *world, grants []string, mod func(*runConfig)) (*pod, *httptest.Server) {
+	c := defaultRun()
+	c.adminPassword = testAdminPassword
+	var h http.Handler
+	srv := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { h.ServeHTTP(rw, r) }))
+	t.Cleanup(srv.Close)
+	c.redirectURL = srv.URL + "/callback"
+	c.regs = []*registration{{name: "jira", grants: grants}}
+	if mod != nil {
+		mod(c)
+	}
+	o := w.options(tokenmgr.Strict)
+	o.OAuth2.Endpoint.AuthURL = w.idp.AuthURL()
+	// A strict provider with Atlassian's limits, for the countdowns.
+	o.Provider.IdleExpiry, o.Provider.AbsoluteExpiry = 90*24*time.Hour, 365*24*time.Hour
+	o.Holder = "refresher-1"
+	pd, err := newPod(t.Context(), c, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pd.m.Close(context.Background()) })
+	h = pd.handler
+	return pd, srv
+}
+
+type request struct {
+	method, path string
+	header       http.Header
+	form         url.Values
+}
+
+func do(t *testing.T, srv *httptest.Server, r request) (*http.Response, string) {
+	t.Helper()
+	req, _ := http.NewRequest(r.method, srv.URL+r.path, strings.NewReader(r.form.Encode()))
+	if r.method == "" {
+		req.Method = http.MethodGet
+	}
+	if r.form != nil {
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	}
+	for k, v := range r.header {
+		req.Header[k] = v
+	}
+	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp, string(body)
+}
+
+func basic(user, pass string) http.Header {
+	r, _ := http.NewRequest(http.MethodGet, "/", nil)
+	r.SetBasicAuth(user, pass)
+	return http.Header{"Authorization": r.Header["Authorization"]}
+}
+
+var operator = basic("admin", testAdminPassword)
+
+// The operator surface is off unless an operator turns it on.
+func TestDashboardOffWithoutAdminConfig(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	_, srv := dashboardServer(t, w, nil, func(c *runConfig) { c.adminPassword, c.redirectURL = "", "" })
+	for _, path := range []string{"/", "/api/grants", "/connect/jira", "/callback?state=x", "/assets/dashboard.js"} {
+		if resp, _ := do(t, srv, request{path: path, header: operator}); resp.StatusCode != http.StatusNotFound {
+			t.Errorf("GET %s = %d with no admin configuration, want 404", path, resp.StatusCode)
+		}
+	}
+	if resp, _ := do(t, srv, request{path: "/healthz"}); resp.StatusCode != http.StatusOK {
+		t.Errorf("/healthz = %d", resp.StatusCode)
+	}
+}
+
+func TestDashboardAccessControl(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	const token = "a-bearer-token-of-some-length"
+	withToken := func(c *runConfig) { c.adminToken = token }
+	for _, tc := range []struct {
+		name   string
+		header http.Header
+		want   int
+	}{
+		{"no credentials", nil, http.StatusUnauthorized},
+		{"wrong password", basic("admin", "wrong password!"), http.StatusUnauthorized},
+		{"wrong user", basic("root", testAdminPassword), http.StatusUnauthorized},
+		{"password", operator, http.StatusOK},
+		{"bearer token", http.Header{"Authorization": {"Bearer " + token}}, http.StatusOK},
+		{"token as basic-auth password", basic("admin", token), http.StatusOK},
+		{"wrong bearer token", http.Header{"Authorization": {"Bearer " + token + "x"}}, http.StatusUnauthorized},
+		{"password as bearer token", http.Header{"Authorization": {"Bearer " + testAdminPassword}}, http.StatusUnauthorized},
+	} {
+		_, srv := dashboardServer(t, w, nil, withToken) // its own failure budget
+		for _, path := range []string{"/", "/api/grants", "/assets/dashboard.js", "/connect/jira"} {
+			resp, _ := do(t, srv, request{path: path, header: tc.header})
+			if resp.StatusCode != tc.want {
+				t.Errorf("%s: GET %s = %d, want %d", tc.name, path, resp.StatusCode, tc.want)
+			}
+		}
+	}
+	_, srv := dashboardServer(t, w, nil, withToken)
+	// Guessing is throttled; the operator's polling is not.
+	var limited bool
+	for range 30 {
+		if resp, _ := do(t, srv, request{path: "/api/grants", header: basic("admin", "guess")}); resp.StatusCode == http.StatusTooManyRequests {
+			limited = true
+			break
+		}
+	}
+	if !limited {
+		t.Error("30 wrong passwords in a row were never throttled")
+	}
+	for range 30 {
+		if resp, _ := do(t, srv, request{path: "/api/grants", header: operator}); resp.StatusCode != http.StatusOK {
+			t.Fatalf("the operator's polling was throttled: %d", resp.StatusCode)
+		}
+	}
+}
+
+// One row per grant, in the states operators page on, with colours,
+// countdowns and the Re-connect button where consent is needed; never a
+// token in the page or its JSON.
+func TestDashboardRows(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	pd, srv := dashboardServer(t, w, []string{"healthy", "dead", "busy", "never"}, nil)
+	m := pd.m
+	ctx := t.Context()
+	for _, g := range []string{"healthy", "dead", "busy"} {
+		if _, err := m.Seed(ctx, g, w.idp.NewGrant("read:jira-work"), tokenmgr.SeedOptions{ConsentedAt: w.clock.Now().Add(-360 * 24 * time.Hour)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := m.Rotate(ctx, "healthy"); err != nil {
+		t.Fatal(err)
+	}
+	// "dead": another consumer spends its refresh token (strict), so the
+	// fleet's next refresh is refused and the grant is marked.
+	rt := refreshTokenOf(t, w, "dead")
+	if _, err := w.idp.OAuthConfig(oauth2.AuthStyleInParams).TokenSource(ctx, &oauth2.Token{RefreshToken: rt}).Token(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Rotate(ctx, "dead"); err == nil {
+		t.Fatal("rotating a grant whose token another consumer spent succeeded")
+	}
+	// "busy": a holder recorded its intent two minutes ago and never wrote.
+	busy := "tm:{busy}:intent"
+	w.mr.HSet(busy, "holder", "worker-7", "from_v", "1", "started_at", strconv.FormatInt(w.clock.Now().Add(-2*time.Minute).UnixMilli(), 10), "attempts", "1")
+
+	var d dashboardData
+	resp, body := do(t, srv, request{path: "/api/grants", header: operator})
+	if resp.StatusCode != http.StatusOK || json.Unmarshal([]byte(body), &d) != nil {
+		t.Fatalf("/api/grants = %d %s", resp.StatusCode, body)
+	}
+	rows := map[string]dashboardRow{}
+	var order []string
+	for _, r := range d.Grants {
+		rows[r.Grant] = r
+		order = append(order, r.Grant)
+	}
+	if strings.Join(order, ",") != "busy,dead,healthy,never" || !d.ConnectEnabled || d.Holder != "refresher-1" {
+		t.Fatalf("rows %v connect %v holder %q; want busy,dead,healthy,never sorted, connect on, holder refresher-1", order, d.ConnectEnabled, d.Holder)
+	}
+	check := func(got dashboardRow, state, level string, connect bool) {
+		t.Helper()
+		if got.State != state || got.Level != level || got.Connect != connect {
+			t.Errorf("%s: state %q level %q connect %v; want %q %q %v (row %+v)", got.Grant, got.State, got.Level, got.Connect, state, level, connect, got)
+		}
+	}
+	// healthy: consented 360 days ago, so its absolute expiry (365 days)
+	// is 5 days away: red.
+	h := rows["healthy"]
+	check(h, stateOK, levelCrit, false)
+	if h.Version != 2 || h.RefreshesLastHour != 1 || h.RotatedBy != "refresher-1" || h.ExpiryLevel != levelOK || h.AbsoluteLevel != levelCrit || h.Registration != "jira" {
+		t.Errorf("healthy row %+v: want version 2, 1 refresh in the hour by refresher-1, expiry ok, absolute crit", h)
+	}
+	dead := rows["dead"]
+	check(dead, stateReconsent, levelCrit, true)
+	if !strings.Contains(dead.Reason, "invalid_grant") {
+		t.Errorf("the dead row's reason %q does not say why", dead.Reason)
+	}
+	b := rows["busy"]
+	check(b, stateRefreshing, levelCrit, false)
+	if b.RefreshHolder != "worker-7" || !strings.Contains(b.Reason, "may have died") {
+		t.Errorf("busy row %+v: want holder worker-7 and a stalled refresh", b)
+	}
+	check(rows["never"], stateNotConnected, levelCrit, true)
+
+	// Past the refresher's due time the expiry turns amber; past expiry, red.
+	w.clock.Advance(time.Hour - 5*time.Minute)
+	if r := rowOf(t, srv, "healthy"); r.ExpiryLevel != levelWarn {
+		t.Errorf("5 minutes before expiry, long past the refresher's due time: expiry level %q, want warn", r.ExpiryLevel)
+	}
+	w.clock.Advance(10 * time.Minute)
+	if r := rowOf(t, srv, "healthy"); r.ExpiryLevel != levelCrit {
+		t.Errorf("after expiry: expiry level %q, want crit", r.ExpiryLevel)
+	}
+
+	resp, page := do(t, srv, request{path: "/", header: operator})
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET / = %d", resp.StatusCode)
+	}
+	for _, want := range []string{`<tr data-grant="dead" class="level-crit">`, `<td class="state">needs re-consent`, `<form method="post" action="/connect/dead">`,
+		`class="reconnect" type="submit">Re-connect</button>`, `<meta name="csrf-token" content="`, `<tr data-grant="never"`, `>Connect</button>`} {
+		if !strings.Contains(page, want) {
+			t.Errorf("page lacks %s", want)
+		}
+	}
+	if n := strings.Count(page, `class="reconnect"`); n != 2 {
+		t.Errorf("%d Re-connect buttons, want 2 (dead, never)", n)
+	}
+	for _, h := range []string{"Content-Security-Policy", "X-Frame-Options", "Cache-Control"} {
+		if resp.Header.Get(h) == "" {
+			t.Errorf("the page has no %s header", h)
+		}
+	}
+	if !strings.Contains(resp.Header.Get("Content-Security-Policy"), "frame-ancestors 'none'") {
+		t.Errorf("CSP %q lets other sites frame the page", resp.Header.Get("Content-Security-Policy"))
+	}
+	for _, tok := range w.idp.IssuedTokens() {
+		if strings.Contains(page, tok) || strings.Contains(body, tok) {
+			t.Fatal("an issued token appears in the dashboard or its JSON")
+		}
+	}
+}
+
+func rowOf(t *testing.T, srv *httptest.Server, grant string) dashboardRow {
+	t.Helper()
+	var d dashboardData
+	_, body := do(t, srv, request{path: "/api/grants", header: operator})
+	if err := json.Unmarshal([]byte(body), &d); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range d.Grants {
+		if r.Grant == grant {
+			return r
+		}
+	}
+	t.Fatalf("no row for %s", grant)
+	return dashboardRow{}
+}
+
+// refreshTokenOf reads a plaintext record's refresh token, as a foreign
+// consumer with Redis access would.
+func refreshTokenOf(t *testing.T, w *world, grant string) string {
+	t.Helper()
+	raw := w.mr.HGet("tm:{"+grant+"}:tok", "refresh_token")
+	rt, ok := strings.CutPrefix(raw, "plain:")
+	if !ok {
+		t.Fatalf("refresh token field %q is not plaintext", raw[:min(len(raw), 6)])
+	}
+	return rt
+}
+
+// State changes (starting a login) are POSTs that must come from the
+// dashboard itself: another origin is refused, and so is a form without
+// the browser's CSRF token.
+func TestConnectRefusesCrossSiteRequests(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	_, srv := dashboardServer(t, w, []string{"jira"}, nil)
+	// An operator's browser: the page sets the CSRF cookie and embeds it.
+	resp, page := do(t, srv, request{path: "/", header: operator})
+	cookie := resp.Cookies()
+	m := regexp.MustCompile(`name="csrf-token" content="([^"]+)"`).FindStringSubmatch(page)
+	if len(cookie) == 0 || m == nil || cookie[0].Value != m[1] || cookie[0].SameSite != http.SameSiteStrictMode || !cookie[0].HttpOnly {
+		t.Fatalf("the page did not set a strict, HttpOnly CSRF cookie matching its token: %v", cookie)
+	}
+	withCookie := func(extra http.Header) http.Header {
+		h := http.Header{"Authorization": operator["Authorization"], "Cookie": {csrfCookie + "=" + m[1]}}
+		for k, v := range extra {
+			h[k] = v
+		}
+		return h
+	}
+	good := url.Values{"csrf": {m[1]}}
+	for _, tc := range []struct {
+		name   string
+		header http.Header
+		form   url.Values
+		want   int
+	}{
+		{"cross-site (Sec-Fetch-Site)", withCookie(http.Header{"Sec-Fetch-Site": {"cross-site"}}), good, http.StatusForbidden},
+		{"foreign Origin", withCookie(http.Header{"Origin": {"https://evil.example"}}), good, http.StatusForbidden},
+		{"no CSRF field", withCookie(nil), url.Values{}, http.StatusForbidden},
+		{"wrong CSRF field", withCookie(nil), url.Values{"csrf": {m[1] + "x"}}, http.StatusForbidden},
+		{"no CSRF cookie", operator, good, http.StatusForbidden},
+		{"no credentials", http.Header{"Cookie": {csrfCookie + "=" + m[1]}}, good, http.StatusUnauthorized},
+		{"the dashboard's own form", withCookie(http.Header{"Sec-Fetch-Site": {"same-origin"}, "Origin": {srv.URL}}), good, http.StatusSeeOther},
+	} {
+		resp, body := do(t, srv, request{method: http.MethodPost, path: "/connect/jira", header: tc.header, form: tc.form})
+		if resp.StatusCode != tc.want {
+			t.Errorf("%s: POST /connect/jira = %d %s, want %d", tc.name, resp.StatusCode, strings.TrimSpace(body), tc.want)
+		}
+	}
+	// GET /connect/{grant} changes nothing: it only shows the form.
+	before := len(w.mr.Keys())
+	if resp, page := do(t, srv, request{path: "/connect/jira", header: operator}); resp.StatusCode != http.StatusOK || !strings.Contains(page, `method="post"`) {
+		t.Errorf("GET /connect/jira = %d", resp.StatusCode)
+	}
+	if after := len(w.mr.Keys()); after != before {
+		t.Errorf("GET /connect wrote to Redis: %d keys, then %d", before, after)
+	}
+}
+
+func TestAdminFlags(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	long, short := write("long", "a-long-enough-secret\n"), write("short", "tiny\n")
+	base := []string{"--grant", "jira", "--provider", "atlassian", "--token-url", "https://idp.example/token", "--encryption-key-file", write("key", testKey), "--listen", "127.0.0.1:8080"}
+	env := func(k string) string {
+		return map[string]string{"TOKENMGR_CLIENT_ID": "id", "TOKENMGR_CLIENT_SECRET": "s", "TOKENMGR_REDIS_URL": "redis://127.0.0.1:1/0"}[k]
+	}
+	for _, tc := range []struct {
+		args []string
+		want string // "" = valid
+	}{
+		{nil, ""},
+		{[]string{"--admin-listen", "127.0.0.1:9090"}, ""},
+		{[]string{"--admin-listen", "localhost:9090"}, ""},
+		{[]string{"--admin-listen", "[::1]:9090"}, ""},
+		{[]string{"--admin-listen", ":9090"}, "must be a loopback address"},
+		{[]string{"--admin-listen", "0.0.0.0:9090"}, "must be a loopback address"},
+		{[]string{"--admin-listen", "0.0.0.0:9090", "--admin-password-file", long}, ""},
+		{[]string{"--admin-listen", "0.0.0.0:9090", "--admin-token-file", long}, ""},
+		{[]string{"--admin-listen", "127.0.0.1:8080"}, "must differ from --listen"},
+		{[]string{"--admin-password-file", short}, "12+ characters"},
+		{[]string{"--admin-token-file", short}, "12+ characters"},
+		{[]string{"--admin-token-file", filepath.Join(dir, "missing")}, "--admin-token-file"},
+		{[]string{"--redirect-url", "https://r.example/callback"}, "needs the operator surface"},
+		{[]string{"--redirect-url", "https://r.example/callback", "--admin-token-file", long}, ""},
+		{[]string{"--redirect-url", "http://127.0.0.1:9090/callback", "--admin-listen", "127.0.0.1:9090"}, ""},
+	} {
+		c, err := parseRunFlags(append(append([]string{}, base...), tc.args...), env, io.Discard)
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("%v: %v", tc.args, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%v: %v, want an error with %q", tc.args, err, tc.want)
+		case tc.want != "" && strings.Contains(err.Error(), "a-long-enough-secret"):
+			t.Errorf("%v: the error shows the secret", tc.args)
+		case err == nil && c.adminEnabled() != (len(tc.args) > 0):
+			t.Errorf("%v: operator surface on = %v", tc.args, c.adminEnabled())
+		}
+	}
+}
+
+func TestCountdownLevel(t *testing.T) {
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for _, tc := range []struct {
+		at   time.Time
+		want string
+	}{
+		{time.Time{}, levelOK},
+		{now.Add(-time.Hour), levelCrit},
+		{now.Add(2 * 24 * time.Hour), levelCrit},
+		{now.Add(10 * 24 * time.Hour), levelWarn},
+		{now.Add(20 * 24 * time.Hour), levelOK},
+	} {
+		if got := countdownLevel(now, tc.at, idleWarn, idleCrit); got != tc.want {
+			t.Errorf("countdown to %v: %s, want %s", tc.at, got, tc.want)
+		}
+	}
+	if worst(levelOK, levelWarn, levelOK) != levelWarn || worst(levelWarn, levelCrit) != levelCrit || worst() != levelOK {
+		t.Error("worst picks the wrong level")
+	}
+}
