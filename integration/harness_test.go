@@ -110,7 +110,10 @@ func (f *fleet) rdb() redis.UniversalClient {
 }
 
 // seed creates a grant at the IdP and stores it, as an operator would.
-func (f *fleet) seed() {
+func (f *fleet) seed() { f.seedGrant(f.grant) }
+
+// seedGrant seeds grant with a new token family and returns its first pair.
+func (f *fleet) seedGrant(grant string) *oauth2.Token {
 	resp, err := http.Post(f.idpURL+"/admin/grant", "", nil)
 	if err != nil {
 		f.t.Fatal(err)
@@ -127,10 +130,45 @@ func (f *fleet) seed() {
 	if err != nil {
 		f.t.Fatal(err)
 	}
-	if _, err := admin.Seed(context.Background(), f.grant, &oauth2.Token{AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken,
-		TokenType: "Bearer", Expiry: time.Now().Add(time.Duration(tok.ExpiresIn) * time.Second)}, tokenmgr.SeedOptions{}); err != nil {
+	pair := &oauth2.Token{AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken,
+		TokenType: "Bearer", Expiry: time.Now().Add(time.Duration(tok.ExpiresIn) * time.Second)}
+	if _, err := admin.Seed(context.Background(), grant, pair, tokenmgr.SeedOptions{}); err != nil {
 		f.t.Fatal(err)
 	}
+	return pair
+}
+
+// storedPair decrypts grant's current token pair from Redis.
+func (f *fleet) storedPair(grant string) (access, refresh string, err error) {
+	kr, err := tokenmgr.ParseKeyring(f.key)
+	if err != nil {
+		return "", "", err
+	}
+	raw, err := f.rdb().HMGet(context.Background(), "tm:{"+grant+"}:tok", "access_token", "refresh_token").Result()
+	if err != nil {
+		return "", "", err
+	}
+	out := make([]string, 2)
+	for i, field := range []string{"access_token", "refresh_token"} {
+		s, _ := raw[i].(string)
+		b, err := kr.Open(grant, field, s)
+		if err != nil {
+			return "", "", fmt.Errorf("open %s of %s: %w", field, grant, err)
+		}
+		out[i] = string(b)
+	}
+	return out[0], out[1], nil
+}
+
+// foreignRotation spends grant's refresh token outside the fleet, as a
+// stray script with a copy of it would, and returns the pair it got.
+func (f *fleet) foreignRotation(grant string) (*oauth2.Token, error) {
+	_, rt, err := f.storedPair(grant)
+	if err != nil {
+		return nil, err
+	}
+	cfg := &oauth2.Config{ClientID: "client-id", ClientSecret: "client-secret", Endpoint: oauth2.Endpoint{TokenURL: f.idpURL + "/oauth/token", AuthStyle: oauth2.AuthStyleInParams}}
+	return cfg.TokenSource(context.Background(), &oauth2.Token{RefreshToken: rt}).Token()
 }
 
 // start runs a process of ours in the background; it is killed at the end.

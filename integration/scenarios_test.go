@@ -12,10 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/oauth2"
-
 	"github.com/tokenmgr/tokenmgr/internal/redisserver"
-	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
 // Every scenario runs long enough for at least 30 rotations of 2-second
@@ -303,16 +300,9 @@ func TestForeignConsumer(t *testing.T) {
 	var markedAfter time.Duration
 	wg.Go(func() {
 		f.waitRotations(30)
-		kr, _ := tokenmgr.ParseKeyring(f.key)
-		raw, _ := f.rdb().HGet(context.Background(), "tm:{"+f.grant+"}:tok", "refresh_token").Result()
-		rt, err := kr.Open(f.grant, "refresh_token", raw)
-		if err != nil {
-			t.Errorf("read the refresh token: %v", err)
-			return
-		}
-		cfg := &oauth2.Config{ClientID: "client-id", ClientSecret: "client-secret", Endpoint: oauth2.Endpoint{TokenURL: f.idpURL + "/oauth/token", AuthStyle: oauth2.AuthStyleInParams}}
-		if _, err := cfg.TokenSource(context.Background(), &oauth2.Token{RefreshToken: string(rt)}).Token(); err != nil {
+		if _, err := f.foreignRotation(f.grant); err != nil {
 			t.Errorf("foreign rotation: %v", err)
+			return
 		}
 		rotatedAt = time.Now()
 		for deadline := rotatedAt.Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {

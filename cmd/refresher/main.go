@@ -1,7 +1,8 @@
 // Command refresher is the optional pre-rotation pod of tokenmgr: it
 // refreshes grants before their tokens expire (so no worker waits on the
 // provider), keeps idle grants alive, bootstraps grants with the
-// authorization-code flow, and serves health and metrics. Its operator
+// authorization-code flow, serves health and metrics, and an operator
+// dashboard of every grant with one-click re-consent. Its operator
 // subcommands seed, inspect and rotate grants.
 //
 //	refresher run    [flags]          the pod
@@ -39,7 +40,8 @@ func main() {
 const usage = `usage: refresher COMMAND [flags]
 
 commands:
-  run      refresh grants before they expire; serve /healthz, /readyz, /metrics, /connect/{grant}, /callback
+  run      refresh grants before they expire; serve /healthz, /readyz, /metrics and, when an operator
+           turns it on, the dashboard (/, /api/grants) with /connect/{grant} and /callback
   seed     import a token JSON from standard input for --grant
   status   show grants (metadata only, never a token)
   rotate   force one fenced refresh of --grant now

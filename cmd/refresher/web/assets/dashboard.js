@@ -69,15 +69,27 @@ function row(g) {
   return tr;
 }
 
+let polling = false;
+let lastPoll = 0;
+
 function tick() {
   const now = Date.now() + skew;
+  let crossed = false;
   for (const td of document.querySelectorAll("td[data-ts]")) {
-    td.textContent = until(Number(td.dataset.ts), now);
+    const ts = Number(td.dataset.ts);
+    td.textContent = until(ts, now);
+    // Expired since the last update: red now, and ask for fresh figures
+    // rather than show a stale "expired" until the next poll.
+    if (ts && ts <= now && !td.classList.contains("level-crit")) {
+      td.classList.add("level-crit");
+      crossed = true;
+    }
   }
   for (const td of document.querySelectorAll("td[data-ago]")) {
     const ts = Number(td.dataset.ago);
     td.firstChild.textContent = ts ? fmt(now - ts) + " ago" : "-";
   }
+  if (crossed && Date.now() - lastPoll > 1000) poll();
 }
 
 function render(data) {
@@ -102,6 +114,9 @@ function render(data) {
 }
 
 async function poll() {
+  if (polling) return;
+  polling = true;
+  lastPoll = Date.now();
   try {
     const resp = await fetch("/api/grants", { cache: "no-store", credentials: "same-origin" });
     if (!resp.ok) throw new Error("HTTP " + resp.status);
@@ -109,6 +124,8 @@ async function poll() {
   } catch (e) {
     document.body.classList.add("stale");
     document.getElementById("updated").textContent = "cannot reach the refresher (" + e.message + "): showing the last known state";
+  } finally {
+    polling = false;
   }
 }
 
