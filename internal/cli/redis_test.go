@@ -94,12 +94,12 @@ func TestRedisTLS(t *testing.T) {
 	}
 }
 
-// The least-privilege ACL rules the README gives for workers and for the
-// refresher are enough for their work, and no more.
-func TestReadmeACLRules(t *testing.T) {
-	srv := redisserver.Start(t)
+// loadACLRules loads the README's ACL SETUSER lines, each passed through
+// edit first when it is set, and returns an admin client.
+func loadACLRules(t *testing.T, srv *redisserver.Server, edit func(string) string) *redis.Client {
+	t.Helper()
 	admin := redis.NewClient(&redis.Options{Addr: srv.Addr()})
-	defer admin.Close()
+	t.Cleanup(func() { admin.Close() })
 	readme, err := os.ReadFile("../../README.md")
 	if err != nil {
 		t.Fatal(err)
@@ -114,6 +114,9 @@ func TestReadmeACLRules(t *testing.T) {
 		t.Fatalf("README has %d ACL SETUSER lines, want 2 (worker, refresher)", len(rules))
 	}
 	for _, r := range rules {
+		if edit != nil {
+			r = edit(r)
+		}
 		args := []any{}
 		for _, f := range strings.Fields(r) {
 			args = append(args, f)
@@ -122,6 +125,69 @@ func TestReadmeACLRules(t *testing.T) {
 			t.Fatalf("%s: %v", r, err)
 		}
 	}
+	return admin
+}
+
+// Users whose ACL predates the rotations set (no ZCOUNT, no
+// ZREMRANGEBYSCORE) keep rotating and publishing; only the count of the
+// last hour's rotations is unknown.
+func TestACLRulesBeforeRotationsSet(t *testing.T) {
+	srv := redisserver.Start(t)
+	admin := loadACLRules(t, srv, func(r string) string {
+		return strings.NewReplacer(" +zcount", "", " +zremrangebyscore", "").Replace(r)
+	})
+	idp := tokenmgrtest.NewServer(tokenmgrtest.Config{Profile: tokenmgrtest.Strict, AuthStyle: oauth2.AuthStyleInParams})
+	defer idp.Close()
+	newManager := func() *tokenmgr.Manager {
+		rdb, err := NewRedis("redis://worker:worker-password@" + srv.Addr() + "/0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err := tokenmgr.New(t.Context(), tokenmgr.Options{Redis: rdb, OAuth2: idp.OAuthConfig(oauth2.AuthStyleInParams), Provider: tokenmgr.Strict})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = m.Close(context.Background()); rdb.Close() })
+		return m
+	}
+	a, b := newManager(), newManager()
+	if _, err := a.Seed(t.Context(), "jira", idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Token(t.Context(), "jira"); err != nil {
+		t.Fatal(err)
+	}
+	v, err := a.Rotate(t.Context(), "jira")
+	if err != nil || v != 2 {
+		t.Fatalf("rotation under the old ACL: version %d, %v; want 2", v, err)
+	}
+	// B hears of it (the message went out) and serves the new token.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		tb, err := b.Token(t.Context(), "jira")
+		ta, _ := a.Token(t.Context(), "jira")
+		if err == nil && tb.AccessToken == ta.AccessToken {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the other manager never picked up the rotation made under the old ACL")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	st, err := a.Status(t.Context(), "jira")
+	if err != nil || st.Version != 2 || st.RefreshesLastHour != -1 {
+		t.Errorf("Status under the old ACL: %+v, %v; want version 2 and an unknown (-1) count", st, err)
+	}
+	if n := admin.Exists(t.Context(), "tm:{jira}:rotations").Val(); n != 0 {
+		t.Errorf("the rotations set was written without being trimmed")
+	}
+}
+
+// The least-privilege ACL rules the README gives for workers and for the
+// refresher are enough for their work, and no more.
+func TestReadmeACLRules(t *testing.T) {
+	srv := redisserver.Start(t)
+	admin := loadACLRules(t, srv, nil)
 	idp := tokenmgrtest.NewServer(tokenmgrtest.Config{Profile: tokenmgrtest.Strict, AuthStyle: oauth2.AuthStyleInParams})
 	defer idp.Close()
 	key, _ := tokenmgr.GenerateKey("k1")

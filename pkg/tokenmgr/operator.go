@@ -1,7 +1,6 @@
 package tokenmgr
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -149,9 +148,10 @@ type GrantStatus struct {
 	RetryAt         time.Time `json:"retry_at,omitzero"`
 	Restored        bool      `json:"restored,omitempty"`
 	HasRefreshToken bool      `json:"has_refresh_token"`
-	// RefreshesLastHour counts the rotations of the last hour, fleet-wide.
-	// Far more than the token lifetime explains means something forces
-	// refreshes (401s, a misconfigured margin).
+	// RefreshesLastHour counts the rotations of the last hour, fleet-wide;
+	// -1 when it could not be read (a Redis ACL without ZCOUNT). Far more
+	// than the token lifetime explains means something forces refreshes
+	// (401s, a misconfigured margin).
 	RefreshesLastHour int64 `json:"refreshes_last_hour"`
 	// Refreshing: a holder recorded its intent to spend this version's
 	// refresh token and has not written the result yet. An intent much older
@@ -206,7 +206,7 @@ func (a *Admin) Statuses(ctx context.Context, grants []string) (sts []GrantStatu
 		if r == nil {
 			continue
 		}
-		if err := cmp.Or(r.record.Err(), r.intent.Err(), r.rotated.Err()); err != nil {
+		if err := r.record.Err(); err != nil {
 			errs[i] = err
 			continue
 		}
@@ -226,12 +226,15 @@ func (a *Admin) Statuses(ctx context.Context, grants []string) (sts []GrantStatu
 			RetryAt: rec.RetryAt, Restored: rec.Restored, HasRefreshToken: rec.hasRefresh,
 			RefreshesLastHour: r.rotated.Val(),
 		}
+		// The record is the status; the rest is detail that an ACL from
+		// before it (no ZCOUNT) may refuse: unknown, not an error.
+		if r.rotated.Err() != nil {
+			st.RefreshesLastHour = -1
+		}
 		// An intent for another version is left over; only the current
 		// version's means a refresh is under way.
-		in := r.intent.Val()
-		holder, _ := in[0].(string)
-		fromV, _ := in[1].(string)
-		if rec.Status == StatusOK && fromV == strconv.FormatInt(rec.V, 10) {
+		if in := r.intent.Val(); r.intent.Err() == nil && len(in) == 3 && rec.Status == StatusOK && in[1] == strconv.FormatInt(rec.V, 10) {
+			holder, _ := in[0].(string)
 			st.Refreshing, st.RefreshHolder = true, holder
 			started, _ := in[2].(string)
 			st.RefreshStartedAt, _ = parseMS(started) // a bad value only loses the time

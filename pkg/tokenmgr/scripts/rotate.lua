@@ -2,7 +2,7 @@
 -- KEYS[1] record hash, KEYS[2] intent hash, KEYS[3] rotations sorted set
 -- ARGV[1] the version the refresh token was read at
 -- ARGV[2] rotation channel, ARGV[3] grant name
--- ARGV[4] now (unix ms), ARGV[5] rotations window (ms)
+-- ARGV[4] now (unix ms), ARGV[5] rotations window (ms); KEYS[3] members are "V:NOW"
 -- ARGV[6..] field/value pairs of the new record (v excluded)
 -- Returns {1, new_v} on success, {0, stored_v} when another writer got there
 -- first, {-1, 0} when the record is gone.
@@ -18,10 +18,15 @@ redis.call('HDEL', KEYS[1], 'reason', 'retry_at', 'restored')
 redis.call('HSET', KEYS[1], 'v', nv, unpack(ARGV, 6))
 redis.call('HINCRBY', KEYS[1], 'refresh_count', 1)
 redis.call('DEL', KEYS[2])
--- The last hour's rotations (member: the new version), for operators.
-local now = tonumber(ARGV[4])
-redis.call('ZADD', KEYS[3], now, nv)
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (now - tonumber(ARGV[5])))
-redis.call('PEXPIRE', KEYS[3], ARGV[5])
 redis.call('PUBLISH', ARGV[2], ARGV[3] .. ' ' .. nv)
+-- The last hour's rotations, for operators: best effort, after the write
+-- and the message, so that a user whose ACL predates it (no
+-- ZREMRANGEBYSCORE) still rotates. Nothing is added unless trimming works,
+-- so the set never grows unbounded.
+local now = tonumber(ARGV[4])
+local trimmed = redis.pcall('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (now - tonumber(ARGV[5])))
+if type(trimmed) == 'number' then
+  redis.pcall('ZADD', KEYS[3], now, nv .. ':' .. ARGV[4])
+  redis.pcall('PEXPIRE', KEYS[3], ARGV[5])
+end
 return {1, nv}
