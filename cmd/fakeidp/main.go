@@ -6,8 +6,10 @@
 // once, or with --consent-page shows an Allow/Deny page that POSTs to
 // /authorize, for browser tests), GET /rest/api/3/myself,
 // GET /stats (counters as JSON), and for test harnesses POST /admin/grant
-// (a new grant's token pair as JSON) and POST /admin/faults (latency,
-// answer_delay, fail_5xx, fail_429, retry_after, drop).
+// (a new grant's token pair as JSON), POST /admin/faults (latency,
+// answer_delay, fail_5xx, fail_429, retry_after, drop) and GET
+// /admin/issued (every token issued so far, so a test can prove none of
+// them leaked into a page or a log).
 package main
 
 import (
@@ -132,6 +134,10 @@ func newIdP(c config) (*tokenmgrtest.IdP, http.Handler) {
 			"access_token": tok.AccessToken, "refresh_token": tok.RefreshToken,
 			"token_type": tok.TokenType, "expires_in": tok.ExpiresIn,
 		})
+	})
+	mux.HandleFunc("GET /admin/issued", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(idp.IssuedTokens())
 	})
 	mux.HandleFunc("POST /admin/faults", func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()

@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 
@@ -58,6 +59,12 @@ func TestAdminEndpoints(t *testing.T) {
 	_ = json.NewDecoder(resp.Body).Decode(&st)
 	if st["injected_5xx"] != 1 || idp.Stats().Injected5xx != 1 {
 		t.Errorf("stats %v", st)
+	}
+	resp, _ = http.Get(srv.URL + "/admin/issued")
+	var issued []string
+	_ = json.NewDecoder(resp.Body).Decode(&issued)
+	if !slices.Contains(issued, tok["access_token"].(string)) || !slices.Contains(issued, tok["refresh_token"].(string)) {
+		t.Errorf("/admin/issued lists %d tokens, not the grant's pair", len(issued))
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"sync"
 
 	"golang.org/x/time/rate"
 )
@@ -90,14 +91,25 @@ func (c *runConfig) adminEnabled() bool {
 // adminAuth guards the operator surface.
 type adminAuth struct {
 	password, token string // either may be empty; both empty: no credentials (loopback listener)
-	// failures limits wrong credentials, not requests: the dashboard's
-	// polling is never throttled, guessing is.
-	failures *rate.Limiter
+
+	mu sync.Mutex
+	// failures limits wrong credentials per client address, not requests:
+	// the dashboard's polling is never throttled, guessing is, and a
+	// guesser elsewhere cannot lock the operator out.
+	failures map[string]*rate.Limiter
 }
 
+// maxFailureSources bounds the failure limiters kept; past it they start
+// afresh rather than grow without end.
+const maxFailureSources = 10000
+
 func newAdminAuth(password, token string) *adminAuth {
-	return &adminAuth{password: password, token: token, failures: rate.NewLimiter(1, 10)}
+	return &adminAuth{password: password, token: token, failures: map[string]*rate.Limiter{}}
 }
+
+// open reports whether no credentials are set: the surface is on a
+// loopback listener and the network is the access control.
+func (a *adminAuth) open() bool { return a.password == "" && a.token == "" }
 
 // equal compares digests, so neither the time taken nor an early length
 // mismatch tells anything about the secret.
@@ -110,7 +122,7 @@ func equal(got, want string) bool {
 // admin with the password or the token (browsers can send basic auth but
 // not bearer tokens).
 func (a *adminAuth) allowed(r *http.Request) bool {
-	if a.password == "" && a.token == "" {
+	if a.open() {
 		return true
 	}
 	if h := r.Header.Get("Authorization"); a.token != "" && len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
@@ -123,19 +135,83 @@ func (a *adminAuth) allowed(r *http.Request) bool {
 	return (a.password != "" && equal(pass, a.password)) || (a.token != "" && equal(pass, a.token))
 }
 
-// wrap serves h to operators only.
+func (a *adminAuth) limiter(r *http.Request) *rate.Limiter {
+	source, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		source = r.RemoteAddr
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	l := a.failures[source]
+	if l == nil {
+		if len(a.failures) >= maxFailureSources {
+			clear(a.failures)
+		}
+		l = rate.NewLimiter(1, 10)
+		a.failures[source] = l
+	}
+	return l
+}
+
+// wrap serves h to operators only. A request without credentials gets the
+// login challenge; wrong credentials count against their source, which is
+// refused, right credentials included, once it has guessed too often.
 func (a *adminAuth) wrap(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if a.open() {
+			h.ServeHTTP(w, r)
+			return
+		}
+		challenge := func() {
+			w.Header().Set("WWW-Authenticate", `Basic realm="tokenmgr refresher", charset="UTF-8"`)
+			http.Error(w, "operator credentials required", http.StatusUnauthorized)
+		}
+		if r.Header.Get("Authorization") == "" {
+			challenge()
+			return
+		}
+		l := a.limiter(r)
+		if l.Tokens() < 1 {
+			w.Header().Set("Retry-After", "1")
+			http.Error(w, "too many failed logins from this address; try again shortly", http.StatusTooManyRequests)
+			return
+		}
 		if a.allowed(r) {
 			h.ServeHTTP(w, r)
 			return
 		}
-		if !a.failures.Allow() {
-			http.Error(w, "too many failed logins; try again shortly", http.StatusTooManyRequests)
+		l.Allow()
+		challenge()
+	})
+}
+
+// loopbackHost reports whether a request's Host names this machine.
+func loopbackHost(host string) bool {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// checkHost, without credentials, refuses requests addressed to another
+// name: a page on attacker.example whose DNS is rebound to 127.0.0.1 is
+// same-origin with itself, and would otherwise read the dashboard and post
+// its forms.
+func (a *adminAuth) checkHost(h http.Handler) http.Handler {
+	if !a.open() {
+		return h
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !loopbackHost(r.Host) {
+			http.Error(w, "misdirected request: without admin credentials the dashboard answers only to localhost, 127.0.0.1 or [::1]", http.StatusMisdirectedRequest)
 			return
 		}
-		w.Header().Set("WWW-Authenticate", `Basic realm="tokenmgr refresher", charset="UTF-8"`)
-		http.Error(w, "operator credentials required", http.StatusUnauthorized)
+		h.ServeHTTP(w, r)
 	})
 }
 

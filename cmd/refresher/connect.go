@@ -49,6 +49,15 @@ type route struct {
 
 const stateCookie = "tokenmgr_connect"
 
+// stateCookieName names the cookie of one login, so that two Re-connects
+// in flight (two grants, two tabs) do not overwrite each other's.
+func stateCookieName(state string) string {
+	if len(state) < 8 {
+		return stateCookie
+	}
+	return stateCookie + "_" + state[:8]
+}
+
 type pendingConnect struct {
 	Grant    string    `json:"grant"`
 	Verifier string    `json:"verifier,omitempty"`
@@ -67,7 +76,7 @@ func (c *connector) route(grant string) *route {
 
 // confirmPage is GET /connect/{grant}: a form, so that a link or an image
 // on another site cannot start a login (state changes are POSTs).
-var confirmPage = template.Must(template.ParseFS(webFS, "web/connect.html"))
+var confirmPage = template.Must(template.New("connect.html").Funcs(pageFuncs).ParseFS(webFS, "web/connect.html"))
 
 func (c *connector) handleConfirm(w http.ResponseWriter, r *http.Request) {
 	grant := r.PathValue("grant")
@@ -140,7 +149,7 @@ func (c *connector) handleConnect(w http.ResponseWriter, r *http.Request) {
 	// The state is also bound to this browser: a callback link lured into
 	// another browser does not complete. Lax: it must come back on the
 	// provider's redirect.
-	http.SetCookie(w, &http.Cookie{Name: stateCookie, Value: state, Path: "/", MaxAge: int(c.stateTTL.Seconds()),
+	http.SetCookie(w, &http.Cookie{Name: stateCookieName(state), Value: state, Path: "/", MaxAge: int(c.stateTTL.Seconds()),
 		HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode})
 	c.log.Info("connect started", "grant", grant, "replace", replace)
 	http.Redirect(w, r, rt.cfg.AuthCodeURL(state, opts...), http.StatusSeeOther)
@@ -153,12 +162,12 @@ func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "missing state", http.StatusBadRequest)
 		return
 	}
-	cookie, err := r.Cookie(stateCookie)
+	cookie, err := r.Cookie(stateCookieName(state))
 	if err != nil || subtle.ConstantTimeCompare([]byte(cookie.Value), []byte(state)) != 1 {
 		http.Error(w, "this login was not started in this browser: start again from the dashboard or /connect/{grant}", http.StatusBadRequest)
 		return
 	}
-	http.SetCookie(w, &http.Cookie{Name: stateCookie, Value: "", Path: "/", MaxAge: -1, HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode})
+	http.SetCookie(w, &http.Cookie{Name: stateCookieName(state), Value: "", Path: "/", MaxAge: -1, HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode})
 	// GETDEL: a state works once, whatever happens next.
 	js, err := c.rdb.GetDel(r.Context(), c.stateKey(state)).Bytes()
 	if err == redis.Nil {
@@ -214,6 +223,8 @@ func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	c.log.Info("grant connected", "grant", p.Grant, "version", v)
-	// Back to the dashboard, which shows the grant healthy.
-	http.Redirect(w, r, "/?"+url.Values{"connected": {p.Grant}, "version": {strconv.FormatInt(v, 10)}}.Encode(), http.StatusSeeOther)
+	// Back to the dashboard, which shows the grant healthy. Relative, so
+	// that it works behind a proxy that serves the refresher under a path.
+	w.Header().Set("Location", "./?"+url.Values{"connected": {p.Grant}, "version": {strconv.FormatInt(v, 10)}}.Encode())
+	w.WriteHeader(http.StatusSeeOther)
 }

@@ -9,7 +9,9 @@ import (
 	"io/fs"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"slices"
+	"strconv"
 	"time"
 
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
@@ -180,6 +182,7 @@ func (d *dashboard) row(now time.Time, grant string, p *pod, st tokenmgr.GrantSt
 	// The token is late once the refresher should have refreshed it.
 	r.ExpiryLevel = levelOK
 	switch due := p.m.RefreshDueAt(st); {
+	case st.Expiry.IsZero(): // the provider gave no expiry: nothing to be late with
 	case !now.Before(st.Expiry):
 		r.ExpiryLevel = levelCrit
 	case now.After(due.Add(d.overdue)):
@@ -198,6 +201,17 @@ func (d *dashboard) row(now time.Time, grant string, p *pod, st tokenmgr.GrantSt
 		r.Reason = "the provider failed or asked to wait: nobody calls it before the retry time"
 	}
 	return r
+}
+
+// servesGrant reports whether one of the pods serves grant (by name, or
+// as a registration that serves every grant).
+func (d *dashboard) servesGrant(grant string) bool {
+	for _, p := range d.pods {
+		if p.reg.grants == nil || slices.Contains(p.reg.grants, grant) {
+			return true
+		}
+	}
+	return false
 }
 
 // countdownLevel colours a countdown to t: crit within crit, warn within
@@ -227,14 +241,19 @@ func worst(levels ...string) string {
 	return out
 }
 
-var dashboardPage = template.Must(template.New("dashboard.html").Funcs(template.FuncMap{
-	"until": until, "ago": ago, "ms": func(t time.Time) int64 {
+// pageFuncs are the templates' helpers. URLs in the pages are relative, so
+// they work behind a proxy that serves the refresher under a path.
+var pageFuncs = template.FuncMap{
+	"until": until, "ago": ago, "pathEscape": url.PathEscape,
+	"ms": func(t time.Time) int64 {
 		if t.IsZero() {
 			return 0
 		}
 		return t.UnixMilli()
 	},
-}).ParseFS(webFS, "web/dashboard.html"))
+}
+
+var dashboardPage = template.Must(template.New("dashboard.html").Funcs(pageFuncs).ParseFS(webFS, "web/dashboard.html"))
 
 // handlePage renders the page; its script then keeps it current from
 // /api/grants.
@@ -245,8 +264,13 @@ func (d *dashboard) handlePage(w http.ResponseWriter, r *http.Request) {
 		dashboardData
 		CSRF, Connected, ConnectedVersion string
 	}{dashboardData: d.data(ctx), CSRF: csrfToken(w, r, d.secure)}
-	if g := r.URL.Query().Get("connected"); tokenmgr.ValidateGrantName(g) == nil {
-		page.Connected, page.ConnectedVersion = g, r.URL.Query().Get("version")
+	// After /callback: a grant name and a version, nothing else, so that
+	// a crafted link cannot put arbitrary text on the page.
+	if g := r.URL.Query().Get("connected"); tokenmgr.ValidateGrantName(g) == nil && d.servesGrant(g) {
+		page.Connected = g
+		if v, err := strconv.ParseInt(r.URL.Query().Get("version"), 10, 64); err == nil && v > 0 {
+			page.ConnectedVersion = strconv.FormatInt(v, 10)
+		}
 	}
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	if err := dashboardPage.Execute(w, page); err != nil {

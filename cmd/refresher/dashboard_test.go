@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"net/http/cookiejar"
 	"net/http/httptest"
 	"net/url"
 	"os"
@@ -126,22 +127,46 @@ func TestDashboardAccessControl(t *testing.T) {
 			}
 		}
 	}
-	_, srv := dashboardServer(t, w, nil, withToken)
-	// Guessing is throttled; the operator's polling is not.
-	var limited bool
-	for range 30 {
-		if resp, _ := do(t, srv, request{path: "/api/grants", header: basic("admin", "guess")}); resp.StatusCode == http.StatusTooManyRequests {
-			limited = true
-			break
+}
+
+// Guessing is throttled per source address, right guesses included; the
+// operator's polling is not, nor is anyone elsewhere, and the login
+// challenge is never withheld.
+func TestDashboardThrottlesGuessing(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	pd, _ := dashboardServer(t, w, nil, nil)
+	get := func(from string, header http.Header) *httptest.ResponseRecorder {
+		r := httptest.NewRequest(http.MethodGet, "/api/grants", nil)
+		r.RemoteAddr = from + ":40000"
+		for k, v := range header {
+			r.Header[k] = v
+		}
+		rec := httptest.NewRecorder()
+		pd.handler.ServeHTTP(rec, r)
+		return rec
+	}
+	for i := range 30 {
+		if code := get("10.0.0.1", operator).Code; code != http.StatusOK {
+			t.Fatalf("the operator's poll %d answered %d", i, code)
 		}
 	}
-	if !limited {
-		t.Error("30 wrong passwords in a row were never throttled")
-	}
+	limited := 0
 	for range 30 {
-		if resp, _ := do(t, srv, request{path: "/api/grants", header: operator}); resp.StatusCode != http.StatusOK {
-			t.Fatalf("the operator's polling was throttled: %d", resp.StatusCode)
+		if get("10.0.0.66", basic("admin", "guess-"+strconv.Itoa(limited))).Code == http.StatusTooManyRequests {
+			limited++
 		}
+	}
+	if limited < 15 {
+		t.Errorf("30 wrong passwords in a row from one address: %d throttled, want most", limited)
+	}
+	if code := get("10.0.0.66", operator).Code; code != http.StatusTooManyRequests {
+		t.Errorf("the right password from the guessing address answered %d, want 429 (else guessing goes on)", code)
+	}
+	if rec := get("10.0.0.66", nil); rec.Code != http.StatusUnauthorized || rec.Header().Get("WWW-Authenticate") == "" {
+		t.Errorf("without credentials the guessing address got %d, want the 401 challenge", rec.Code)
+	}
+	if code := get("10.0.0.1", operator).Code; code != http.StatusOK {
+		t.Errorf("the operator elsewhere was locked out by the guesser: %d", code)
 	}
 }
 
@@ -150,13 +175,22 @@ func TestDashboardAccessControl(t *testing.T) {
 // token in the page or its JSON.
 func TestDashboardRows(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
-	pd, srv := dashboardServer(t, w, []string{"healthy", "dead", "busy", "never"}, nil)
+	pd, srv := dashboardServer(t, w, []string{"healthy", "dead", "busy", "never", "forever"}, nil)
 	m := pd.m
 	ctx := t.Context()
-	for _, g := range []string{"healthy", "dead", "busy"} {
+	for _, g := range []string{"healthy", "dead"} {
 		if _, err := m.Seed(ctx, g, w.idp.NewGrant("read:jira-work"), tokenmgr.SeedOptions{ConsentedAt: w.clock.Now().Add(-360 * 24 * time.Hour)}); err != nil {
 			t.Fatal(err)
 		}
+	}
+	if _, err := m.Seed(ctx, "busy", w.idp.NewGrant("read:jira-work"), tokenmgr.SeedOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// A provider that gives no expiry: nothing to count down, nothing late.
+	noExpiry := w.idp.NewGrant("")
+	noExpiry.Expiry = time.Time{}
+	if _, err := m.Seed(ctx, "forever", noExpiry, tokenmgr.SeedOptions{}); err != nil {
+		t.Fatal(err)
 	}
 	if _, err := m.Rotate(ctx, "healthy"); err != nil {
 		t.Fatal(err)
@@ -185,8 +219,8 @@ func TestDashboardRows(t *testing.T) {
 		rows[r.Grant] = r
 		order = append(order, r.Grant)
 	}
-	if strings.Join(order, ",") != "busy,dead,healthy,never" || !d.ConnectEnabled || d.Holder != "refresher-1" {
-		t.Fatalf("rows %v connect %v holder %q; want busy,dead,healthy,never sorted, connect on, holder refresher-1", order, d.ConnectEnabled, d.Holder)
+	if strings.Join(order, ",") != "busy,dead,forever,healthy,never" || !d.ConnectEnabled || d.Holder != "refresher-1" {
+		t.Fatalf("rows %v connect %v holder %q; want busy,dead,forever,healthy,never sorted, connect on, holder refresher-1", order, d.ConnectEnabled, d.Holder)
 	}
 	check := func(got dashboardRow, state, level string, connect bool) {
 		t.Helper()
@@ -207,11 +241,12 @@ func TestDashboardRows(t *testing.T) {
 		t.Errorf("the dead row's reason %q does not say why", dead.Reason)
 	}
 	b := rows["busy"]
-	check(b, stateRefreshing, levelCrit, false)
+	check(b, stateRefreshing, levelWarn, false) // stalled: amber
 	if b.RefreshHolder != "worker-7" || !strings.Contains(b.Reason, "may have died") {
 		t.Errorf("busy row %+v: want holder worker-7 and a stalled refresh", b)
 	}
 	check(rows["never"], stateNotConnected, levelCrit, true)
+	check(rows["forever"], stateOK, levelOK, false)
 
 	// Past the refresher's due time the expiry turns amber; past expiry, red.
 	w.clock.Advance(time.Hour - 5*time.Minute)
@@ -227,7 +262,7 @@ func TestDashboardRows(t *testing.T) {
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("GET / = %d", resp.StatusCode)
 	}
-	for _, want := range []string{`<tr data-grant="dead" class="level-crit">`, `<td class="state">needs re-consent`, `<form method="post" action="/connect/dead">`,
+	for _, want := range []string{`<tr data-grant="dead" class="level-crit">`, `<td class="state">needs re-consent`, `<form method="post" action="connect/dead">`,
 		`class="reconnect" type="submit">Re-connect</button>`, `<meta name="csrf-token" content="`, `<tr data-grant="never"`, `>Connect</button>`} {
 		if !strings.Contains(page, want) {
 			t.Errorf("page lacks %s", want)
@@ -244,9 +279,22 @@ func TestDashboardRows(t *testing.T) {
 	if !strings.Contains(resp.Header.Get("Content-Security-Policy"), "frame-ancestors 'none'") {
 		t.Errorf("CSP %q lets other sites frame the page", resp.Header.Get("Content-Security-Policy"))
 	}
+	_, body = do(t, srv, request{path: "/api/grants", header: operator})
 	for _, tok := range w.idp.IssuedTokens() {
 		if strings.Contains(page, tok) || strings.Contains(body, tok) {
 			t.Fatal("an issued token appears in the dashboard or its JSON")
+		}
+	}
+	// The note after a login shows a served grant and a number, nothing
+	// a crafted link chose.
+	for q, want := range map[string]string{
+		"?connected=dead&version=7":                      "Grant <b>dead</b> connected (version 7).",
+		"?connected=dead&version=7+visit+evil.example":   "Grant <b>dead</b> connected.",
+		"?connected=visit-evil.example-to-fix&version=1": "",
+	} {
+		_, page := do(t, srv, request{path: "/" + q, header: operator})
+		if got := regexp.MustCompile(`Grant <b>.*?</b> connected[^<]*`).FindString(page); got != want {
+			t.Errorf("%s: the page says %q, want %q", q, got, want)
 		}
 	}
 }
@@ -329,6 +377,37 @@ func TestConnectRefusesCrossSiteRequests(t *testing.T) {
 	}
 }
 
+// Without credentials the surface is on loopback only, and answers only to
+// loopback names: a page whose DNS is rebound to 127.0.0.1 gets nothing.
+func TestOpenAdminListenerRefusesOtherHosts(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	pd, _ := dashboardServer(t, w, []string{"jira"}, func(c *runConfig) { c.adminPassword, c.adminListen = "", "127.0.0.1:0" })
+	if pd.admin == nil {
+		t.Fatal("--admin-listen without credentials did not turn the surface on")
+	}
+	if rec := serve(pd.handler, http.MethodGet, "127.0.0.1:8080", "/"); rec.Code != http.StatusNotFound {
+		t.Errorf("--listen serves the dashboard (%d) although --admin-listen is set", rec.Code)
+	}
+	for host, want := range map[string]int{
+		"127.0.0.1:9090": http.StatusOK, "localhost:9090": http.StatusOK, "[::1]:9090": http.StatusOK,
+		"attacker.example:9090": http.StatusMisdirectedRequest, "10.0.0.5:9090": http.StatusMisdirectedRequest,
+	} {
+		for _, path := range []string{"/", "/api/grants", "/connect/jira"} {
+			if rec := serve(pd.admin, http.MethodGet, host, path); rec.Code != want {
+				t.Errorf("Host %s, GET %s: %d, want %d", host, path, rec.Code, want)
+			}
+		}
+	}
+}
+
+func serve(h http.Handler, method, host, path string) *httptest.ResponseRecorder {
+	r := httptest.NewRequest(method, path, nil)
+	r.Host = host
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, r)
+	return rec
+}
+
 func TestAdminFlags(t *testing.T) {
 	dir := t.TempDir()
 	write := func(name, content string) string {
@@ -395,5 +474,56 @@ func TestCountdownLevel(t *testing.T) {
 	}
 	if worst(levelOK, levelWarn, levelOK) != levelWarn || worst(levelWarn, levelCrit) != levelCrit || worst() != levelOK {
 		t.Error("worst picks the wrong level")
+	}
+}
+
+// Two Re-connects in flight in one browser (two grants after an incident)
+// both complete: each login has its own state cookie.
+func TestTwoLoginsAtOnce(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	_, srv := dashboardServer(t, w, []string{"a", "b"}, nil)
+	jar, _ := cookiejar.New(nil)
+	browser := &http.Client{Jar: jar, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	send := func(method, target string, form url.Values) *http.Response {
+		t.Helper()
+		req, _ := http.NewRequest(method, target, strings.NewReader(form.Encode()))
+		if form != nil {
+			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		}
+		if strings.HasPrefix(target, srv.URL) {
+			req.SetBasicAuth("admin", testAdminPassword)
+		}
+		resp, err := browser.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode >= 400 {
+			t.Fatalf("%s %s: %d %s", method, target, resp.StatusCode, body)
+		}
+		return resp
+	}
+	send(http.MethodGet, srv.URL+"/", nil) // the dashboard sets the CSRF cookie
+	u, _ := url.Parse(srv.URL)
+	var csrf string
+	for _, c := range jar.Cookies(u) {
+		if c.Name == csrfCookie {
+			csrf = c.Value
+		}
+	}
+	authorize := map[string]string{}
+	for _, g := range []string{"a", "b"} {
+		authorize[g] = send(http.MethodPost, srv.URL+"/connect/"+g, url.Values{"csrf": {csrf}}).Header.Get("Location")
+	}
+	for _, g := range []string{"a", "b"} {
+		callback := send(http.MethodGet, authorize[g], nil).Header.Get("Location")
+		done := send(http.MethodGet, callback, nil)
+		if loc := done.Header.Get("Location"); done.StatusCode != http.StatusSeeOther || !strings.HasPrefix(loc, "./?connected="+g) {
+			t.Errorf("login of %s ended with %d to %q, want 303 back to the dashboard", g, done.StatusCode, loc)
+		}
+	}
+	if s := w.idp.Stats(); s.AuthCodeExchanges != 2 {
+		t.Errorf("%d code exchanges, want 2", s.AuthCodeExchanges)
 	}
 }

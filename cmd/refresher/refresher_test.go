@@ -327,6 +327,14 @@ func TestConnectFlow(t *testing.T) {
 	if code, _ := connect("jira-prod", "wrong password!", false); code != http.StatusUnauthorized {
 		t.Errorf("connect with a wrong password: %d, want 401", code)
 	}
+	// The browser holds a CSRF cookie (the page set it), but the form's
+	// token is not it.
+	if code, _ := get("/connect/jira-prod", c.adminPassword); code != http.StatusOK {
+		t.Fatalf("connect page: %d", code)
+	}
+	if u, _ := url.Parse(srv.URL); len(jar.Cookies(u)) == 0 {
+		t.Fatal("the connect page set no CSRF cookie")
+	}
 	if code, _ := send(http.MethodPost, "/connect/jira-prod", c.adminPassword, url.Values{"csrf": {"guessed"}}); code != http.StatusForbidden {
 		t.Errorf("connect with a wrong CSRF token: %d, want 403", code)
 	}
@@ -344,7 +352,7 @@ func TestConnectFlow(t *testing.T) {
 	}
 	// Replay of the same callback, even from the same browser: single use.
 	u, _ := url.Parse(lastCallback)
-	jar.SetCookies(u, []*http.Cookie{{Name: stateCookie, Value: u.Query().Get("state"), Path: "/"}})
+	jar.SetCookies(u, []*http.Cookie{{Name: stateCookieName(u.Query().Get("state")), Value: u.Query().Get("state"), Path: "/"}})
 	if code, _ := get(strings.TrimPrefix(lastCallback, srv.URL), ""); code != http.StatusBadRequest {
 		t.Errorf("replayed state answered %d, want 400", code)
 	}
@@ -360,7 +368,7 @@ func TestConnectFlow(t *testing.T) {
 	q := u.Query()
 	q.Set("state", "forged-state")
 	u.RawQuery = q.Encode()
-	jar.SetCookies(u, []*http.Cookie{{Name: stateCookie, Value: "forged-state", Path: "/"}})
+	jar.SetCookies(u, []*http.Cookie{{Name: stateCookieName("forged-state"), Value: "forged-state", Path: "/"}})
 	if code, _ := get(strings.TrimPrefix(u.String(), srv.URL), ""); code != http.StatusBadRequest {
 		t.Errorf("forged state answered %d, want 400", code)
 	}

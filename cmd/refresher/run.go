@@ -261,6 +261,9 @@ func cmdRun(ctx context.Context, args []string, env func(string) string, stdout,
 	}
 	servers, err := listen(c, srv, stdout, log)
 	if err != nil {
+		for _, p := range srv.pods {
+			_ = p.m.Close(context.WithoutCancel(ctx))
+		}
 		return err
 	}
 	if c.common.InsecurePlain {
@@ -298,16 +301,25 @@ func listen(c *runConfig, srv *server, stdout io.Writer, log *slog.Logger) ([]*h
 	type endpoint struct {
 		addr, what string
 		h          http.Handler
+		admin      bool // the separate operator listener
 	}
-	eps := []endpoint{{c.listen, "listening on", srv.handler}}
+	eps := []endpoint{{c.listen, "listening on", srv.handler, false}}
 	if c.adminListen != "" {
-		eps = append(eps, endpoint{c.adminListen, "operator dashboard on", srv.admin})
+		eps = append(eps, endpoint{c.adminListen, "operator dashboard on", srv.admin, true})
 	} else if srv.admin != nil {
 		eps[0].what = "listening (operator dashboard at /) on"
 	}
 	var servers []*http.Server
 	for _, ep := range eps {
 		ln, err := net.Listen("tcp", ep.addr)
+		if err == nil && ep.admin && c.adminPassword == "" && c.adminToken == "" {
+			// The flag was checked, but a name such as localhost resolves
+			// at listen time: check what was bound.
+			if tcp, ok := ln.Addr().(*net.TCPAddr); !ok || !tcp.IP.IsLoopback() {
+				ln.Close()
+				err = fmt.Errorf("--admin-listen %s bound %s, not a loopback address; without admin credentials it must be", ep.addr, ln.Addr())
+			}
+		}
 		if err != nil {
 			for _, hs := range servers {
 				_ = hs.Close()
@@ -332,6 +344,7 @@ type pod struct {
 	m       *tokenmgr.Manager
 	sched   *scheduler
 	handler http.Handler // the server's, for tests that build one pod
+	admin   http.Handler // its operator surface (nil: off)
 }
 
 // server is every pod and the HTTP handlers they share.
@@ -355,7 +368,7 @@ func newPod(ctx context.Context, c *runConfig, o tokenmgr.Options) (*pod, error)
 		return nil, err
 	}
 	p := s.pods[0]
-	p.handler = s.handler
+	p.handler, p.admin = s.handler, s.admin
 	return p, nil
 }
 
@@ -470,5 +483,5 @@ func adminSurface(auth *adminAuth, d *dashboard) http.Handler {
 		// prove the login was started here by an operator.
 		am.HandleFunc("GET /callback", d.conn.handleCallback)
 	}
-	return securityHeaders(http.NewCrossOriginProtection().Handler(am))
+	return securityHeaders(auth.checkHost(http.NewCrossOriginProtection().Handler(am)))
 }

@@ -53,7 +53,7 @@ function row(g) {
   if (g.connect) {
     const form = el("form");
     form.method = "post";
-    form.action = "/connect/" + encodeURIComponent(g.grant);
+    form.action = "connect/" + encodeURIComponent(g.grant); // relative: works under a proxy's path
     const token = el("input");
     token.type = "hidden";
     token.name = "csrf";
@@ -64,7 +64,7 @@ function row(g) {
     action.append(form);
   }
   tr.append(name, state, el("td", "version", String(g.version)),
-    countdown(ms(g.expiry), g.expiry_level), rotated, el("td", "refreshes", String(g.refreshes_last_hour)),
+    countdown(ms(g.expiry), g.expiry_level), rotated, el("td", "refreshes", g.refreshes_last_hour < 0 ? "?" : String(g.refreshes_last_hour)),
     countdown(ms(g.idle_expiry), g.idle_level), countdown(ms(g.absolute_expiry), g.absolute_level), action);
   return tr;
 }
@@ -95,6 +95,10 @@ function tick() {
 function render(data) {
   skew = Date.parse(data.now) - Date.now();
   connectEnabled = data.connect_enabled;
+  const error = document.getElementById("error");
+  error.hidden = !data.error;
+  error.textContent = data.error || "";
+  if (data.error) return; // keep the last known rows
   const body = document.getElementById("grants");
   const rows = data.grants.map(row);
   if (rows.length === 0) {
@@ -105,12 +109,19 @@ function render(data) {
     rows.push(empty);
   }
   body.replaceChildren(...rows);
-  const error = document.getElementById("error");
-  error.hidden = !data.error;
-  error.textContent = data.error || "";
   document.getElementById("updated").textContent = "as of " + new Date(data.now).toISOString().slice(11, 19) + " UTC";
   document.body.classList.remove("stale");
   tick();
+}
+
+// apiURL is the JSON's address next to the page's, without the user and
+// password of a page opened as http://admin:...@host/ (fetch refuses URLs
+// with credentials; the browser sends the ones it logged in with).
+function apiURL() {
+  const u = new URL("api/grants", location.href);
+  u.username = "";
+  u.password = "";
+  return u.href;
 }
 
 async function poll() {
@@ -118,7 +129,7 @@ async function poll() {
   polling = true;
   lastPoll = Date.now();
   try {
-    const resp = await fetch("/api/grants", { cache: "no-store", credentials: "same-origin" });
+    const resp = await fetch(apiURL(), { cache: "no-store", credentials: "same-origin", signal: AbortSignal.timeout(2 * POLL_MS) });
     if (!resp.ok) throw new Error("HTTP " + resp.status);
     render(await resp.json());
   } catch (e) {
