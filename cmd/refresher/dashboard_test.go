@@ -268,6 +268,10 @@ func TestDashboardRows(t *testing.T) {
 			t.Errorf("page lacks %s", want)
 		}
 	}
+	// Relative links only: a proxy may serve the pages under a path.
+	if abs := regexp.MustCompile(`(href|src|action)="/`).FindString(page); abs != "" {
+		t.Errorf("the page has an absolute link (%s...): it breaks under a proxy path", abs)
+	}
 	if n := strings.Count(page, `class="reconnect"`); n != 2 {
 		t.Errorf("%d Re-connect buttons, want 2 (dead, never)", n)
 	}
