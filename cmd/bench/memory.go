@@ -17,6 +17,7 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
 
 // fig8: MEMORY USAGE of one grant's record (encrypted), on a real
@@ -34,6 +35,46 @@ func fig8(ctx context.Context, out io.Writer, _ string) error {
 		fmt.Fprintln(out)
 	}
 	fmt.Fprintln(out, "51 B is the fake IdP's token size; Atlassian access tokens are JWTs of about 1-2.5 KB.")
+	fmt.Fprintln(out)
+	return rotationsSetMemory(ctx, out)
+}
+
+// rotationsSetMemory measures what a grant rotated in the last hour adds:
+// its rotations set (the dashboard's "refreshes in the last hour"), after
+// real rotations through a Manager.
+func rotationsSetMemory(ctx context.Context, out io.Writer) error {
+	w, err := newRealWorld(tokenmgrtest.Atlassian, time.Hour)
+	if err != nil {
+		fmt.Fprintf(out, "rotations set: skipped: %v\n", err)
+		return nil
+	}
+	defer w.close()
+	m, err := w.manager(false, tokenmgr.Atlassian, nil)
+	if err != nil {
+		return err
+	}
+	if _, err := m.Seed(ctx, "g", w.idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
+		return err
+	}
+	rdb := w.client(false)
+	fmt.Fprintln(out, "A grant rotated within the last hour also holds `tm:{GRANT}:rotations` (gone an hour after its last rotation):")
+	fmt.Fprintln(out)
+	fmt.Fprintln(out, "| rotations in the last hour | rotations set bytes (MEMORY USAGE) |")
+	fmt.Fprintln(out, "|---|---|")
+	done := 0
+	for _, n := range []int{1, 2, 12} {
+		for ; done < n; done++ {
+			if _, err := m.Rotate(ctx, "g"); err != nil {
+				return err
+			}
+			w.clock.Advance(time.Minute)
+		}
+		b, err := rdb.MemoryUsage(ctx, "tm:{g}:rotations", 0).Result()
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "| %d | %d |\n", n, b)
+	}
 	return nil
 }
 
