@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"sort"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -207,10 +208,17 @@ func cmdStatus(ctx context.Context, args []string, env func(string) string, stdo
 
 func printStatus(w io.Writer, sts []tokenmgr.GrantStatus, now time.Time) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "GRANT\tVERSION\tSTATUS\tEXPIRES IN\tROTATED\tBY\tREFRESHES\tIDLE EXPIRY IN\tABSOLUTE EXPIRY IN\tREASON")
+	fmt.Fprintln(tw, "GRANT\tVERSION\tSTATUS\tEXPIRES IN\tROTATED\tBY\tREFRESHES\tLAST HOUR\tIDLE EXPIRY IN\tABSOLUTE EXPIRY IN\tREASON")
 	for _, s := range sts {
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", s.Grant, s.Version, s.Status, until(s.Expiry, now),
-			ago(s.RotatedAt, now), s.RotatedBy, s.RefreshCount, until(s.IdleExpiry, now), until(s.AbsoluteExpiry, now), oneLine(s.Reason))
+		status, lastHour := s.Status, strconv.FormatInt(s.RefreshesLastHour, 10)
+		if s.Refreshing {
+			status += " (refreshing: " + s.RefreshHolder + ", " + ago(s.RefreshStartedAt, now) + ")"
+		}
+		if s.RefreshesLastHour < 0 {
+			lastHour = "?"
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", s.Grant, s.Version, status, until(s.Expiry, now),
+			ago(s.RotatedAt, now), s.RotatedBy, s.RefreshCount, lastHour, until(s.IdleExpiry, now), until(s.AbsoluteExpiry, now), oneLine(s.Reason))
 	}
 	tw.Flush()
 }

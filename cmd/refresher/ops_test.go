@@ -2,11 +2,13 @@ package main
 
 import (
 	"io"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/tokenmgr/tokenmgr/internal/compose"
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
 func FuzzParseSeed(f *testing.F) {
@@ -74,4 +76,23 @@ func FuzzConfigFile(f *testing.F) {
 			}
 		}
 	})
+}
+
+// refresher status shows a refresh in flight and the last hour's count,
+// "?" when Redis would not say.
+func TestPrintStatus(t *testing.T) {
+	now := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
+	var out strings.Builder
+	printStatus(&out, []tokenmgr.GrantStatus{
+		{Grant: "busy", Version: 4, Status: tokenmgr.StatusOK, Expiry: now.Add(time.Hour), RotatedAt: now.Add(-time.Hour), RefreshCount: 3,
+			RefreshesLastHour: 2, Refreshing: true, RefreshHolder: "pod-b", RefreshStartedAt: now.Add(-3 * time.Second)},
+		{Grant: "old-acl", Version: 1, Status: tokenmgr.StatusOK, Expiry: now.Add(time.Hour), RefreshesLastHour: -1},
+	}, now)
+	lines := strings.Split(out.String(), "\n")
+	if !strings.Contains(lines[0], "LAST HOUR") || !strings.Contains(lines[1], "ok (refreshing: pod-b, 3s ago)") || !regexp.MustCompile(`\b3\s+2\s`).MatchString(lines[1]) {
+		t.Errorf("busy row:\n%s", out.String())
+	}
+	if !regexp.MustCompile(`\b0\s+\?\s`).MatchString(lines[2]) {
+		t.Errorf("an unknown count is not shown as ?:\n%s", out.String())
+	}
 }
