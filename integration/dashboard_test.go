@@ -3,7 +3,6 @@
 package integration
 
 import (
-	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -14,13 +13,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/chromedp/chromedp"
 
 	"github.com/tokenmgr/tokenmgr/internal/redisserver"
+	"github.com/tokenmgr/tokenmgr/internal/testbin"
 )
 
 // chromium finds the browser. CI sets TOKENMGR_REQUIRE_BROWSER so that a
@@ -72,7 +71,7 @@ func TestDashboardInBrowser(t *testing.T) {
 		"--tick", "100ms", "--jitter", "0s", "--log-level", "debug", "--provider", "strict", "--http-timeout", "2s",
 		"--token-url", f.idpURL+"/oauth/token", "--auth-url", f.idpURL+"/authorize", "--redirect-url", base+"/callback")
 	cmd.Env = append(f.env(), "TOKENMGR_ADMIN_PASSWORD="+password)
-	logs := &lockedBuffer{}
+	logs := &testbin.Buffer{}
 	cmd.Stdout, cmd.Stderr = io.Discard, logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -239,24 +238,6 @@ func (f *fleet) issuedTokenIn(texts ...string) string {
 		}
 	}
 	return ""
-}
-
-// lockedBuffer collects a process's output while the test reads it.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 func getBody(t testing.TB, url, auth string) string {

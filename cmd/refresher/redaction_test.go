@@ -1,44 +1,26 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/tokenmgr/tokenmgr/internal/testbin"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // A fleet with debug logging through rotations, a 429, a dropped answer and
 // a dead grant: no token the IdP issued appears in any log line, error
 // string or /metrics page.
 func TestNoTokenInLogsErrorsOrMetrics(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Atlassian)
-	logs := &lockedBuffer{}
+	logs := &testbin.Buffer{}
 	debug := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	key, _ := tokenmgr.GenerateKey("k1")
 	keyring, _ := tokenmgr.NewKeyring(key)

@@ -1,14 +1,12 @@
 package tokenmgr
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"log/slog"
 	"net"
 	"net/http"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -18,26 +16,9 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/tokenmgr/tokenmgr/internal/redisserver"
+	"github.com/tokenmgr/tokenmgr/internal/testbin"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
-
-// syncBuffer collects every log line a test produces, to scan for tokens.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
 
 // backend is where a behaviour test's Redis comes from.
 type backend string
@@ -55,7 +36,7 @@ type env struct {
 	mr    *miniredis.Miniredis // nil on a real redis-server
 	clock *tokenmgrtest.Clock  // shared by the Managers and the fake IdP
 	idp   *tokenmgrtest.Server
-	logs  *syncBuffer
+	logs  *testbin.Buffer
 	grant string
 	// down simulates a Redis outage for every client of this env: each
 	// command fails with a network error while it is set.
@@ -66,7 +47,7 @@ type env struct {
 
 func newEnv(t *testing.T, b backend, profile tokenmgrtest.Profile) *env {
 	t.Helper()
-	e := &env{t: t, clock: tokenmgrtest.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)), logs: &syncBuffer{}, grant: "jira-prod"}
+	e := &env{t: t, clock: tokenmgrtest.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)), logs: &testbin.Buffer{}, grant: "jira-prod"}
 	switch b {
 	case miniredisBackend:
 		e.mr = miniredis.RunT(t)
