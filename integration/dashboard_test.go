@@ -159,7 +159,9 @@ func TestDashboardInBrowser(t *testing.T) {
 	if _, err := f.foreignRotation("confluence"); err != nil {
 		t.Fatal(err)
 	}
+	killed := time.Now()
 	waitState("confluence", "needs re-consent", 15*time.Second)
+	shownIn := time.Since(killed)
 	if err := chromedp.Do(ctx, chromedp.WaitVisible(row("confluence")+" button.reconnect")); err != nil {
 		t.Fatal(err)
 	}
@@ -183,6 +185,7 @@ func TestDashboardInBrowser(t *testing.T) {
 		t.Fatal(err)
 	}
 	screenshot("idp-consent.png")
+	allowed := time.Now()
 	if err := chromedp.Do(ctx,
 		chromedp.Click("#allow"),
 		chromedp.WaitVisible("#flash"),
@@ -201,6 +204,9 @@ func TestDashboardInBrowser(t *testing.T) {
 		t.Errorf("after consent the browser is at %s showing %q; want the dashboard saying confluence connected", location, flash)
 	}
 	waitState("confluence", "ok", 10*time.Second)
+	healthyIn := time.Since(allowed)
+	fmt.Printf("DASHBOARD needs-re-consent shown %s after the foreign rotation (2 s tokens, 3 s polling); row healthy %s after Allow\n",
+		shownIn.Round(10*time.Millisecond), healthyIn.Round(10*time.Millisecond))
 	if n := f.stats()["auth_code_exchanges"] - exchangesBefore; n != 1 {
 		t.Errorf("%d code exchanges for one Re-connect, want 1", n)
 	}
