@@ -200,7 +200,7 @@ func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
 	}
 	// The grant may have been seeded meanwhile: replace it only if asked.
 	if st, err := rt.admin.Status(r.Context(), p.Grant); err == nil && st.Status == tokenmgr.StatusOK && !p.Replace {
-		http.Error(w, "grant "+p.Grant+" became healthy meanwhile; start again with ?replace=1 to replace it", http.StatusConflict)
+		http.Error(w, "grant "+p.Grant+" became healthy meanwhile; start again and tick replace to replace it", http.StatusConflict)
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
