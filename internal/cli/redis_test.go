@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"log/slog"
 	"math/big"
 	"net"
 	"os"
@@ -21,6 +22,7 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/tokenmgr/tokenmgr/internal/redisserver"
+	"github.com/tokenmgr/tokenmgr/internal/testbin"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
@@ -128,58 +130,80 @@ func loadACLRules(t *testing.T, srv *redisserver.Server, edit func(string) strin
 	return admin
 }
 
-// Users whose ACL predates the rotations set (no ZCOUNT, no
-// ZREMRANGEBYSCORE) keep rotating and publishing; only the count of the
-// last hour's rotations is unknown.
+// Users whose ACL predates the rotations set (the worker had neither
+// ZCOUNT nor ZREMRANGEBYSCORE, the refresher had ZCOUNT only) keep
+// rotating and publishing; the last hour's count reads as unknown, never
+// as a confident low number, and the Manager says why once.
 func TestACLRulesBeforeRotationsSet(t *testing.T) {
 	srv := redisserver.Start(t)
 	admin := loadACLRules(t, srv, func(r string) string {
-		return strings.NewReplacer(" +zcount", "", " +zremrangebyscore", "").Replace(r)
+		if strings.HasPrefix(r, "ACL SETUSER worker ") {
+			r = strings.Replace(r, " +zcount", "", 1)
+		}
+		return strings.Replace(r, " +zremrangebyscore", "", 1)
 	})
 	idp := tokenmgrtest.NewServer(tokenmgrtest.Config{Profile: tokenmgrtest.Strict, AuthStyle: oauth2.AuthStyleInParams})
 	defer idp.Close()
-	newManager := func() *tokenmgr.Manager {
-		rdb, err := NewRedis("redis://worker:worker-password@" + srv.Addr() + "/0")
+	logs := &testbin.Buffer{}
+	newManager := func(user string) *tokenmgr.Manager {
+		rdb, err := NewRedis("redis://" + user + ":" + user + "-password@" + srv.Addr() + "/0")
 		if err != nil {
 			t.Fatal(err)
 		}
-		m, err := tokenmgr.New(t.Context(), tokenmgr.Options{Redis: rdb, OAuth2: idp.OAuthConfig(oauth2.AuthStyleInParams), Provider: tokenmgr.Strict})
+		m, err := tokenmgr.New(t.Context(), tokenmgr.Options{Redis: rdb, OAuth2: idp.OAuthConfig(oauth2.AuthStyleInParams), Provider: tokenmgr.Strict,
+			Logger: slog.New(slog.NewTextHandler(logs, nil))})
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { _ = m.Close(context.Background()); rdb.Close() })
 		return m
 	}
-	a, b := newManager(), newManager()
-	if _, err := a.Seed(t.Context(), "jira", idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
+	worker, refresher := newManager("worker"), newManager("refresher")
+	if _, err := refresher.Seed(t.Context(), "jira", idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := b.Token(t.Context(), "jira"); err != nil {
+	if _, err := worker.Token(t.Context(), "jira"); err != nil {
 		t.Fatal(err)
 	}
-	v, err := a.Rotate(t.Context(), "jira")
-	if err != nil || v != 2 {
-		t.Fatalf("rotation under the old ACL: version %d, %v; want 2", v, err)
+	for i, m := range []*tokenmgr.Manager{refresher, worker, refresher} {
+		v, err := m.Rotate(t.Context(), "jira")
+		if err != nil || v != int64(i+2) {
+			t.Fatalf("rotation %d under the old ACL: version %d, %v; want %d", i+1, v, err, i+2)
+		}
 	}
-	// B hears of it (the message went out) and serves the new token.
+	// The worker hears of the refresher's last rotation (the message went
+	// out) and serves its token.
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		tb, err := b.Token(t.Context(), "jira")
-		ta, _ := a.Token(t.Context(), "jira")
-		if err == nil && tb.AccessToken == ta.AccessToken {
+		tw, err := worker.Token(t.Context(), "jira")
+		tr, _ := refresher.Token(t.Context(), "jira")
+		if err == nil && tw.AccessToken == tr.AccessToken {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatal("the other manager never picked up the rotation made under the old ACL")
+			t.Fatal("the worker never picked up the rotation made under the old ACL")
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	st, err := a.Status(t.Context(), "jira")
-	if err != nil || st.Version != 2 || st.RefreshesLastHour != -1 {
-		t.Errorf("Status under the old ACL: %+v, %v; want version 2 and an unknown (-1) count", st, err)
+	for name, m := range map[string]*tokenmgr.Manager{"worker": worker, "refresher": refresher} {
+		st, err := m.Status(t.Context(), "jira")
+		if err != nil || st.Version != 4 || st.RefreshesLastHour != -1 {
+			t.Errorf("%s's Status under the old ACL: version %d, %d in the last hour, %v; want 4 and unknown (-1)", name, st.Version, st.RefreshesLastHour, err)
+		}
 	}
 	if n := admin.Exists(t.Context(), "tm:{jira}:rotations").Val(); n != 0 {
 		t.Errorf("the rotations set was written without being trimmed")
+	}
+	if n := strings.Count(logs.String(), "not counted for operators"); n != 2 {
+		t.Errorf("the old-ACL warning was logged %d times, want once per Manager (2)", n)
+	}
+	// The ACL is brought up to date: the next rotation is counted again.
+	loadACLRules(t, srv, nil)
+	if _, err := refresher.Rotate(t.Context(), "jira"); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := refresher.Status(t.Context(), "jira"); st.RefreshesLastHour != 1 {
+		t.Errorf("after the ACL update: %d in the last hour, want 1 (counting again)", st.RefreshesLastHour)
 	}
 }
 

@@ -32,6 +32,10 @@ type Manager struct {
 	locks *redsync.Redsync
 	oauth *oauth2.Config
 
+	// warnedUncounted: the "rotation not counted" warning (old ACL) is
+	// logged once per Manager, not per rotation.
+	warnedUncounted atomic.Bool
+
 	// grants maps a grant name to its state. Copy-on-write: the hot path
 	// loads the map without a lock; grantsMu serialises writers.
 	grants   atomic.Pointer[map[string]*grant]

@@ -228,7 +228,7 @@ func (a *Admin) Statuses(ctx context.Context, grants []string) (sts []GrantStatu
 		}
 		// The record is the status; the rest is detail that an ACL from
 		// before it (no ZCOUNT) may refuse: unknown, not an error.
-		if r.rotated.Err() != nil {
+		if r.rotated.Err() != nil || r.record.Val()[fUncounted] == "1" {
 			st.RefreshesLastHour = -1
 		}
 		// An intent for another version is left over; only the current

@@ -47,6 +47,10 @@ const (
 	fRotatedAt, fRotatedBy, fCount  = "rotated_at", "rotated_by", "refresh_count"
 	fIdleExpiry, fAbsExpiry, fRetry = "idle_expiry", "absolute_expiry", "retry_at"
 	fRestored                       = "restored"
+	// fUncounted: the last rotation was refused by the rotations set (an
+	// old ACL), so the last hour's count is unknown. Cleared by a counted
+	// rotation or a seed.
+	fUncounted = "rotations_untracked"
 )
 
 // token returns the pair as an *oauth2.Token. The result is shared by every

@@ -354,9 +354,13 @@ func (m *Manager) flushPending(ctx context.Context, g *grant, p *pendingWrite) e
 	if p.written {
 		return nil // another caller flushed it meanwhile
 	}
-	res, v, err := m.store.rotate(ctx, g.name, g.keys, p.fromV, p.rec)
+	res, v, counted, err := m.store.rotate(ctx, g.name, g.keys, p.fromV, p.rec)
 	if err != nil {
 		return err
+	}
+	if res == casWritten && !counted && !m.warnedUncounted.Swap(true) {
+		m.log.Warn("rotation written but not counted for operators: the Redis user lacks ZREMRANGEBYSCORE (see the README's ACL rules); dashboards show the last hour's rotations as unknown",
+			"grant", g.name)
 	}
 	p.written = true
 	g.mu.Lock()

@@ -126,26 +126,28 @@ const (
 )
 
 // rotate writes rec as the successor of version fromV (invariant 1).
-func (s *store) rotate(ctx context.Context, grant string, k keys, fromV int64, rec *record) (casResult, int64, error) {
+// counted is false when the rotations set refused the rotation (a Redis
+// user without ZREMRANGEBYSCORE): the write itself stands.
+func (s *store) rotate(ctx context.Context, grant string, k keys, fromV int64, rec *record) (res casResult, v int64, counted bool, err error) {
 	f, err := rec.fields(grant, s.sealer)
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, false, err
 	}
 	args := append([]any{strconv.FormatInt(fromV, 10), s.channel, grant, rec.RotatedAt.UnixMilli(), rotationWindow.Milliseconds()}, f...)
-	res, err := rotateScript.Run(ctx, s.rdb, []string{k.record, k.intent, k.rotations}, args...).Int64Slice()
+	reply, err := rotateScript.Run(ctx, s.rdb, []string{k.record, k.intent, k.rotations}, args...).Int64Slice()
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, false, err
 	}
-	if len(res) != 2 {
-		return 0, 0, fmt.Errorf("rotate script: unexpected reply of %d elements", len(res))
+	if len(reply) < 2 {
+		return 0, 0, false, fmt.Errorf("rotate script: unexpected reply of %d elements", len(reply))
 	}
-	switch res[0] {
+	switch reply[0] {
 	case 1:
-		return casWritten, res[1], nil
+		return casWritten, reply[1], len(reply) > 2 && reply[2] == 1, nil
 	case 0:
-		return casConflict, res[1], nil
+		return casConflict, reply[1], false, nil
 	default:
-		return casMissing, 0, nil
+		return casMissing, 0, false, nil
 	}
 }
 

@@ -154,11 +154,11 @@ func testFencedWrite(t *testing.T, b backend) {
 	k := grantKeys(m.opts.KeyPrefix, e.grant)
 	a := &record{Status: StatusOK, AccessToken: "A-access", RefreshToken: "A-refresh", TokenType: "Bearer", Expiry: e.clock.Now().Add(time.Hour)}
 	bb := &record{Status: StatusOK, AccessToken: "B-access", RefreshToken: "B-refresh", TokenType: "Bearer", Expiry: e.clock.Now().Add(time.Hour)}
-	res, v, err := m.store.rotate(t.Context(), e.grant, k, 1, a)
+	res, v, _, err := m.store.rotate(t.Context(), e.grant, k, 1, a)
 	if err != nil || res != casWritten || v != 2 {
 		t.Fatalf("first write: %v %d %v, want written at 2", res, v, err)
 	}
-	res, v, err = m.store.rotate(t.Context(), e.grant, k, 1, bb)
+	res, v, _, err = m.store.rotate(t.Context(), e.grant, k, 1, bb)
 	if err != nil || res != casConflict || v != 2 {
 		t.Fatalf("stale write: %v %d %v, want a conflict at 2", res, v, err)
 	}
@@ -243,7 +243,7 @@ func testInvalidGrantRecheck(t *testing.T, b backend) {
 			return
 		}
 		next := &record{Status: StatusOK, AccessToken: secret(fresh.AccessToken), RefreshToken: secret(fresh.RefreshToken), TokenType: "Bearer", Expiry: fresh.Expiry, RotatedAt: e.clock.Now()}
-		if res, _, err := other.store.rotate(context.Background(), e.grant, k, 1, next); err != nil || res != casWritten {
+		if res, _, _, err := other.store.rotate(context.Background(), e.grant, k, 1, next); err != nil || res != casWritten {
 			t.Errorf("foreign write: %v %v", res, err)
 		}
 		e.clock.Advance(time.Minute) // outside the 30s grace period

@@ -4,8 +4,9 @@
 -- ARGV[2] rotation channel, ARGV[3] grant name
 -- ARGV[4] now (unix ms), ARGV[5] rotations window (ms); KEYS[3] members are "V:NOW"
 -- ARGV[6..] field/value pairs of the new record (v excluded)
--- Returns {1, new_v} on success, {0, stored_v} when another writer got there
--- first, {-1, 0} when the record is gone.
+-- Returns {1, new_v, counted} on success (counted: 1 when the rotations set
+-- took it), {0, stored_v} when another writer got there first, {-1, 0} when
+-- the record is gone.
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then
   return {-1, 0}
@@ -22,11 +23,14 @@ redis.call('PUBLISH', ARGV[2], ARGV[3] .. ' ' .. nv)
 -- The last hour's rotations, for operators: best effort, after the write
 -- and the message, so that a user whose ACL predates it (no
 -- ZREMRANGEBYSCORE) still rotates. Nothing is added unless trimming works,
--- so the set never grows unbounded.
+-- so the set never grows unbounded; a rotation not counted marks the
+-- record, so the count reads as unknown rather than low.
 local now = tonumber(ARGV[4])
 local trimmed = redis.pcall('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (now - tonumber(ARGV[5])))
-if type(trimmed) == 'number' then
-  redis.pcall('ZADD', KEYS[3], now, nv .. ':' .. ARGV[4])
+if type(trimmed) == 'number' and type(redis.pcall('ZADD', KEYS[3], now, nv .. ':' .. ARGV[4])) == 'number' then
   redis.pcall('PEXPIRE', KEYS[3], ARGV[5])
+  redis.call('HDEL', KEYS[1], 'rotations_untracked')
+  return {1, nv, 1}
 end
-return {1, nv}
+redis.call('HSET', KEYS[1], 'rotations_untracked', '1')
+return {1, nv, 0}
