@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"strings"
 	"sync"
@@ -91,20 +92,39 @@ func (c *runConfig) adminEnabled() bool {
 // adminAuth guards the operator surface.
 type adminAuth struct {
 	password, token string // either may be empty; both empty: no credentials (loopback listener)
+	// proxies are the reverse proxies whose X-Forwarded-For names the
+	// client (--admin-trusted-proxies); without them all clients behind
+	// one proxy share its failure budget.
+	proxies []netip.Prefix
 
 	mu sync.Mutex
-	// failures limits wrong credentials per client address, not requests:
-	// the dashboard's polling is never throttled, guessing is, and a
-	// guesser elsewhere cannot lock the operator out.
-	failures map[string]*rate.Limiter
+	// sources limits wrong credentials per client address (an IPv6 /64
+	// counts as one), not requests: the dashboard's polling is never
+	// throttled, guessing is, and a guesser elsewhere cannot lock the
+	// operator out.
+	sources  map[string]*source
+	overflow *source // shared by new sources while the map is full of active ones
 }
 
-// maxFailureSources bounds the failure limiters kept; past it they start
-// afresh rather than grow without end.
-const maxFailureSources = 10000
+// source is one client address's failure budget. mu makes check, verify
+// and charge one step, so parallel guesses cannot all pass the check.
+type source struct {
+	mu  sync.Mutex
+	lim *rate.Limiter
+}
 
-func newAdminAuth(password, token string) *adminAuth {
-	return &adminAuth{password: password, token: token, failures: map[string]*rate.Limiter{}}
+const (
+	// maxFailureSources bounds the budgets kept. When it is reached, only
+	// budgets that have fully refilled are dropped (a throttled guesser
+	// keeps its own); new sources then share one budget.
+	maxFailureSources = 10000
+	failureBurst      = 10
+)
+
+func newSource() *source { return &source{lim: rate.NewLimiter(1, failureBurst)} }
+
+func newAdminAuth(password, token string, proxies []netip.Prefix) *adminAuth {
+	return &adminAuth{password: password, token: token, proxies: proxies, sources: map[string]*source{}, overflow: newSource()}
 }
 
 // open reports whether no credentials are set: the surface is on a
@@ -135,22 +155,64 @@ func (a *adminAuth) allowed(r *http.Request) bool {
 	return (a.password != "" && equal(pass, a.password)) || (a.token != "" && equal(pass, a.token))
 }
 
-func (a *adminAuth) limiter(r *http.Request) *rate.Limiter {
-	source, _, err := net.SplitHostPort(r.RemoteAddr)
+// clientKey names the request's source for the failure budget: the peer
+// address or, from a trusted proxy, the nearest untrusted address in
+// X-Forwarded-For; IPv6 by /64, which one client usually holds whole.
+func (a *adminAuth) clientKey(r *http.Request) string {
+	ip, err := netip.ParseAddrPort(r.RemoteAddr)
 	if err != nil {
-		source = r.RemoteAddr
+		return r.RemoteAddr
 	}
+	addr := ip.Addr().Unmap()
+	if a.trusted(addr) {
+		hops := strings.Split(strings.Join(r.Header.Values("X-Forwarded-For"), ","), ",")
+		for i := len(hops) - 1; i >= 0; i-- {
+			hop, err := netip.ParseAddr(strings.TrimSpace(hops[i]))
+			if err != nil {
+				break // unparsable: keep the last address a trusted proxy gave
+			}
+			addr = hop.Unmap()
+			if !a.trusted(addr) {
+				break
+			}
+		}
+	}
+	if addr.Is6() {
+		p, _ := addr.Prefix(64)
+		return p.String()
+	}
+	return addr.String()
+}
+
+func (a *adminAuth) trusted(addr netip.Addr) bool {
+	for _, p := range a.proxies {
+		if p.Contains(addr) {
+			return true
+		}
+	}
+	return false
+}
+
+// source returns key's failure budget.
+func (a *adminAuth) source(key string) *source {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	l := a.failures[source]
-	if l == nil {
-		if len(a.failures) >= maxFailureSources {
-			clear(a.failures)
-		}
-		l = rate.NewLimiter(1, 10)
-		a.failures[source] = l
+	if s := a.sources[key]; s != nil {
+		return s
 	}
-	return l
+	if len(a.sources) >= maxFailureSources {
+		for k, s := range a.sources {
+			if s.lim.Tokens() >= failureBurst {
+				delete(a.sources, k)
+			}
+		}
+		if len(a.sources) >= maxFailureSources {
+			return a.overflow
+		}
+	}
+	s := newSource()
+	a.sources[key] = s
+	return s
 }
 
 // wrap serves h to operators only. A request without credentials gets the
@@ -170,18 +232,23 @@ func (a *adminAuth) wrap(h http.Handler) http.Handler {
 			challenge()
 			return
 		}
-		l := a.limiter(r)
-		if l.Tokens() < 1 {
+		src := a.source(a.clientKey(r))
+		src.mu.Lock()
+		throttled := src.lim.Tokens() < 1
+		ok := !throttled && a.allowed(r)
+		if !throttled && !ok {
+			src.lim.Allow()
+		}
+		src.mu.Unlock()
+		switch {
+		case throttled:
 			w.Header().Set("Retry-After", "1")
 			http.Error(w, "too many failed logins from this address; try again shortly", http.StatusTooManyRequests)
-			return
-		}
-		if a.allowed(r) {
+		case ok:
 			h.ServeHTTP(w, r)
-			return
+		default:
+			challenge()
 		}
-		l.Allow()
-		challenge()
 	})
 }
 

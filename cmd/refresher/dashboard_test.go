@@ -3,10 +3,13 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/cookiejar"
 	"net/http/httptest"
+	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -137,7 +140,7 @@ func TestDashboardThrottlesGuessing(t *testing.T) {
 	pd, _ := dashboardServer(t, w, nil, nil)
 	get := func(from string, header http.Header) *httptest.ResponseRecorder {
 		r := httptest.NewRequest(http.MethodGet, "/api/grants", nil)
-		r.RemoteAddr = from + ":40000"
+		r.RemoteAddr = net.JoinHostPort(from, "40000")
 		for k, v := range header {
 			r.Header[k] = v
 		}
@@ -167,6 +170,95 @@ func TestDashboardThrottlesGuessing(t *testing.T) {
 	}
 	if code := get("10.0.0.1", operator).Code; code != http.StatusOK {
 		t.Errorf("the operator elsewhere was locked out by the guesser: %d", code)
+	}
+}
+
+// guessFrom sends wrong passwords from addr (via the proxy XFF chain when
+// xff is set) and returns how many of n were throttled.
+func guessFrom(h http.Handler, addr, xff string, n int) (throttled int) {
+	for i := range n {
+		r := httptest.NewRequest(http.MethodGet, "/api/grants", nil)
+		r.RemoteAddr = net.JoinHostPort(addr, "40000")
+		r.SetBasicAuth("admin", "guess-"+strconv.Itoa(i))
+		if xff != "" {
+			r.Header.Set("X-Forwarded-For", xff)
+		}
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, r)
+		if rec.Code == http.StatusTooManyRequests {
+			throttled++
+		}
+	}
+	return throttled
+}
+
+func operatorFrom(h http.Handler, addr, xff string) int {
+	r := httptest.NewRequest(http.MethodGet, "/api/grants", nil)
+	r.RemoteAddr = net.JoinHostPort(addr, "40000")
+	r.Header["Authorization"] = operator["Authorization"]
+	if xff != "" {
+		r.Header.Set("X-Forwarded-For", xff)
+	}
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, r)
+	return rec.Code
+}
+
+// An IPv6 client is one /64, not one address per guess; behind a trusted
+// proxy the client is the nearest untrusted X-Forwarded-For hop, and a
+// client's own X-Forwarded-For means nothing unless a trusted proxy sent it.
+func TestThrottleSources(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	pd, _ := dashboardServer(t, w, nil, func(c *runConfig) { c.adminProxies = []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")} })
+	h := pd.handler
+	throttled := 0
+	for i := range 30 {
+		throttled += guessFrom(h, fmt.Sprintf("2001:db8:0:1::%x", i+1), "", 1)
+	}
+	if throttled < 15 {
+		t.Errorf("30 guesses from 30 addresses of one IPv6 /64: %d throttled, want most", throttled)
+	}
+	if code := operatorFrom(h, "2001:db8:0:2::1", ""); code != http.StatusOK {
+		t.Errorf("another /64 was locked out: %d", code)
+	}
+	// Behind the trusted proxy 10.1.0.5: the guesser is 203.0.113.9.
+	if n := guessFrom(h, "10.1.0.5", "203.0.113.9", 30); n < 15 {
+		t.Errorf("a guesser behind the trusted proxy: %d of 30 throttled", n)
+	}
+	if code := operatorFrom(h, "10.1.0.5", "198.51.100.7"); code != http.StatusOK {
+		t.Errorf("the operator behind the same proxy was locked out: %d", code)
+	}
+	// A spoofed chain through the proxy: the nearest untrusted hop counts.
+	if code := operatorFrom(h, "10.1.0.5", "198.51.100.7, 203.0.113.9"); code != http.StatusTooManyRequests {
+		t.Errorf("the guesser escaped by prepending an address: %d", code)
+	}
+	// From an untrusted peer, X-Forwarded-For is ignored.
+	if n := guessFrom(h, "192.0.2.1", "", 30); n < 15 {
+		t.Errorf("direct guesser: %d of 30 throttled", n)
+	}
+	if code := operatorFrom(h, "192.0.2.1", "198.51.100.8"); code != http.StatusTooManyRequests {
+		t.Errorf("a direct guesser escaped with its own X-Forwarded-For: %d", code)
+	}
+}
+
+// When the budgets are full of recent failures, a new source shares one
+// budget rather than resetting anyone's: a throttled guesser stays
+// throttled however many addresses join.
+func TestThrottleFullMap(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	pd, _ := dashboardServer(t, w, nil, nil)
+	h := pd.handler
+	if n := guessFrom(h, "192.0.2.1", "", 30); n < 15 {
+		t.Fatalf("guesser: %d of 30 throttled", n)
+	}
+	for i := range maxFailureSources {
+		guessFrom(h, netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}).String(), "", 1)
+	}
+	if code := operatorFrom(h, "192.0.2.1", ""); code != http.StatusTooManyRequests {
+		t.Errorf("the guesser's budget was reset by %d other sources: %d", maxFailureSources, code)
+	}
+	if code := operatorFrom(h, "198.51.100.1", ""); code != http.StatusOK {
+		t.Errorf("a new source with the right password while the map is full: %d", code)
 	}
 }
 
@@ -445,6 +537,8 @@ func TestAdminFlags(t *testing.T) {
 		{[]string{"--redirect-url", "https://r.example/callback"}, "needs the operator surface"},
 		{[]string{"--redirect-url", "https://r.example/callback", "--admin-token-file", long}, ""},
 		{[]string{"--redirect-url", "http://127.0.0.1:9090/callback", "--admin-listen", "127.0.0.1:9090"}, ""},
+		{[]string{"--admin-password-file", long, "--admin-trusted-proxies", "10.0.0.0/8, fd00::/8"}, ""},
+		{[]string{"--admin-password-file", long, "--admin-trusted-proxies", "10.0.0.0/33"}, "want CIDRs"},
 	} {
 		c, err := parseRunFlags(append(append([]string{}, base...), tc.args...), env, io.Discard)
 		switch {

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
@@ -48,6 +49,7 @@ type runConfig struct {
 	adminPassword  string
 	adminTokenFile string
 	adminToken     string
+	adminProxies   []netip.Prefix
 }
 
 // registration is one client registration and the grants it refreshes.
@@ -170,6 +172,16 @@ func parseRunFlags(args []string, env func(string) string, stderr io.Writer) (*r
 	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&c.config, "config", "", "JSON `file` of client registrations, each with its grants (see README); without it, the flags describe one registration, serving --grant or, if unset, every grant in the schedule")
 	fs.StringVar(&c.adminPassFile, "admin-password-file", "", "`file` with the operator password (HTTP basic auth, user admin) for the dashboard and /connect (else env "+envAdminPassword+"); setting it turns the operator surface on")
+	fs.Func("admin-trusted-proxies", "comma-separated `CIDRs` of reverse proxies in front of the operator surface: their X-Forwarded-For names the client whose failed logins are throttled (else every client behind a proxy shares its budget)", func(v string) error {
+		for _, f := range strings.Split(v, ",") {
+			p, err := netip.ParsePrefix(strings.TrimSpace(f))
+			if err != nil {
+				return fmt.Errorf("want CIDRs such as 10.0.0.0/8: %w", err)
+			}
+			c.adminProxies = append(c.adminProxies, p.Masked())
+		}
+		return nil
+	})
 	fs.StringVar(&c.adminTokenFile, "admin-token-file", "", "`file` with an operator bearer token for the dashboard, /api/grants and /connect (else env "+envAdminToken+"); browsers may send it as user admin's basic-auth password")
 	if err := parseArgs(fs, args); err != nil {
 		return nil, err
@@ -261,8 +273,10 @@ func cmdRun(ctx context.Context, args []string, env func(string) string, stdout,
 	}
 	servers, err := listen(c, srv, stdout, log)
 	if err != nil {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
 		for _, p := range srv.pods {
-			_ = p.m.Close(context.WithoutCancel(ctx))
+			_ = p.m.Close(cctx)
 		}
 		return err
 	}
@@ -459,7 +473,7 @@ func newServer(ctx context.Context, c *runConfig, opts []tokenmgr.Options) (*ser
 		if c.redirectURL != "" {
 			d.conn = conn
 		}
-		srv.admin = adminSurface(newAdminAuth(c.adminPassword, c.adminToken), d)
+		srv.admin = adminSurface(newAdminAuth(c.adminPassword, c.adminToken, c.adminProxies), d)
 		if c.adminListen == "" {
 			mux.Handle("/", srv.admin)
 		}

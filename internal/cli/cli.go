@@ -64,7 +64,7 @@ func (c *Common) Register(fs *flag.FlagSet, env func(string) string) {
 		"redis+cluster://host:port?addr=host2:port2 for Cluster; redis+sentinel://host:port?master_name=NAME for Sentinel (env "+EnvRedisURL+")")
 	fs.StringVar(&c.RedisCAFile, "redis-ca-file", env(EnvRedisCAFile), "PEM `file` of the CA that signed the Redis servers' TLS certificates, for rediss:// (default: the system roots; env "+EnvRedisCAFile+")")
 	fs.StringVar(&c.LockRedisURLs, "lock-redis", "", "comma-separated redis:// `URLs` of independent Redlock masters (default: the --redis server)")
-	fs.StringVar(&c.Grant, "grant", "", "grant `name` (1-200 bytes, no braces or spaces)")
+	fs.StringVar(&c.Grant, "grant", "", "grant `name` (1-200 bytes, no braces or spaces, not . or ..)")
 	fs.StringVar(&c.Provider, "provider", "atlassian", "provider profile: atlassian, strict, okta, xero, non-rotating, or generic (= strict: rotating, no reuse leeway)")
 	fs.StringVar(&c.TokenURL, "token-url", "", "token endpoint `URL` (default for atlassian: "+AtlassianTokenURL+")")
 	fs.StringVar(&c.AuthURL, "auth-url", "", "authorization endpoint `URL` (default for atlassian: "+AtlassianAuthURL+")")

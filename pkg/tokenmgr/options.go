@@ -233,10 +233,11 @@ func (o Options) withDefaults() (Options, error) {
 
 // ValidateGrantName reports whether name can name a grant: non-empty, at
 // most 200 bytes, and free of braces (they would break the Redis Cluster
-// hash tag) and whitespace (rotation messages are "GRANT VERSION").
+// hash tag) and whitespace (rotation messages are "GRANT VERSION"), and not
+// "." or ".." (URL path segments that browsers resolve away).
 func ValidateGrantName(name string) error {
-	if name == "" || len(name) > 200 || strings.ContainsAny(name, "{} \t\r\n") {
-		return fmt.Errorf("tokenmgr: invalid grant name %q: 1-200 bytes, no braces or whitespace", name)
+	if name == "" || len(name) > 200 || strings.ContainsAny(name, "{} \t\r\n") || name == "." || name == ".." {
+		return fmt.Errorf("tokenmgr: invalid grant name %q: 1-200 bytes, no braces or whitespace, not . or ..", name)
 	}
 	return nil
 }

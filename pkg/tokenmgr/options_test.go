@@ -108,3 +108,14 @@ func TestParseRetryAfter(t *testing.T) {
 		}
 	}
 }
+
+func TestValidateGrantName(t *testing.T) {
+	for name, ok := range map[string]bool{
+		"jira-prod": true, "a/b": true, "x:y%2F": true, strings.Repeat("g", 200): true,
+		"": false, strings.Repeat("g", 201): false, "bad{grant}": false, "two words": false, "line\n": false, ".": false, "..": false, "...": true,
+	} {
+		if err := ValidateGrantName(name); (err == nil) != ok {
+			t.Errorf("ValidateGrantName(%q) = %v, want ok=%v", name, err, ok)
+		}
+	}
+}
