@@ -178,7 +178,7 @@ func (a *adminAuth) clientKey(r *http.Request) string {
 		}
 	}
 	if addr.Is6() {
-		p, _ := addr.Prefix(64)
+		p, _ := addr.WithZone("").Prefix(64)
 		return p.String()
 	}
 	return addr.String()
