@@ -47,14 +47,7 @@ func adminSecret(file, envName string, env func(string) string) (string, error) 
 // connections.
 func isLoopback(addr string) bool {
 	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return false
-	}
-	if host == "localhost" {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
+	return err == nil && loopbackHost(host)
 }
 
 // validateAdmin checks the operator surface's flags: credential lengths,
