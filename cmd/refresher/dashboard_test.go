@@ -625,3 +625,61 @@ func TestTwoLoginsAtOnce(t *testing.T) {
 		t.Errorf("%d code exchanges, want 2", s.AuthCodeExchanges)
 	}
 }
+
+// Behind a proxy that serves the refresher under /refresher/, every link
+// of the pages, the Re-connect form and the return from /callback stay
+// under that path.
+func TestDashboardUnderProxyPath(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	var h http.Handler
+	proxy := httptest.NewServer(http.StripPrefix("/refresher", http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { h.ServeHTTP(rw, r) })))
+	defer proxy.Close()
+	pd, _ := dashboardServer(t, w, []string{"jira"}, func(c *runConfig) { c.redirectURL = proxy.URL + "/refresher/callback" })
+	h = pd.handler
+	jar, _ := cookiejar.New(nil)
+	var visited []string
+	browser := &http.Client{Jar: jar, CheckRedirect: func(req *http.Request, _ []*http.Request) error {
+		visited = append(visited, req.URL.String())
+		if strings.HasPrefix(req.URL.String(), proxy.URL) {
+			req.SetBasicAuth("admin", testAdminPassword)
+		}
+		return nil
+	}}
+	open := func(method, target string, form url.Values) (*http.Response, string) {
+		t.Helper()
+		req, _ := http.NewRequest(method, target, strings.NewReader(form.Encode()))
+		if form != nil {
+			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		}
+		req.SetBasicAuth("admin", testAdminPassword)
+		resp, err := browser.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("%s %s ended at %s with %d: %s", method, target, resp.Request.URL, resp.StatusCode, body)
+		}
+		return resp, string(body)
+	}
+	base, _ := url.Parse(proxy.URL + "/refresher/")
+	_, page := open(http.MethodGet, base.String(), nil)
+	for _, m := range regexp.MustCompile(`(?:href|src)="([^"]+)"`).FindAllStringSubmatch(page, -1) {
+		ref, _ := url.Parse(m[1])
+		open(http.MethodGet, base.ResolveReference(ref).String(), nil) // the style sheet and the script
+	}
+	action := regexp.MustCompile(`<form method="post" action="([^"]+)">`).FindStringSubmatch(page)
+	token := regexp.MustCompile(`name="csrf" value="([^"]+)"`).FindStringSubmatch(page)
+	if action == nil || token == nil {
+		t.Fatalf("no Connect form on the page: %s", page)
+	}
+	ref, _ := url.Parse(action[1])
+	resp, landing := open(http.MethodPost, base.ResolveReference(ref).String(), url.Values{"csrf": {token[1]}})
+	if got := resp.Request.URL; got.Path != "/refresher/" || got.Query().Get("connected") != "jira" || !strings.Contains(landing, "<b>jira</b> connected") {
+		t.Errorf("after consent the browser is at %s (visited %v); want the dashboard under /refresher/ saying jira connected", got, visited)
+	}
+	if st, err := pd.m.Status(t.Context(), "jira"); err != nil || st.Status != tokenmgr.StatusOK {
+		t.Errorf("grant after the login: %+v %v", st, err)
+	}
+}
