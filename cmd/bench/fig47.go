@@ -56,11 +56,8 @@ func commandsPerRotation(ctx context.Context, n int) (pre, all float64, err erro
 			return 0, 0, err
 		}
 	}
-	rotator, err := w.manager(true, tokenmgr.Strict, nil) // its lease, intent and write count too
+	rotator, err := w.seeded(ctx, true, tokenmgr.Strict, nil) // its lease, intent and write count too
 	if err != nil {
-		return 0, 0, err
-	}
-	if _, err := rotator.Seed(ctx, "g", w.idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
 		return 0, 0, err
 	}
 	for _, m := range ms {

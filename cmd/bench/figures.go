@@ -30,11 +30,8 @@ func fig1(ctx context.Context, out io.Writer, _ string) error {
 	}
 	defer w.close()
 	// The production clock (time.Now), as the peer has.
-	m, err := w.manager(false, tokenmgr.Atlassian, func(o *tokenmgr.Options) { o.Now = nil })
+	m, err := w.seeded(ctx, false, tokenmgr.Atlassian, func(o *tokenmgr.Options) { o.Now = nil })
 	if err != nil {
-		return err
-	}
-	if _, err := m.Seed(ctx, "g", w.idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
 		return err
 	}
 	if _, err := m.Token(ctx, "g"); err != nil {
@@ -104,11 +101,8 @@ func fig2(ctx context.Context, out io.Writer, _ string) error {
 	if err != nil {
 		return err
 	}
-	rotator, err := w.manager(false, tokenmgr.Strict, nil)
+	rotator, err := w.seeded(ctx, false, tokenmgr.Strict, nil)
 	if err != nil {
-		return err
-	}
-	if _, err := rotator.Seed(ctx, "g", w.idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
 		return err
 	}
 	if _, err := worker.Token(ctx, "g"); err != nil {
@@ -350,13 +344,10 @@ func adoption(ctx context.Context, n int, newW func(tokenmgrtest.Profile, time.D
 		}
 	}
 	var writeAt atomic.Int64 // when the rotator sent its fenced write
-	rotator, err := w.manager(false, tokenmgr.Strict, func(o *tokenmgr.Options) {
+	rotator, err := w.seeded(ctx, false, tokenmgr.Strict, func(o *tokenmgr.Options) {
 		o.Redis.(*redis.Client).AddHook(writeHook{&writeAt})
 	})
 	if err != nil {
-		return nil, err
-	}
-	if _, err := rotator.Seed(ctx, "g", w.idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
 		return nil, err
 	}
 	for _, m := range ms {
@@ -410,13 +401,10 @@ func pollingAdoption(ctx context.Context, n int, interval time.Duration, newW fu
 	}
 	defer w.close()
 	var written atomic.Int64 // when the rotator sent its fenced write
-	rotator, err := w.manager(false, tokenmgr.Strict, func(o *tokenmgr.Options) {
+	rotator, err := w.seeded(ctx, false, tokenmgr.Strict, func(o *tokenmgr.Options) {
 		o.Redis.(*redis.Client).AddHook(writeHook{&written})
 	})
 	if err != nil {
-		return nil, err
-	}
-	if _, err := rotator.Seed(ctx, "g", w.idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
 		return nil, err
 	}
 	var mu sync.Mutex
@@ -474,11 +462,8 @@ func fig6(ctx context.Context, out io.Writer, _ string) error {
 		return err
 	}
 	defer w.close()
-	m, err := w.manager(false, tokenmgr.Atlassian, nil)
+	m, err := w.seeded(ctx, false, tokenmgr.Atlassian, nil)
 	if err != nil {
-		return err
-	}
-	if _, err := m.Seed(ctx, "g", w.idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
 		return err
 	}
 	if _, err := m.Token(ctx, "g"); err != nil {

@@ -49,11 +49,8 @@ func rotationsSetMemory(ctx context.Context, out io.Writer) error {
 		return nil
 	}
 	defer w.close()
-	m, err := w.manager(false, tokenmgr.Atlassian, nil)
+	m, err := w.seeded(ctx, false, tokenmgr.Atlassian, nil)
 	if err != nil {
-		return err
-	}
-	if _, err := m.Seed(ctx, "g", w.idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
 		return err
 	}
 	rdb := w.client(false)

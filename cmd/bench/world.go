@@ -139,6 +139,18 @@ func (w *world) manager(counted bool, provider tokenmgr.Provider, mod func(*toke
 }
 
 // percentile of sorted durations.
+// seeded is manager with grant "g" seeded from a new family at the IdP.
+func (w *world) seeded(ctx context.Context, counted bool, provider tokenmgr.Provider, mod func(*tokenmgr.Options)) (*tokenmgr.Manager, error) {
+	m, err := w.manager(counted, provider, mod)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := m.Seed(ctx, "g", w.idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
 func percentile(sorted []time.Duration, p float64) time.Duration {
 	if len(sorted) == 0 {
 		return 0
