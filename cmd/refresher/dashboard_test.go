@@ -138,71 +138,54 @@ func TestDashboardAccessControl(t *testing.T) {
 func TestDashboardThrottlesGuessing(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
 	pd, _ := dashboardServer(t, w, nil, nil)
-	get := func(from string, header http.Header) *httptest.ResponseRecorder {
-		r := httptest.NewRequest(http.MethodGet, "/api/grants", nil)
-		r.RemoteAddr = net.JoinHostPort(from, "40000")
-		for k, v := range header {
-			r.Header[k] = v
-		}
-		rec := httptest.NewRecorder()
-		pd.handler.ServeHTTP(rec, r)
-		return rec
-	}
+	h := pd.handler
 	for i := range 30 {
-		if code := get("10.0.0.1", operator).Code; code != http.StatusOK {
+		if code := operatorFrom(h, "10.0.0.1", ""); code != http.StatusOK {
 			t.Fatalf("the operator's poll %d answered %d", i, code)
 		}
 	}
-	limited := 0
-	for range 30 {
-		if get("10.0.0.66", basic("admin", "guess-"+strconv.Itoa(limited))).Code == http.StatusTooManyRequests {
-			limited++
-		}
-	}
-	if limited < 15 {
+	if limited := guessFrom(h, "10.0.0.66", "", 30); limited < 15 {
 		t.Errorf("30 wrong passwords in a row from one address: %d throttled, want most", limited)
 	}
-	if code := get("10.0.0.66", operator).Code; code != http.StatusTooManyRequests {
+	if code := operatorFrom(h, "10.0.0.66", ""); code != http.StatusTooManyRequests {
 		t.Errorf("the right password from the guessing address answered %d, want 429 (else guessing goes on)", code)
 	}
-	if rec := get("10.0.0.66", nil); rec.Code != http.StatusUnauthorized || rec.Header().Get("WWW-Authenticate") == "" {
+	if rec := sendFrom(h, "10.0.0.66", "", nil); rec.Code != http.StatusUnauthorized || rec.Header().Get("WWW-Authenticate") == "" {
 		t.Errorf("without credentials the guessing address got %d, want the 401 challenge", rec.Code)
 	}
-	if code := get("10.0.0.1", operator).Code; code != http.StatusOK {
+	if code := operatorFrom(h, "10.0.0.1", ""); code != http.StatusOK {
 		t.Errorf("the operator elsewhere was locked out by the guesser: %d", code)
 	}
 }
 
-// guessFrom sends wrong passwords from addr (via the proxy XFF chain when
-// xff is set) and returns how many of n were throttled.
+// sendFrom serves GET /api/grants from addr, through a proxy that says
+// X-Forwarded-For: xff when xff is set, with header.
+func sendFrom(h http.Handler, addr, xff string, header http.Header) *httptest.ResponseRecorder {
+	r := httptest.NewRequest(http.MethodGet, "/api/grants", nil)
+	r.RemoteAddr = net.JoinHostPort(addr, "40000")
+	for k, v := range header {
+		r.Header[k] = v
+	}
+	if xff != "" {
+		r.Header.Set("X-Forwarded-For", xff)
+	}
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, r)
+	return rec
+}
+
+// guessFrom sends n wrong passwords and returns how many were throttled.
 func guessFrom(h http.Handler, addr, xff string, n int) (throttled int) {
 	for i := range n {
-		r := httptest.NewRequest(http.MethodGet, "/api/grants", nil)
-		r.RemoteAddr = net.JoinHostPort(addr, "40000")
-		r.SetBasicAuth("admin", "guess-"+strconv.Itoa(i))
-		if xff != "" {
-			r.Header.Set("X-Forwarded-For", xff)
-		}
-		rec := httptest.NewRecorder()
-		h.ServeHTTP(rec, r)
-		if rec.Code == http.StatusTooManyRequests {
+		if sendFrom(h, addr, xff, basic("admin", "guess-"+strconv.Itoa(i))).Code == http.StatusTooManyRequests {
 			throttled++
 		}
 	}
 	return throttled
 }
 
-func operatorFrom(h http.Handler, addr, xff string) int {
-	r := httptest.NewRequest(http.MethodGet, "/api/grants", nil)
-	r.RemoteAddr = net.JoinHostPort(addr, "40000")
-	r.Header["Authorization"] = operator["Authorization"]
-	if xff != "" {
-		r.Header.Set("X-Forwarded-For", xff)
-	}
-	rec := httptest.NewRecorder()
-	h.ServeHTTP(rec, r)
-	return rec.Code
-}
+// operatorFrom sends the right password and returns the status code.
+func operatorFrom(h http.Handler, addr, xff string) int { return sendFrom(h, addr, xff, operator).Code }
 
 // An IPv6 client is one /64, not one address per guess; behind a trusted
 // proxy the client is the nearest untrusted X-Forwarded-For hop, and a
