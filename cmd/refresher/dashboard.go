@@ -157,6 +157,7 @@ func (d *dashboard) data(ctx context.Context) dashboardData {
 // row turns a status into what the page shows, colours included.
 func (d *dashboard) row(now time.Time, grant string, p *pod, st tokenmgr.GrantStatus, err error) dashboardRow {
 	r := dashboardRow{Grant: grant, Registration: p.reg.name}
+	connectable := d.conn != nil && d.conn.route(grant) != nil
 	var corrupt *tokenmgr.CorruptRecordError
 	switch {
 	case errors.Is(err, tokenmgr.ErrGrantNotFound):
@@ -166,7 +167,7 @@ func (d *dashboard) row(now time.Time, grant string, p *pod, st tokenmgr.GrantSt
 	case err != nil:
 		r.State, r.Level, r.Reason = stateUnknown, levelWarn, "cannot read the record: "+err.Error()
 	}
-	r.Connect = d.conn != nil && d.conn.route(grant) != nil && (r.State == stateNotConnected || r.State == stateCorrupt)
+	r.Connect = connectable && (r.State == stateNotConnected || r.State == stateCorrupt)
 	if err != nil {
 		return r
 	}
@@ -175,7 +176,7 @@ func (d *dashboard) row(now time.Time, grant string, p *pod, st tokenmgr.GrantSt
 	r.IdleLevel = countdownLevel(now, st.IdleExpiry, idleWarn, idleCrit)
 	r.AbsoluteLevel = countdownLevel(now, st.AbsoluteExpiry, d.warnAbsolute, absoluteCrit)
 	if st.Status != tokenmgr.StatusOK {
-		r.State, r.Level, r.Connect = stateReconsent, levelCrit, d.conn != nil && d.conn.route(grant) != nil
+		r.State, r.Level, r.Connect = stateReconsent, levelCrit, connectable
 		r.ExpiryLevel = levelCrit
 		return r
 	}
