@@ -172,7 +172,6 @@ func TestDashboardInBrowser(t *testing.T) {
 	if s, _ := state(f.grant); !strings.HasPrefix(s, "ok") {
 		t.Errorf("the other grant's row is %q, want ok", s)
 	}
-	time.Sleep(1200 * time.Millisecond) // a countdown tick, so the screenshot shows live figures
 	screenshot("dashboard-reconsent.png")
 	checkNoToken("one grant dead")
 	exchangesBefore := f.stats()["auth_code_exchanges"]
@@ -218,7 +217,6 @@ func TestDashboardInBrowser(t *testing.T) {
 		t.Errorf("%d Re-connect buttons left with both grants healthy", buttons)
 	}
 	f.waitRotations(f.stats()["rotations"] + 2) // the grants keep rotating
-	time.Sleep(1200 * time.Millisecond)
 	screenshot("dashboard-healthy.png")
 	checkNoToken("reconnected")
 	if tok := f.issuedTokenIn(logs.String()); tok != "" {
