@@ -43,7 +43,7 @@ type connector struct {
 type route struct {
 	cfg        *oauth2.Config // with RedirectURL and Scopes
 	params     []oauth2.AuthCodeOption
-	admin      *tokenmgr.Admin
+	admin      *tokenmgr.Manager
 	httpClient *http.Client // carries the code exchange (timeouts)
 }
 

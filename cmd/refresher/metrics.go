@@ -57,7 +57,9 @@ func (mt *metrics) addManager(reg *prometheus.Registry, name string, m *tokenmgr
 }
 
 // addAdmin exports the count of grants that need re-consent.
-func (mt *metrics) addAdmin(reg *prometheus.Registry, admin *tokenmgr.Admin) {
+func (mt *metrics) addAdmin(reg *prometheus.Registry, admin interface {
+	DeadGrants(context.Context) (int64, error)
+}) {
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "tokenmgr_grants_reauth_required", Help: "Grants that need re-consent.",
 	}, func() float64 {

@@ -424,7 +424,7 @@ func newServer(ctx context.Context, c *runConfig, opts []tokenmgr.Options) (*ser
 		}
 		srv.pods = append(srv.pods, &pod{reg: r, m: m, sched: s})
 		if i == 0 {
-			mt.addAdmin(reg, m.Admin)
+			mt.addAdmin(reg, m)
 			conn.rdb, conn.log = o.Redis, m.Logger()
 			conn.prefix = o.KeyPrefix
 			if conn.prefix == "" {
@@ -435,7 +435,7 @@ func newServer(ctx context.Context, c *runConfig, opts []tokenmgr.Options) (*ser
 			cfg := *o.OAuth2
 			cfg.RedirectURL = c.redirectURL
 			cfg.Scopes = strings.Fields(r.scopes)
-			rt := &route{cfg: &cfg, admin: m.Admin, httpClient: &http.Client{Timeout: o.Provider.HTTPTimeout}}
+			rt := &route{cfg: &cfg, admin: m, httpClient: &http.Client{Timeout: o.Provider.HTTPTimeout}}
 			if r.common.Provider == "atlassian" {
 				rt.params = append(rt.params, oauth2.SetAuthURLParam("audience", "api.atlassian.com"), oauth2.SetAuthURLParam("prompt", "consent"))
 				if !slices.Contains(cfg.Scopes, "offline_access") {

@@ -104,7 +104,7 @@ func FuzzProviderResponse(f *testing.F) {
 	f.Cleanup(srv.Close)
 	m := &Manager{
 		oauth: &oauth2.Config{ClientID: "c", Endpoint: oauth2.Endpoint{TokenURL: srv.URL, AuthStyle: oauth2.AuthStyleInParams}},
-		Admin: &Admin{opts: Options{Provider: Provider{HTTPTimeout: 5 * time.Second}, IdPTransport: http.DefaultTransport}},
+		core:  core{opts: Options{Provider: Provider{HTTPTimeout: 5 * time.Second}, IdPTransport: http.DefaultTransport}},
 	}
 	f.Fuzz(func(t *testing.T, b string, code int) {
 		if code < 200 || code > 599 {
@@ -117,7 +117,7 @@ func FuzzProviderResponse(f *testing.F) {
 			t.Fatalf("success without an access token")
 		}
 		if err != nil {
-			class, retry := classify(err)
+			class, retry := classify(err, time.Now())
 			if class < failTransient || class > failConfig || retry < 0 {
 				t.Fatalf("classify gave %d %s", class, retry)
 			}

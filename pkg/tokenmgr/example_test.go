@@ -47,7 +47,8 @@ func Example() {
 
 	// Workers call the API through a client that adds the token and
 	// applies the 401 rule.
-	resp, err := m.Client("jira-prod").Get(idp.APIURL())
+	jira := m.Grant("jira-prod")
+	resp, err := jira.Client().Get(idp.APIURL())
 	if err != nil {
 		fmt.Println(err)
 		return

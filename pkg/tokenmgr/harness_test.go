@@ -122,6 +122,18 @@ func (e *env) options(profile Provider) Options {
 // manager builds a Manager; mod adjusts its options.
 func (e *env) manager(profile Provider, mod func(*Options)) *Manager {
 	e.t.Helper()
+	return e.newManager(profile, mod, true)
+}
+
+// pollingManager builds a Manager that hears of rotations only through
+// the version poll and the 401 rule (no subscription).
+func (e *env) pollingManager(profile Provider, mod func(*Options)) *Manager {
+	e.t.Helper()
+	return e.newManager(profile, mod, false)
+}
+
+func (e *env) newManager(profile Provider, mod func(*Options), subscribe bool) *Manager {
+	e.t.Helper()
 	o := e.options(profile)
 	o.Provider.HTTPTimeout = 2 * time.Second
 	o.LeaseTTL = 0
@@ -130,7 +142,7 @@ func (e *env) manager(profile Provider, mod func(*Options)) *Manager {
 	if mod != nil {
 		mod(&o)
 	}
-	m, err := New(e.t.Context(), o)
+	m, err := newManager(e.t.Context(), o, subscribe)
 	if err != nil {
 		e.t.Fatalf("New: %v", err)
 	}

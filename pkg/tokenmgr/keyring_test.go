@@ -5,9 +5,10 @@ import (
 
 	"errors"
 	"fmt"
-	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 	"strings"
 	"testing"
+
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
 
 func TestKeyring(t *testing.T) {

@@ -13,47 +13,6 @@ import (
 	"golang.org/x/oauth2"
 )
 
-// Provider describes how an identity provider treats refresh tokens. The
-// Manager's timing is checked against it at construction.
-type Provider struct {
-	Name string
-	// Rotates is true when every refresh returns a new refresh token and
-	// retires the old one.
-	Rotates bool
-	// ReuseLeeway is how long the provider still accepts the previous
-	// refresh token after a rotation; 0 means not at all. A holder that dies
-	// after the provider rotated but before Redis saw the new pair can only
-	// be recovered from inside this window.
-	ReuseLeeway time.Duration
-	// HTTPTimeout bounds one call to the token endpoint. Default 10s.
-	HTTPTimeout time.Duration
-	// IdleExpiry is how long a refresh token lives unused (Atlassian: 90
-	// days); 0 if it does not expire. Recorded as a countdown in Redis.
-	IdleExpiry time.Duration
-	// AbsoluteExpiry is how long a grant lives after consent, whatever is
-	// done with it (Atlassian: 365 days); 0 if unlimited.
-	AbsoluteExpiry time.Duration
-	// DefaultAccessTTL is assumed when a token response has no expires_in.
-	// Default 5 minutes, so such a token is refreshed early rather than late.
-	DefaultAccessTTL time.Duration
-}
-
-// Provider profiles from DESIGN.md.
-var (
-	// Atlassian (Jira Cloud 3LO): rotating, previous refresh token accepted
-	// for 10 minutes.
-	Atlassian = Provider{Name: "atlassian", Rotates: true, ReuseLeeway: 10 * time.Minute,
-		HTTPTimeout: 10 * time.Second, IdleExpiry: 90 * 24 * time.Hour, AbsoluteExpiry: 365 * 24 * time.Hour}
-	// Strict (ory/fosite): rotating, no reuse at all.
-	Strict = Provider{Name: "strict", Rotates: true, HTTPTimeout: 10 * time.Second}
-	// Okta: rotating with a 30 second grace period.
-	Okta = Provider{Name: "okta", Rotates: true, ReuseLeeway: 30 * time.Second, HTTPTimeout: 5 * time.Second}
-	// Xero: rotating with a 30 minute grace period.
-	Xero = Provider{Name: "xero", Rotates: true, ReuseLeeway: 30 * time.Minute, HTTPTimeout: 10 * time.Second}
-	// NonRotating (Google): refresh responses carry no refresh token.
-	NonRotating = Provider{Name: "non-rotating", HTTPTimeout: 10 * time.Second}
-)
-
 // Options configure a Manager. Zero values take the documented defaults.
 type Options struct {
 	// Redis holds the token records. Required. Single, Sentinel (failover)
@@ -111,7 +70,11 @@ type Options struct {
 	// Sealer encrypts token values at rest. Default: none (values are stored
 	// as "plain:..." and a warning is logged at start).
 	Sealer Sealer
-	// Now is the clock. Default time.Now.
+	// Now is the clock of token time: expiries and the refresh deadlines
+	// derived from them, the times written to Redis (rotated_at, retry_at,
+	// an intent's started_at) and the backoffs counted from them. Lease
+	// TTLs, HTTP timeouts, waits and poll intervals run on real time.
+	// Default time.Now.
 	Now func() time.Time
 	// Logger receives the Manager's logs; never a token. Default slog.Default().
 	Logger *slog.Logger
@@ -121,10 +84,6 @@ type Options struct {
 	// a restore): for metrics such as rotation-to-adoption latency. It
 	// must not block.
 	OnVersion func(grant string, version int64)
-
-	// noSubscribe turns off rotation messages, so tests can exercise the
-	// version poll and the 401 rule.
-	noSubscribe bool
 }
 
 const (
@@ -132,14 +91,37 @@ const (
 	defaultRefreshBefore = 5 * time.Minute
 	defaultFraction      = 0.2
 	defaultAccessTTL     = 5 * time.Minute
+	defaultKeyPrefix     = "tm"
 )
 
-// withDefaults fills zero values and rejects combinations that cannot work.
-func (o Options) withDefaults() (Options, error) {
+// withStoreDefaults fills and checks what every user of the store needs,
+// Manager and Admin alike: Redis, KeyPrefix, Holder, Now and Logger.
+func (o Options) withStoreDefaults() (Options, []error) {
 	var errs []error
 	if o.Redis == nil {
 		errs = append(errs, errors.New("Options.Redis is required"))
 	}
+	if o.KeyPrefix == "" {
+		o.KeyPrefix = defaultKeyPrefix
+	}
+	if strings.ContainsAny(o.KeyPrefix, "{} \t\r\n") {
+		errs = append(errs, fmt.Errorf("KeyPrefix %q must not contain braces or spaces", o.KeyPrefix))
+	}
+	if o.Holder == "" {
+		o.Holder = defaultHolder()
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	return o, errs
+}
+
+// withDefaults fills zero values and rejects combinations that cannot work.
+func (o Options) withDefaults() (Options, error) {
+	o, errs := o.withStoreDefaults()
 	if o.OAuth2 == nil {
 		errs = append(errs, errors.New("Options.OAuth2 is required"))
 	} else {
@@ -206,21 +188,6 @@ func (o Options) withDefaults() (Options, error) {
 	}
 	if o.MaxBackoff == 0 {
 		o.MaxBackoff = time.Minute
-	}
-	if o.KeyPrefix == "" {
-		o.KeyPrefix = "tm"
-	}
-	if strings.ContainsAny(o.KeyPrefix, "{} \t\r\n") {
-		errs = append(errs, fmt.Errorf("KeyPrefix %q must not contain braces or spaces", o.KeyPrefix))
-	}
-	if o.Holder == "" {
-		o.Holder = defaultHolder()
-	}
-	if o.Now == nil {
-		o.Now = time.Now
-	}
-	if o.Logger == nil {
-		o.Logger = slog.Default()
 	}
 	if o.IdPTransport == nil {
 		o.IdPTransport = http.DefaultTransport

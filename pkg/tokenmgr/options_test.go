@@ -2,7 +2,6 @@ package tokenmgr
 
 import (
 	"context"
-	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -68,45 +67,6 @@ func TestOptionsRejected(t *testing.T) {
 			_ = m.Close(context.Background())
 		}
 	})
-}
-
-// The refresh margin never exceeds a fraction of a short token's lifetime.
-func TestRefreshMarginShortTokens(t *testing.T) {
-	m := &Manager{Admin: &Admin{opts: Options{RefreshBefore: 5 * time.Minute, MaxRefreshFraction: 0.2}}}
-	now := time.Unix(1_700_000_000, 0)
-	for _, tc := range []struct {
-		life, want time.Duration
-	}{
-		{time.Hour, 5 * time.Minute},
-		{10 * time.Minute, 2 * time.Minute},
-		{5 * time.Second, time.Second},
-	} {
-		rec := &record{RotatedAt: now, Expiry: now.Add(tc.life)}
-		if got := m.margin(rec); got != tc.want {
-			t.Errorf("lifetime %s: margin %s, want %s", tc.life, got, tc.want)
-		}
-		for range 100 {
-			soft, hard := m.deadlines(rec, true)
-			if soft.Before(rec.Expiry.Add(-tc.want)) || !soft.Before(hard) || !hard.Before(rec.Expiry) {
-				t.Fatalf("lifetime %s: soft %s hard %s expiry %s out of order", tc.life, soft.Sub(now), hard.Sub(now), tc.life)
-			}
-		}
-	}
-}
-
-func TestParseRetryAfter(t *testing.T) {
-	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	for _, tc := range []struct {
-		in   string
-		want time.Duration
-	}{
-		{"", 0}, {"30", 30 * time.Second}, {"-1", 0}, {"soon", 0},
-		{now.Add(90 * time.Second).Format(http.TimeFormat), 90 * time.Second},
-	} {
-		if got := parseRetryAfter(tc.in, now); got != tc.want {
-			t.Errorf("parseRetryAfter(%q) = %s, want %s", tc.in, got, tc.want)
-		}
-	}
 }
 
 func TestValidateGrantName(t *testing.T) {

@@ -53,6 +53,32 @@ const (
 	fUncounted = "rotations_untracked"
 )
 
+// recordFromToken is the part of a record that a provider's token gives,
+// shared by a seed and a refresh: the pair, its type (Bearer when the
+// provider says nothing), scope, and who wrote it when. Expiry is the
+// token's own; the caller decides the version and the countdowns.
+func recordFromToken(tok *oauth2.Token, now time.Time, by string, p Provider) *record {
+	rec := &record{
+		Status:       StatusOK,
+		AccessToken:  secret(tok.AccessToken),
+		RefreshToken: secret(tok.RefreshToken),
+		TokenType:    tok.TokenType,
+		Expiry:       tok.Expiry,
+		RotatedAt:    now,
+		RotatedBy:    by,
+	}
+	if rec.TokenType == "" {
+		rec.TokenType = "Bearer"
+	}
+	if s, ok := tok.Extra("scope").(string); ok {
+		rec.Scope = s
+	}
+	if p.IdleExpiry > 0 {
+		rec.IdleExpiry = now.Add(p.IdleExpiry)
+	}
+	return rec
+}
+
 // token returns the pair as an *oauth2.Token. The result is shared by every
 // caller and must not be modified.
 func (r *record) token() *oauth2.Token {

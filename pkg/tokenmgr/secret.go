@@ -21,7 +21,7 @@ func (secret) MarshalText() ([]byte, error) { return []byte(redacted), nil }
 // underlying string for some verbs.
 func (secret) Format(f fmt.State, _ rune) { _, _ = f.Write([]byte(redacted)) }
 
-// Sealer encrypts token values at rest (DESIGN.md invariant 8). grant and
+// Sealer encrypts token values at rest (invariant 8 in doc.go). grant and
 // field are bound into the ciphertext, so a value copied to another grant or
 // field does not open. Implementations must be safe for concurrent use.
 type Sealer interface {

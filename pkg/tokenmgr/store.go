@@ -5,14 +5,26 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"net"
 	"strconv"
 	"time"
 
 	"github.com/redis/go-redis/v9"
 )
 
-// The Lua scripts: small compare-then-act steps, one file each. go-redis
-// sends EVALSHA and falls back to EVAL when the script is not cached.
+// store is the one door to Redis: every command and script the package
+// sends to the token store goes through it (the lease's commands go
+// through redsync, in lease.go). Each script is a small compare-then-act
+// step in its own file with a contract header; go-redis sends EVALSHA and
+// falls back to EVAL when the script is not cached.
+type store struct {
+	rdb     redis.UniversalClient
+	sealer  Sealer
+	channel string // rotation messages, "GRANT VERSION"
+	due     string // sorted set GRANT -> unix ms expiry of its access token (the refresher's schedule)
+	prefix  string
+}
+
 var (
 	//go:embed scripts/rotate.lua
 	rotateSrc    string
@@ -48,14 +60,10 @@ func grantKeys(prefix, grant string) keys {
 // token lifetime says something is forcing refreshes.
 const rotationWindow = time.Hour
 
-// store is the Redis side of a Manager: every read and write of a record.
-type store struct {
-	rdb     redis.UniversalClient
-	sealer  Sealer
-	channel string // rotation messages, "GRANT VERSION"
-	due     string // sorted set GRANT -> unix ms expiry of its access token (the refresher's schedule)
-	prefix  string
-}
+// parked is the schedule score of grants with nothing to refresh (dead,
+// not found, no expiry): far in the future, so they never crowd the head
+// of the schedule.
+var parked = time.Unix(1<<35, 0)
 
 func newStore(rdb redis.UniversalClient, prefix string, s Sealer) *store {
 	return &store{rdb: rdb, sealer: s, channel: prefix + ":rotated", due: prefix + ":due", prefix: prefix}
@@ -74,18 +82,6 @@ func (s *store) read(ctx context.Context, grant string, k keys) (*record, error)
 		return nil, errMissing
 	}
 	return decodeRecord(grant, h, s.sealer)
-}
-
-// readMeta is read without the tokens: for operators' status views.
-func (s *store) readMeta(ctx context.Context, grant string, k keys) (*record, error) {
-	h, err := s.rdb.HGetAll(ctx, k.record).Result()
-	if err != nil {
-		return nil, err
-	}
-	if len(h) == 0 {
-		return nil, errMissing
-	}
-	return decodeRecord(grant, h, nil)
 }
 
 // readVersions returns the stored version of each grant in one pipelined
@@ -115,6 +111,90 @@ func (s *store) readVersions(ctx context.Context, grants []string) []int64 {
 		}
 	}
 	return out
+}
+
+// grantMeta is what operators' views read of one grant: the record's
+// metadata (no token decrypted), the current refresh intent and the last
+// hour's rotations.
+type grantMeta struct {
+	rec *record
+	// refreshing is set when an intent for the record's current version
+	// is stored: a holder is (or was, if it died) spending its token.
+	refreshing     bool
+	refreshHolder  string
+	refreshStarted time.Time
+	// rotationsLastHour is -1 when it could not be read (a Redis ACL
+	// without ZCOUNT) or was not tracked (one without ZREMRANGEBYSCORE).
+	rotationsLastHour int64
+}
+
+// readMeta reads the metadata of each grant in one pipelined round trip
+// (one per node on Cluster). errs[i] is grants[i]'s error: a
+// *NotFoundError, a *CorruptRecordError, or the Redis error.
+func (s *store) readMeta(ctx context.Context, grants []string, now time.Time) ([]grantMeta, []error) {
+	metas, errs := make([]grantMeta, len(grants)), make([]error, len(grants))
+	type reads struct {
+		record  *redis.MapStringStringCmd
+		intent  *redis.SliceCmd
+		rotated *redis.IntCmd
+	}
+	rs := make([]reads, len(grants))
+	since := "(" + strconv.FormatInt(now.Add(-rotationWindow).UnixMilli(), 10) // the last hour, exclusive
+	_, _ = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, g := range grants {
+			k := grantKeys(s.prefix, g)
+			rs[i] = reads{
+				record:  p.HGetAll(ctx, k.record),
+				intent:  p.HMGet(ctx, k.intent, "holder", "from_v", "started_at"),
+				rotated: p.ZCount(ctx, k.rotations, since, "+inf"),
+			}
+		}
+		return nil
+	})
+	for i, r := range rs {
+		if err := r.record.Err(); err != nil {
+			errs[i] = err
+			continue
+		}
+		h := r.record.Val()
+		if len(h) == 0 {
+			errs[i] = &NotFoundError{Grant: grants[i]}
+			continue
+		}
+		rec, err := decodeRecord(grants[i], h, nil)
+		if err != nil {
+			errs[i] = err
+			continue
+		}
+		meta := grantMeta{rec: rec, rotationsLastHour: r.rotated.Val()}
+		// The record is the status; the rest is detail that an ACL from
+		// before it (no ZCOUNT) may refuse: unknown, not an error.
+		if r.rotated.Err() != nil || h[fUncounted] == "1" {
+			meta.rotationsLastHour = -1
+		}
+		// An intent for another version is left over; only the current
+		// version's means a refresh is under way.
+		if in := r.intent.Val(); r.intent.Err() == nil && len(in) == 3 && rec.Status == StatusOK && in[1] == strconv.FormatInt(rec.V, 10) {
+			holder, _ := in[0].(string)
+			meta.refreshing, meta.refreshHolder = true, holder
+			started, _ := in[2].(string)
+			meta.refreshStarted, _ = parseMS(started) // a bad value only loses the time
+		}
+		metas[i] = meta
+	}
+	return metas, errs
+}
+
+// sealedTokenFields returns the stored (sealed) access and refresh token
+// values as they are, for rewrap to see which key sealed them.
+func (s *store) sealedTokenFields(ctx context.Context, k keys) (access, refresh string, err error) {
+	raw, err := s.rdb.HMGet(ctx, k.record, fAccess, fRefresh).Result()
+	if err != nil {
+		return "", "", err
+	}
+	access, _ = raw[0].(string)
+	refresh, _ = raw[1].(string)
+	return access, refresh, nil
 }
 
 type casResult int
@@ -240,3 +320,80 @@ func (s *store) rewrap(ctx context.Context, grant string, k keys, v int64, acces
 func (s *store) schedule(ctx context.Context, grant string, due time.Time) error {
 	return s.rdb.ZAdd(ctx, s.due, redis.Z{Score: float64(due.UnixMilli()), Member: grant}).Err()
 }
+
+// dueGrants returns up to limit grants scheduled before t, soonest first.
+func (s *store) dueGrants(ctx context.Context, t time.Time, limit int64) ([]ScheduledGrant, error) {
+	zs, err := s.rdb.ZRangeArgsWithScores(ctx, redis.ZRangeArgs{
+		Key: s.due, Start: "-inf", Stop: strconv.FormatInt(t.UnixMilli(), 10), ByScore: true, Count: limit,
+	}).Result()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]ScheduledGrant, 0, len(zs))
+	for _, z := range zs {
+		name, _ := z.Member.(string)
+		out = append(out, ScheduledGrant{Grant: name, Expiry: time.UnixMilli(int64(z.Score))})
+	}
+	return out, nil
+}
+
+// scheduledGrants lists every grant in the schedule, soonest first.
+func (s *store) scheduledGrants(ctx context.Context) ([]string, error) {
+	return s.rdb.ZRange(ctx, s.due, 0, -1).Result()
+}
+
+// countParked counts the grants parked at the end of the schedule.
+func (s *store) countParked(ctx context.Context) (int64, error) {
+	return s.rdb.ZCount(ctx, s.due, strconv.FormatInt(parked.UnixMilli(), 10), "+inf").Result()
+}
+
+// subscription is the rotation channel, in the terms the Manager's loop
+// needs: it hides go-redis's message types and its timeout semantics.
+type subscription struct{ ps *redis.PubSub }
+
+// subscribe opens the rotation channel; ctx bounds the subscription.
+func (s *store) subscribe(ctx context.Context) *subscription {
+	return &subscription{ps: s.rdb.Subscribe(ctx, s.channel)}
+}
+
+// subEvent is what one receive brought.
+type subEvent int
+
+const (
+	subQuiet      subEvent = iota // nothing within the timeout: the connection may be half-open
+	subFailed                     // the subscription is broken: make a new one
+	subSubscribed                 // (re)subscribed: messages sent while away are lost
+	subAlive                      // an answer to ping
+	subMessage                    // a rotation message
+	subOther                      // anything else the server sent: the connection is alive
+)
+
+// receive waits up to timeout for the next event. A half-open connection
+// only ever times out (go-redis keeps a connection after a read timeout),
+// so quiet is reported as such for the caller to count.
+func (sub *subscription) receive(ctx context.Context, timeout time.Duration) (subEvent, string) {
+	msg, err := sub.ps.ReceiveTimeout(ctx, timeout)
+	if err != nil {
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			return subQuiet, ""
+		}
+		return subFailed, ""
+	}
+	switch msg := msg.(type) {
+	case *redis.Subscription:
+		if msg.Kind == "subscribe" {
+			return subSubscribed, ""
+		}
+	case *redis.Pong:
+		return subAlive, ""
+	case *redis.Message:
+		return subMessage, msg.Payload
+	}
+	return subOther, ""
+}
+
+// ping asks the server for an answer on the subscription's connection.
+func (sub *subscription) ping(ctx context.Context) { _ = sub.ps.Ping(ctx) }
+
+func (sub *subscription) close() { _ = sub.ps.Close() }

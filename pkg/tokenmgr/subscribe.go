@@ -2,13 +2,9 @@ package tokenmgr
 
 import (
 	"context"
-	"errors"
-	"net"
 	"strconv"
 	"strings"
 	"time"
-
-	"github.com/redis/go-redis/v9"
 )
 
 // startSubscription listens for rotation messages, and polls versions while
@@ -16,7 +12,7 @@ import (
 // poll as fallback).
 func (m *Manager) startSubscription() {
 	m.goBackground(m.pollLoop)
-	if !m.opts.noSubscribe {
+	if m.subscribe {
 		m.goBackground(m.subscribeLoop)
 	}
 }
@@ -40,28 +36,26 @@ func (m *Manager) subscribeLoop() {
 }
 
 // subscribeOnce runs one subscription until it fails or goes quiet. A
-// half-open connection only ever times out (go-redis keeps a connection
-// after a read timeout, and a PING just fills the socket buffer), so a
-// subscription that has not answered for three health intervals is closed
-// and made anew.
+// half-open connection only ever times out, and a PING just fills the
+// socket buffer, so a subscription that has not answered for three health
+// intervals is closed and made anew.
 func (m *Manager) subscribeOnce() {
-	ps := m.opts.Redis.Subscribe(m.base, m.store.channel)
-	stop := context.AfterFunc(m.base, func() { ps.Close() }) // unblocks Receive at Close
+	sub := m.store.subscribe(m.base)
+	stop := context.AfterFunc(m.base, sub.close) // unblocks receive at Close
 	defer func() {
 		stop()
-		ps.Close()
+		sub.close()
 	}()
 	lastHeard := time.Now()
 	for {
-		msg, err := ps.ReceiveTimeout(m.base, m.healthEvery())
+		ev, payload := sub.receive(m.base, m.healthEvery())
 		if m.base.Err() != nil {
 			return
 		}
-		if err != nil {
-			var ne net.Error
-			if !errors.As(err, &ne) || !ne.Timeout() {
-				return
-			}
+		switch ev {
+		case subFailed:
+			return
+		case subQuiet:
 			quiet := time.Since(lastHeard)
 			if quiet > 2*m.healthEvery() {
 				m.setSubscribed(false)
@@ -69,23 +63,21 @@ func (m *Manager) subscribeOnce() {
 			if quiet > 3*m.healthEvery() {
 				return
 			}
-			_ = ps.Ping(m.base)
+			sub.ping(m.base)
 			continue
 		}
 		lastHeard = time.Now()
-		switch msg := msg.(type) {
-		case *redis.Subscription:
-			if msg.Kind == "subscribe" {
-				// (Re)subscribed: messages sent while we were away are
-				// lost, so compare versions once.
-				m.setSubscribed(true)
-				m.pollOnce()
-			}
-		case *redis.Pong:
+		switch ev {
+		case subSubscribed:
+			// (Re)subscribed: messages sent while we were away are
+			// lost, so compare versions once.
 			m.setSubscribed(true)
-		case *redis.Message:
-			m.stats.messages.Add(1)
-			m.onMessage(msg.Payload)
+			m.pollOnce()
+		case subAlive:
+			m.setSubscribed(true)
+		case subMessage:
+			m.stats.rotationMessages.Add(1)
+			m.onMessage(payload)
 		}
 	}
 }
@@ -164,12 +156,9 @@ func (m *Manager) onMessage(payload string) {
 // invalidate wakes waiters and drops a cached entry that is not version v
 // (or that v's status changed), then reloads it in the background so the
 // next caller finds it ready.
-func (m *Manager) invalidate(g *grant, v int64, statusChanged bool) {
+func (m *Manager) invalidate(g *grantState, v int64, statusChanged bool) {
 	g.announced.Store(v)
-	g.mu.Lock()
-	close(g.changed)
-	g.changed = make(chan struct{})
-	g.mu.Unlock()
+	g.wake()
 	e := g.entry.Load()
 	if e == nil || (e.v == v && !statusChanged) {
 		return // our own write, already installed
@@ -180,6 +169,6 @@ func (m *Manager) invalidate(g *grant, v int64, statusChanged bool) {
 	m.goBackground(func() {
 		ctx, cancel := context.WithTimeout(m.base, m.opts.WaitTimeout)
 		defer cancel()
-		_, _ = m.obtain(ctx, g, need{})
+		_, _ = m.obtain(ctx, g, want{})
 	})
 }

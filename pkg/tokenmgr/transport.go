@@ -9,24 +9,7 @@ import (
 	"golang.org/x/oauth2"
 )
 
-// TokenSource returns an oauth2.TokenSource for grant, usable with
-// oauth2.NewClient. Because oauth2.TokenSource.Token takes no context, the
-// source waits at most WaitTimeout and stops with the Manager.
-//
-// oauth2.NewClient wraps a source in oauth2.ReuseTokenSource, which keeps a
-// token until 10 seconds before its Expiry, long after a rotation revoked
-// it. So each token this source returns is a copy whose Expiry is at most
-// 11 seconds away (never later than the real one): the wrapper asks again
-// about every second, and each ask is an atomic load. Prefer
-// Manager.Client, which needs no such trick and applies the 401 rule.
-func (m *Manager) TokenSource(grant string) oauth2.TokenSource {
-	return &tokenSource{m: m, grant: grant}
-}
-
-type tokenSource struct {
-	m     *Manager
-	grant string
-}
+type tokenSource struct{ h *Grant }
 
 // reuseHorizon is how far ahead TokenSource tokens claim to expire.
 const reuseHorizon = 11 * time.Second
@@ -34,9 +17,9 @@ const reuseHorizon = 11 * time.Second
 func (s *tokenSource) Token() (*oauth2.Token, error) {
 	// The one place a context is made here rather than passed in: the
 	// oauth2.TokenSource interface has none.
-	ctx, cancel := context.WithTimeout(s.m.base, s.m.opts.WaitTimeout)
+	ctx, cancel := context.WithTimeout(s.h.m.base, s.h.m.opts.WaitTimeout)
 	defer cancel()
-	tok, err := s.m.Token(ctx, s.grant)
+	tok, err := s.h.Token(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -47,37 +30,16 @@ func (s *tokenSource) Token() (*oauth2.Token, error) {
 	return &t, nil
 }
 
-// Client returns an *http.Client that authorizes every request with grant's
-// current token and applies the 401 rule (see Transport).
-func (m *Manager) Client(grant string) *http.Client {
-	return &http.Client{Transport: m.Transport(grant, nil)}
-}
-
-// Transport returns a RoundTripper that authorizes requests with grant's
-// token through base (http.DefaultTransport if nil).
-//
-// On a 401 it applies the 401 rule (DESIGN.md invariant 5): if Redis holds
-// a newer version than the one the request used, the request is retried
-// once with it; if not, one fenced, fleet-wide refresh of that version runs
-// and the request is retried with its result. A request whose body cannot
-// be replayed (no GetBody) is not retried: its 401 is returned, and the
-// next request gets the new token.
-func (m *Manager) Transport(grant string, base http.RoundTripper) http.RoundTripper {
-	if base == nil {
-		base = http.DefaultTransport
-	}
-	return &transport{m: m, grant: grant, base: base}
-}
-
+// transport is Grant.Transport: the token on every request, and the 401
+// rule.
 type transport struct {
-	m     *Manager
-	grant string
-	base  http.RoundTripper
+	h    *Grant
+	base http.RoundTripper
 }
 
 func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	ctx := req.Context()
-	e, err := t.m.current(ctx, t.grant)
+	e, err := t.h.current(ctx)
 	if err != nil {
 		closeBody(req)
 		return nil, err
@@ -86,13 +48,13 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if err != nil || resp.StatusCode != http.StatusUnauthorized {
 		return resp, err
 	}
-	t.m.stats.unauthorized.Add(1)
+	m := t.h.m
+	m.stats.unauthorized.Add(1)
 	replayable := req.Body == nil || req.Body == http.NoBody || req.GetBody != nil
-	g := t.m.lookup(t.grant)
 	// One retry with a newer version; a second only if that version was
 	// itself superseded meanwhile (a rotation landing between the two).
 	for retry := 0; retry < 2; retry++ {
-		next, nerr := t.m.obtain(ctx, g, need{staleV: e.v})
+		next, nerr := m.obtain(ctx, t.h.g, want{mode: wantNewer, rejected: e.v})
 		if nerr != nil || next.v == e.v || !replayable {
 			// Nothing newer, or the body is gone: the caller gets the
 			// 401, and later requests the token the refresh produced.
@@ -110,10 +72,10 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		if err != nil || resp.StatusCode != http.StatusUnauthorized {
 			return resp, err
 		}
-		t.m.stats.unauthorized.Add(1)
+		m.stats.unauthorized.Add(1)
 		e = next
 	}
-	t.m.stats.unauthorizedAfterRetry.Add(1)
+	m.stats.unauthorizedAfterRetry.Add(1)
 	return resp, nil
 }
 

@@ -1,5 +1,5 @@
 -- Records, before the IdP call, that a holder is about to spend the refresh
--- token read at version ARGV[1] (DESIGN.md invariant 4). If an intent for the
+-- token read at version ARGV[1] (invariant 4 in doc.go). If an intent for the
 -- same version is already there, a previous holder may have spent the token
 -- and died: keep its start time, since the provider's reuse leeway counts
 -- from the first use.

@@ -1,6 +1,6 @@
 -- Sets fields of the record at version ARGV[1] without a rotation:
--- "reauth_required" with its reason (the grant is dead, DESIGN.md invariant
--- 6), a fleet-wide retry_at after a transient IdP error, or the same tokens
+-- "reauth_required" with its reason (the grant is dead, invariant 6 in
+-- doc.go), a fleet-wide retry_at after a transient IdP error, or the same tokens
 -- re-encrypted under a new key (rewrap). Never creates a record, never
 -- touches a newer one.
 -- KEYS[1] record hash, KEYS[2] intent hash

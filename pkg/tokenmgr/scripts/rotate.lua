@@ -1,4 +1,4 @@
--- Fenced write of a rotated token pair (DESIGN.md invariant 1).
+-- Fenced write of a rotated token pair (invariant 1 in doc.go).
 -- KEYS[1] record hash, KEYS[2] intent hash, KEYS[3] rotations sorted set
 -- ARGV[1] the version the refresh token was read at
 -- ARGV[2] rotation channel, ARGV[3] grant name

@@ -4,7 +4,7 @@
 // The provider models what breaks fleets that share one grant: rotating
 // refresh tokens, a reuse leeway for the previous refresh token, reuse
 // detection that revokes the whole token family, and access tokens revoked
-// before their expiry. Profiles (Atlassian, Strict, GraceOkta, GraceXero,
+// before their expiry. Profiles (Atlassian, Strict, Okta, Xero,
 // NonRotating) select those behaviours; fault knobs (latency, 5xx, 429,
 // dropped responses) let tests reproduce the failures a token manager must
 // survive. Every expiry and leeway decision reads an injectable clock, so
@@ -200,8 +200,6 @@ func (p *IdP) SetLatency(d time.Duration) {
 	p.latency = d
 }
 
-// Fail5xx makes the next n refresh requests answer 503
-// temporarily_unavailable without touching any token.
 // SetAnswerDelay delays every token-endpoint answer after the request was
 // processed (a rotation has already happened): a client killed meanwhile
 // has spent its refresh token without receiving the new one.
@@ -211,6 +209,8 @@ func (p *IdP) SetAnswerDelay(d time.Duration) {
 	p.answerDelay = d
 }
 
+// Fail5xx makes the next n refresh requests answer 503
+// temporarily_unavailable without touching any token.
 func (p *IdP) Fail5xx(n int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()

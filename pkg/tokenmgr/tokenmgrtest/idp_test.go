@@ -53,8 +53,8 @@ func start(t *testing.T, cfg tokenmgrtest.Config) (*tokenmgrtest.Server, *fakeCl
 }
 
 var allProfiles = []tokenmgrtest.Profile{
-	tokenmgrtest.Atlassian, tokenmgrtest.Strict, tokenmgrtest.GraceOkta,
-	tokenmgrtest.GraceXero, tokenmgrtest.NonRotating,
+	tokenmgrtest.Atlassian, tokenmgrtest.Strict, tokenmgrtest.Okta,
+	tokenmgrtest.Xero, tokenmgrtest.NonRotating,
 }
 
 // response is a decoded token-endpoint (or API) answer.
@@ -165,12 +165,15 @@ func TestProfileByName(t *testing.T) {
 			t.Errorf("ProfileByName(%q) = %+v, %v; want %+v", want.Name, got, err, want)
 		}
 	}
-	if got, _ := tokenmgrtest.ProfileByName("grace"); got != tokenmgrtest.GraceOkta {
-		t.Errorf(`ProfileByName("grace") = %+v, want GraceOkta`, got)
+	if got, _ := tokenmgrtest.ProfileByName("grace"); got != tokenmgrtest.Okta {
+		t.Errorf(`ProfileByName("grace") = %+v, want Okta (its former name)`, got)
 	}
-	_, err := tokenmgrtest.ProfileByName("okta")
+	if got, _ := tokenmgrtest.ProfileByName("grace-xero"); got != tokenmgrtest.Xero {
+		t.Errorf(`ProfileByName("grace-xero") = %+v, want Xero (its former name)`, got)
+	}
+	_, err := tokenmgrtest.ProfileByName("auth0")
 	if err == nil {
-		t.Fatal(`ProfileByName("okta"): got nil error`)
+		t.Fatal(`ProfileByName("auth0"): got nil error`)
 	}
 	for _, p := range allProfiles {
 		if !strings.Contains(err.Error(), p.Name) {
@@ -241,10 +244,10 @@ func TestPreviousTokenReplay(t *testing.T) {
 		{tokenmgrtest.Atlassian, 10*time.Minute - time.Second, true, 200, false},
 		{tokenmgrtest.Atlassian, 10 * time.Minute, false, 403, true},
 		{tokenmgrtest.Strict, 0, false, 400, true},
-		{tokenmgrtest.GraceOkta, 29 * time.Second, true, 200, false},
-		{tokenmgrtest.GraceOkta, 30 * time.Second, false, 400, false},
-		{tokenmgrtest.GraceXero, 29 * time.Minute, true, 200, false},
-		{tokenmgrtest.GraceXero, 30 * time.Minute, false, 400, false},
+		{tokenmgrtest.Okta, 29 * time.Second, true, 200, false},
+		{tokenmgrtest.Okta, 30 * time.Second, false, 400, false},
+		{tokenmgrtest.Xero, 29 * time.Minute, true, 200, false},
+		{tokenmgrtest.Xero, 30 * time.Minute, false, 400, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.prof.Name+"/"+tt.after.String(), func(t *testing.T) {
@@ -364,8 +367,8 @@ func TestOldAccessTokenRevocation(t *testing.T) {
 	}{
 		{tokenmgrtest.Atlassian, []check{{0, true}, {10*time.Minute - time.Nanosecond, true}, {10 * time.Minute, false}}},
 		{tokenmgrtest.Strict, []check{{0, false}}},
-		{tokenmgrtest.GraceOkta, []check{{0, true}, {time.Hour - time.Second - time.Nanosecond, true}, {time.Hour - time.Second, false}}},
-		{tokenmgrtest.GraceXero, []check{{0, true}, {30 * time.Minute, true}, {time.Hour - time.Second, false}}},
+		{tokenmgrtest.Okta, []check{{0, true}, {time.Hour - time.Second - time.Nanosecond, true}, {time.Hour - time.Second, false}}},
+		{tokenmgrtest.Xero, []check{{0, true}, {30 * time.Minute, true}, {time.Hour - time.Second, false}}},
 		{tokenmgrtest.NonRotating, []check{{0, true}, {time.Hour - time.Second - time.Nanosecond, true}, {time.Hour - time.Second, false}}},
 	}
 	for _, tt := range tests {
@@ -606,7 +609,7 @@ func TestDropResponses(t *testing.T) {
 		wantRecover bool
 	}{
 		{tokenmgrtest.Atlassian, true},
-		{tokenmgrtest.GraceOkta, true},
+		{tokenmgrtest.Okta, true},
 		{tokenmgrtest.Strict, false},
 	}
 	for _, tt := range tests {
@@ -822,7 +825,7 @@ func TestAuthorizeRejects(t *testing.T) {
 }
 
 func TestAPI(t *testing.T) {
-	s, clk := start(t, tokenmgrtest.Config{Profile: tokenmgrtest.GraceOkta, AccessTTL: time.Minute})
+	s, clk := start(t, tokenmgrtest.Config{Profile: tokenmgrtest.Okta, AccessTTL: time.Minute})
 	tok := s.NewGrant("")
 	req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, s.APIURL(), nil)
 	req.Header.Set("Authorization", "Bearer "+tok.AccessToken)
@@ -968,7 +971,7 @@ func TestIssuedTokens(t *testing.T) {
 func TestConcurrentKnobsAndClock(t *testing.T) {
 	// Knobs and the clock may be turned while requests are in flight; -race
 	// checks the locking.
-	s, _ := start(t, tokenmgrtest.Config{Profile: tokenmgrtest.GraceXero})
+	s, _ := start(t, tokenmgrtest.Config{Profile: tokenmgrtest.Xero})
 	rt := s.NewGrant("").RefreshToken
 	var wg sync.WaitGroup
 	for i := range 8 {

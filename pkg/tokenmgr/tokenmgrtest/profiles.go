@@ -21,7 +21,7 @@ const (
 )
 
 // Profile is one provider's refresh-token semantics. See the "Provider
-// profiles" table in DESIGN.md.
+// profiles" table in docs/design.md.
 type Profile struct {
 	// Name identifies the profile. "atlassian" also selects Atlassian's
 	// error bodies (access_denied for a wrong secret, its exact
@@ -45,23 +45,38 @@ type Profile struct {
 	InvalidGrantStatus int
 }
 
-// The profiles of DESIGN.md.
+// The provider profiles (the table in docs/design.md), named as
+// tokenmgr's Provider presets are.
 var (
 	Atlassian   = Profile{"atlassian", true, 10 * time.Minute, RevokeAccessAfterLeeway, true, 403}
 	Strict      = Profile{"strict", true, 0, RevokeAccessOnRotation, true, 400}
-	GraceOkta   = Profile{"grace", true, 30 * time.Second, RevokeAccessNever, false, 400}
-	GraceXero   = Profile{"grace-xero", true, 30 * time.Minute, RevokeAccessNever, false, 400}
+	Okta        = Profile{"okta", true, 30 * time.Second, RevokeAccessNever, false, 400}
+	Xero        = Profile{"xero", true, 30 * time.Minute, RevokeAccessNever, false, 400}
 	NonRotating = Profile{"non-rotating", false, 0, RevokeAccessNever, false, 400}
+)
+
+// Deprecated: the grace-period profiles are named after their providers,
+// as tokenmgr.Okta and tokenmgr.Xero are. Use Okta and Xero.
+var (
+	GraceOkta = Okta
+	GraceXero = Xero
 )
 
 // profiles lists the named profiles in the order error messages show them.
 func profiles() []Profile {
-	return []Profile{Atlassian, Strict, GraceOkta, GraceXero, NonRotating}
+	return []Profile{Atlassian, Strict, Okta, Xero, NonRotating}
 }
+
+// formerNames are the names the grace-period profiles had before they
+// were named after their providers; commands still accept them.
+var formerNames = map[string]string{"grace": "okta", "grace-xero": "xero"}
 
 // ProfileByName returns the profile with the given name, so commands and
 // configuration files can select one by string.
 func ProfileByName(name string) (Profile, error) {
+	if n, ok := formerNames[name]; ok {
+		name = n
+	}
 	var names []string
 	for _, p := range profiles() {
 		if p.Name == name {

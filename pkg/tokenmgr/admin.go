@@ -5,53 +5,43 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"strconv"
 	"strings"
 	"time"
 
-	"github.com/redis/go-redis/v9"
 	"golang.org/x/oauth2"
 )
 
-// Admin reads and writes grant records for operators: seed, status and the
-// refresher's schedule. It never calls the provider, so it needs no client
-// registration. Every Manager has one (its methods are promoted).
-type Admin struct {
+// core is what Admin and Manager share: the defaulted options, the logger
+// and the store, and the operator steps built on them.
+type core struct {
 	opts  Options
 	log   *slog.Logger
 	store *store
+}
+
+func newCore(o Options) core {
+	return core{opts: o, log: o.Logger.With("component", "tokenmgr", "holder", o.Holder), store: newStore(o.Redis, o.KeyPrefix, o.Sealer)}
+}
+
+// Admin reads and writes grant records for operators: seed, status and the
+// refresher's schedule. It never calls the provider, so it needs no client
+// registration. A Manager has the same methods.
+type Admin struct {
+	core
 }
 
 // NewAdmin builds an Admin. It uses Options.Redis (required), Provider (for
 // the expiry countdowns written by Seed), KeyPrefix, Sealer, Holder, Now and
 // Logger, and ignores the rest.
 func NewAdmin(o Options) (*Admin, error) {
-	if o.Redis == nil {
-		return nil, errors.New("tokenmgr: invalid options: Options.Redis is required")
-	}
-	if o.KeyPrefix == "" {
-		o.KeyPrefix = "tm"
-	}
-	if strings.ContainsAny(o.KeyPrefix, "{} \t\r\n") {
-		return nil, fmt.Errorf("tokenmgr: invalid options: KeyPrefix %q must not contain braces or spaces", o.KeyPrefix)
-	}
-	if o.Holder == "" {
-		o.Holder = defaultHolder()
-	}
-	if o.Now == nil {
-		o.Now = time.Now
-	}
-	if o.Logger == nil {
-		o.Logger = slog.Default()
+	o, errs := o.withStoreDefaults()
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("tokenmgr: invalid options: %w", errors.Join(errs...))
 	}
 	if o.Sealer == nil {
 		o.Sealer = plaintext{}
 	}
-	return newAdmin(o), nil
-}
-
-func newAdmin(o Options) *Admin {
-	return &Admin{opts: o, log: o.Logger.With("component", "tokenmgr", "holder", o.Holder), store: newStore(o.Redis, o.KeyPrefix, o.Sealer)}
+	return &Admin{newCore(o)}, nil
 }
 
 // SeedOptions qualify an imported pair.
@@ -63,8 +53,8 @@ type SeedOptions struct {
 
 // Seed imports a token pair for grant: it creates or replaces the record,
 // bumps the version, clears a dead status and any refresh intent, and tells
-// the fleet. It returns the new version. tok needs an access token, and a
-// refresh token unless the provider does not rotate.
+// the fleet. It returns the new version. tok needs an access token and a
+// refresh token (a non-rotating provider's grant is refreshed with one too).
 func (a *Admin) Seed(ctx context.Context, grant string, tok *oauth2.Token, so SeedOptions) (int64, error) {
 	rec, err := a.seed(ctx, grant, tok, so)
 	if err != nil {
@@ -73,19 +63,7 @@ func (a *Admin) Seed(ctx context.Context, grant string, tok *oauth2.Token, so Se
 	return rec.V, nil
 }
 
-// Seed is Admin.Seed; the Manager also starts serving the new pair at once.
-func (m *Manager) Seed(ctx context.Context, grant string, tok *oauth2.Token, so SeedOptions) (int64, error) {
-	rec, err := m.seed(ctx, grant, tok, so)
-	if err != nil {
-		return 0, err
-	}
-	if g := m.lookup(grant); g != nil {
-		m.install(g, rec)
-	}
-	return rec.V, nil
-}
-
-func (a *Admin) seed(ctx context.Context, grant string, tok *oauth2.Token, so SeedOptions) (*record, error) {
+func (c *core) seed(ctx context.Context, grant string, tok *oauth2.Token, so SeedOptions) (*record, error) {
 	if err := ValidateGrantName(grant); err != nil {
 		return nil, err
 	}
@@ -95,39 +73,22 @@ func (a *Admin) seed(ctx context.Context, grant string, tok *oauth2.Token, so Se
 	if tok.RefreshToken == "" {
 		return nil, errors.New("tokenmgr: seed: the token has no refresh_token; the grant could not be refreshed")
 	}
-	now := a.opts.Now()
+	now := c.opts.Now()
 	if so.ConsentedAt.IsZero() {
 		so.ConsentedAt = now
 	}
-	rec := &record{
-		Status:       StatusOK,
-		AccessToken:  secret(tok.AccessToken),
-		RefreshToken: secret(tok.RefreshToken),
-		TokenType:    tok.TokenType,
-		Expiry:       tok.Expiry,
-		RotatedAt:    now,
-		RotatedBy:    a.opts.Holder + " (seed)",
+	rec := recordFromToken(tok, now, c.opts.Holder+" (seed)", c.opts.Provider)
+	if c.opts.Provider.AbsoluteExpiry > 0 {
+		rec.AbsoluteExpiry = so.ConsentedAt.Add(c.opts.Provider.AbsoluteExpiry)
 	}
-	if rec.TokenType == "" {
-		rec.TokenType = "Bearer"
-	}
-	if s, ok := tok.Extra("scope").(string); ok {
-		rec.Scope = s
-	}
-	if a.opts.Provider.IdleExpiry > 0 {
-		rec.IdleExpiry = now.Add(a.opts.Provider.IdleExpiry)
-	}
-	if a.opts.Provider.AbsoluteExpiry > 0 {
-		rec.AbsoluteExpiry = so.ConsentedAt.Add(a.opts.Provider.AbsoluteExpiry)
-	}
-	k := grantKeys(a.opts.KeyPrefix, grant)
-	v, err := a.store.seed(ctx, grant, k, rec)
+	k := grantKeys(c.opts.KeyPrefix, grant)
+	v, err := c.store.seed(ctx, grant, k, rec)
 	if err != nil {
 		return nil, fmt.Errorf("tokenmgr: seed grant %q: %w", grant, err)
 	}
 	rec.V = v
-	a.schedule(ctx, grant, rec)
-	a.log.Info("grant seeded", "grant", grant, "version", v)
+	c.schedule(ctx, grant, rec)
+	c.log.Info("grant seeded", "grant", grant, "version", v)
 	return rec, nil
 }
 
@@ -171,7 +132,11 @@ func (s GrantStatus) LogValue() slog.Value {
 // Status reads grant's metadata from Redis. It decrypts nothing, so it
 // works without the encryption key.
 func (a *Admin) Status(ctx context.Context, grant string) (GrantStatus, error) {
-	sts, errs := a.Statuses(ctx, []string{grant})
+	return a.status(ctx, grant)
+}
+
+func (c *core) status(ctx context.Context, grant string) (GrantStatus, error) {
+	sts, errs := c.statuses(ctx, []string{grant})
 	return sts[0], errs[0]
 }
 
@@ -180,112 +145,35 @@ func (a *Admin) Status(ctx context.Context, grant string) (GrantStatus, error) {
 // errs[i] is grants[i]'s error (a *NotFoundError, a *CorruptRecordError, a
 // bad name or the Redis error); sts[i] is valid only when errs[i] is nil.
 func (a *Admin) Statuses(ctx context.Context, grants []string) (sts []GrantStatus, errs []error) {
-	sts, errs = make([]GrantStatus, len(grants)), make([]error, len(grants))
-	type reads struct {
-		record  *redis.MapStringStringCmd
-		intent  *redis.SliceCmd
-		rotated *redis.IntCmd
+	return a.statuses(ctx, grants)
+}
+
+func (c *core) statuses(ctx context.Context, grants []string) ([]GrantStatus, []error) {
+	sts, errs := make([]GrantStatus, len(grants)), make([]error, len(grants))
+	var valid []string
+	var at []int
+	for i, g := range grants {
+		if errs[i] = ValidateGrantName(g); errs[i] == nil {
+			valid = append(valid, g)
+			at = append(at, i)
+		}
 	}
-	rs := make([]*reads, len(grants))
-	since := "(" + strconv.FormatInt(a.opts.Now().Add(-rotationWindow).UnixMilli(), 10) // the last hour, exclusive
-	_, _ = a.opts.Redis.Pipelined(ctx, func(p redis.Pipeliner) error {
-		for i, g := range grants {
-			if errs[i] = ValidateGrantName(g); errs[i] != nil {
-				continue
-			}
-			k := grantKeys(a.opts.KeyPrefix, g)
-			rs[i] = &reads{
-				record:  p.HGetAll(ctx, k.record),
-				intent:  p.HMGet(ctx, k.intent, "holder", "from_v", "started_at"),
-				rotated: p.ZCount(ctx, k.rotations, since, "+inf"),
-			}
-		}
-		return nil
-	})
-	for i, r := range rs {
-		if r == nil {
+	metas, merrs := c.store.readMeta(ctx, valid, c.opts.Now())
+	for j, i := range at {
+		if errs[i] = merrs[j]; errs[i] != nil {
 			continue
 		}
-		if err := r.record.Err(); err != nil {
-			errs[i] = err
-			continue
-		}
-		if len(r.record.Val()) == 0 {
-			errs[i] = &NotFoundError{Grant: grants[i]}
-			continue
-		}
-		rec, err := decodeRecord(grants[i], r.record.Val(), nil)
-		if err != nil {
-			errs[i] = err
-			continue
-		}
-		st := GrantStatus{
+		rec, meta := metas[j].rec, metas[j]
+		sts[i] = GrantStatus{
 			Grant: grants[i], Version: rec.V, Status: rec.Status, Reason: rec.Reason, TokenType: rec.TokenType,
 			Expiry: rec.Expiry, Scope: rec.Scope, RotatedAt: rec.RotatedAt, RotatedBy: rec.RotatedBy,
 			RefreshCount: rec.RefreshCount, IdleExpiry: rec.IdleExpiry, AbsoluteExpiry: rec.AbsoluteExpiry,
 			RetryAt: rec.RetryAt, Restored: rec.Restored, HasRefreshToken: rec.hasRefresh,
-			RefreshesLastHour: r.rotated.Val(),
+			RefreshesLastHour: meta.rotationsLastHour,
+			Refreshing:        meta.refreshing, RefreshHolder: meta.refreshHolder, RefreshStartedAt: meta.refreshStarted,
 		}
-		// The record is the status; the rest is detail that an ACL from
-		// before it (no ZCOUNT) may refuse: unknown, not an error.
-		if r.rotated.Err() != nil || r.record.Val()[fUncounted] == "1" {
-			st.RefreshesLastHour = -1
-		}
-		// An intent for another version is left over; only the current
-		// version's means a refresh is under way.
-		if in := r.intent.Val(); r.intent.Err() == nil && len(in) == 3 && rec.Status == StatusOK && in[1] == strconv.FormatInt(rec.V, 10) {
-			holder, _ := in[0].(string)
-			st.Refreshing, st.RefreshHolder = true, holder
-			started, _ := in[2].(string)
-			st.RefreshStartedAt, _ = parseMS(started) // a bad value only loses the time
-		}
-		sts[i] = st
 	}
 	return sts, errs
-}
-
-// Rotate forces one fenced refresh of grant's current version now, as a
-// 401 would, ignoring MinForcedRefreshAge. It returns the new version. If
-// another process rotates first, that rotation counts.
-func (m *Manager) Rotate(ctx context.Context, grant string) (int64, error) {
-	st, err := m.Status(ctx, grant)
-	if err != nil {
-		return 0, err
-	}
-	if st.Status != StatusOK {
-		return 0, &ReauthRequiredError{Grant: grant, Reason: st.Reason}
-	}
-	g := m.lookup(grant)
-	if g == nil {
-		if g, err = m.addGrant(grant); err != nil {
-			return 0, err
-		}
-	}
-	e, err := m.obtain(ctx, g, need{staleV: st.Version, force: true})
-	if err != nil {
-		return 0, err
-	}
-	return e.v, nil
-}
-
-// RefreshIfDue refreshes grant, fenced and under the lease like any
-// refresh, if its token expires within RefreshBefore (capped at
-// MaxRefreshFraction of its lifetime); otherwise it only reads it. This is
-// what the refresher calls for each grant the schedule says is due; give
-// its Manager a larger RefreshBefore than the workers', so that workers
-// never wait on the provider.
-func (m *Manager) RefreshIfDue(ctx context.Context, grant string) (GrantStatus, error) {
-	g := m.lookup(grant)
-	if g == nil {
-		var err error
-		if g, err = m.addGrant(grant); err != nil {
-			return GrantStatus{}, err
-		}
-	}
-	if _, err := m.obtain(ctx, g, need{refreshDue: true}); err != nil {
-		return GrantStatus{}, err
-	}
-	return m.Status(ctx, grant)
 }
 
 // ScheduledGrant is a grant's place in the refresher's schedule.
@@ -297,39 +185,18 @@ type ScheduledGrant struct {
 // DueGrants returns up to limit grants whose access token expires before
 // t, soonest first, from the schedule (tm:due): no scan of the keyspace.
 func (a *Admin) DueGrants(ctx context.Context, t time.Time, limit int64) ([]ScheduledGrant, error) {
-	zs, err := a.opts.Redis.ZRangeArgsWithScores(ctx, redis.ZRangeArgs{
-		Key: a.store.due, Start: "-inf", Stop: strconv.FormatInt(t.UnixMilli(), 10), ByScore: true, Count: limit,
-	}).Result()
-	if err != nil {
-		return nil, err
-	}
-	out := make([]ScheduledGrant, 0, len(zs))
-	for _, z := range zs {
-		name, _ := z.Member.(string)
-		out = append(out, ScheduledGrant{Grant: name, Expiry: time.UnixMilli(int64(z.Score))})
-	}
-	return out, nil
+	return a.store.dueGrants(ctx, t, limit)
 }
 
 // DeadGrants counts the grants that need re-consent (parked at the end of
 // the schedule), without reading their records.
 func (a *Admin) DeadGrants(ctx context.Context) (int64, error) {
-	return a.opts.Redis.ZCount(ctx, a.store.due, strconv.FormatInt(parked.UnixMilli(), 10), "+inf").Result()
-}
-
-// RefreshDueAt is when a Manager with these options considers st's token
-// due: RefreshBefore before expiry, capped at MaxRefreshFraction of its
-// lifetime.
-func (m *Manager) RefreshDueAt(st GrantStatus) time.Time {
-	if st.Expiry.IsZero() {
-		return parked
-	}
-	return st.Expiry.Add(-m.margin(&record{Expiry: st.Expiry, RotatedAt: st.RotatedAt}))
+	return a.store.countParked(ctx)
 }
 
 // Grants lists every grant in the schedule (tm:due), soonest expiry first.
 func (a *Admin) Grants(ctx context.Context) ([]string, error) {
-	return a.opts.Redis.ZRange(ctx, a.store.due, 0, -1).Result()
+	return a.store.scheduledGrants(ctx)
 }
 
 // Postpone moves grant's place in the schedule to t, e.g. after a provider
@@ -338,18 +205,15 @@ func (a *Admin) Postpone(ctx context.Context, grant string, t time.Time) error {
 	return a.store.schedule(ctx, grant, t)
 }
 
-// parked is the schedule score of grants with nothing to refresh.
-var parked = time.Unix(1<<35, 0)
-
 // schedule records when rec's token expires, for the refresher. A dead
 // grant goes to the end: nothing to refresh until it is seeded again.
-func (a *Admin) schedule(ctx context.Context, grant string, rec *record) {
+func (c *core) schedule(ctx context.Context, grant string, rec *record) {
 	at := rec.Expiry
 	if rec.Status != StatusOK || at.IsZero() {
 		at = parked
 	}
-	if err := a.store.schedule(ctx, grant, at); err != nil {
-		a.log.Warn("could not update the refresh schedule", "grant", grant, "err", err)
+	if err := c.store.schedule(ctx, grant, at); err != nil {
+		c.log.Warn("could not update the refresh schedule", "grant", grant, "err", err)
 	}
 }
 
@@ -377,15 +241,13 @@ func (a *Admin) Rewrap(ctx context.Context, grant string) (bool, error) {
 		if rec.Status != StatusOK {
 			return false, nil // a dead grant's tokens are not used again
 		}
-		raw, err := a.opts.Redis.HMGet(ctx, k.record, fAccess, fRefresh).Result()
+		sealedAccess, sealedRefresh, err := a.store.sealedTokenFields(ctx, k)
 		if err != nil {
 			return false, err
 		}
 		current := encPrefix + kr.ActiveKeyID() + ":"
-		if s0, _ := raw[0].(string); strings.HasPrefix(s0, current) {
-			if s1, _ := raw[1].(string); strings.HasPrefix(s1, current) {
-				return false, nil // already under the active key
-			}
+		if strings.HasPrefix(sealedAccess, current) && strings.HasPrefix(sealedRefresh, current) {
+			return false, nil // already under the active key
 		}
 		at, err := kr.Seal(grant, fAccess, []byte(rec.AccessToken))
 		if err != nil {

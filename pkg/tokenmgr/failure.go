@@ -1,0 +1,79 @@
+package tokenmgr
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// refreshFailed handles a provider error (invariants 5 and 6): a refused
+// refresh token is re-checked against Redis before the grant is declared
+// dead; a rejected client or a transient failure backs the fleet off.
+func (m *Manager) refreshFailed(ctx context.Context, g *grantState, rec *record, in intent, callErr error) (*entry, error) {
+	m.stats.refreshFailures.Add(1)
+	class, retryAfter := classify(callErr, time.Now())
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.opts.LeaseTTL)
+	defer cancel()
+	switch class {
+	case failDead:
+		return m.refreshTokenRefused(wctx, g, rec, in, callErr)
+	case failConfig:
+		// Every process would get the same answer: back off fleet-wide.
+		wait := max(retryAfter, m.policy.backoff(in.Attempts))
+		m.deferFleet(wctx, g, rec, wait)
+		m.log.Error("provider rejected the client or the request; check the client id, secret and auth style", "grant", g.name, "retry_in", wait, "err", describe(callErr))
+		return nil, &RefreshError{Grant: g.name, RetryAfter: wait, Config: true, Err: callErr}
+	default:
+		wait := retryAfter
+		if wait == 0 {
+			wait = m.policy.backoff(in.Attempts)
+		}
+		m.deferFleet(wctx, g, rec, wait)
+		m.log.Warn("refresh failed; backing off", "grant", g.name, "version", rec.V, "retry_in", wait, "err", describe(callErr))
+		return nil, &RefreshError{Grant: g.name, RetryAfter: wait, Err: callErr}
+	}
+}
+
+// deferFleet stores a fleet-wide "not before now+wait" on rec's version.
+func (m *Manager) deferFleet(ctx context.Context, g *grantState, rec *record, wait time.Duration) {
+	if err := m.store.deferRefresh(ctx, g.name, g.keys, rec.V, m.opts.Now().Add(wait)); err != nil {
+		m.log.Warn("could not store the fleet-wide backoff", "grant", g.name, "err", err)
+	}
+}
+
+// refreshTokenRefused handles invalid_grant: unless Redis moved on (the
+// token was rotated by someone else: a lost lease, a refresher), the grant
+// is marked for re-consent, with the reason, for every worker to fail fast.
+func (m *Manager) refreshTokenRefused(ctx context.Context, g *grantState, rec *record, in intent, callErr error) (*entry, error) {
+	cur, err := m.store.read(ctx, g.name, g.keys)
+	if err != nil {
+		return nil, &RefreshError{Grant: g.name, RetryAfter: m.policy.backoff(1), Err: fmt.Errorf("%s, and Redis could not be read to confirm: %w", describe(callErr), err)}
+	}
+	if cur.V != rec.V || cur.Status != StatusOK {
+		m.log.Info("provider rejected a refresh token that Redis had already replaced; using the stored pair", "grant", g.name, "version", cur.V)
+		return m.install(g, cur), nil
+	}
+	reason := "provider rejected the refresh token: " + describe(callErr)
+	if in.Attempts > 1 {
+		reason += fmt.Sprintf("; an earlier refresh of version %d (by %s at %s) got no answer, so the provider had already spent the token",
+			rec.V, in.PreviousHolder, in.StartedAt.UTC().Format(time.RFC3339))
+		if lw := m.opts.Provider.ReuseLeeway; lw == 0 {
+			reason += fmt.Sprintf(" and provider %q allows no reuse", m.opts.Provider.Name)
+		} else {
+			reason += fmt.Sprintf(" and its %s reuse leeway had passed", lw)
+		}
+	}
+	ok, err := m.store.markDead(ctx, g.name, g.keys, rec.V, reason)
+	if err != nil {
+		return nil, &RefreshError{Grant: g.name, RetryAfter: m.policy.backoff(1), Err: fmt.Errorf("%s, and the dead status could not be stored: %w", describe(callErr), err)}
+	}
+	if !ok {
+		return m.reread(ctx, g, want{})
+	}
+	m.stats.markedDead.Add(1)
+	dead := *rec
+	dead.Status, dead.Reason = StatusReauthRequired, reason
+	m.schedule(ctx, g.name, &dead)
+	m.log.Error("grant needs re-consent; every worker now fails fast until it is seeded again", "grant", g.name, "version", rec.V, "reason", reason)
+	return m.install(g, &dead), nil
+}

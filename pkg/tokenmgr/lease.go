@@ -1,0 +1,160 @@
+package tokenmgr
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"time"
+
+	"github.com/go-redsync/redsync/v4"
+	redsyncredis "github.com/go-redsync/redsync/v4/redis"
+	"github.com/go-redsync/redsync/v4/redis/goredis/v9"
+	"github.com/redis/go-redis/v9"
+)
+
+// leases hands out the refresh lease of each grant: a Redlock mutex over
+// one or several independent Redis masters (invariant 2, 3). It is the one
+// place that knows redsync. The lease saves provider calls; what is stored
+// is decided by the fenced write, not by the lease.
+type leases struct {
+	rs *redsync.Redsync
+	// probe is the first lock server, asked whether anyone holds a lease.
+	probe redsyncredis.Pool
+	ttl   time.Duration // LeaseTTL
+	retry time.Duration // LockRetry: pause between attempts on a held lease
+	log   *slog.Logger
+	stats *counters
+}
+
+// newLeases uses Options.LockRedis, or Options.Redis when there are none.
+func newLeases(o Options, log *slog.Logger, stats *counters) *leases {
+	clients := o.LockRedis
+	if len(clients) == 0 {
+		clients = []redis.UniversalClient{o.Redis}
+	}
+	pools := make([]redsyncredis.Pool, len(clients))
+	for i, c := range clients {
+		pools[i] = goredis.NewPool(c)
+	}
+	return &leases{rs: redsync.New(pools...), probe: pools[0], ttl: o.LeaseTTL, retry: o.LockRetry, log: log, stats: stats}
+}
+
+// lease is one held lease.
+type lease struct {
+	mu    *redsync.Mutex
+	ttl   time.Duration
+	grant string
+	log   *slog.Logger
+	stats *counters
+}
+
+// errLeaseBusy means the lease stayed with another holder (or the lock
+// servers refused every attempt) until the caller's context ended.
+var errLeaseBusy = errors.New("another process holds the refresh lease")
+
+// acquire takes the lease named key for grant. While another process holds
+// it, acquire waits for the grant's next rotation message (wake) or a
+// jittered LockRetry, then asks wanted whether the lease is still needed;
+// when it is not (someone else rotated), acquire returns nil, nil. When ctx
+// ends first it returns errLeaseBusy, or the lock servers' error if they
+// failed for another reason.
+func (ls *leases) acquire(ctx context.Context, grant, key string, wake func() <-chan struct{}, wanted func() bool) (*lease, error) {
+	mu := ls.rs.NewMutex(key, redsync.WithExpiry(ls.ttl), redsync.WithTries(1))
+	for {
+		err := mu.TryLockContext(ctx)
+		if err == nil {
+			ls.stats.leases.Add(1)
+			return &lease{mu: mu, ttl: ls.ttl, grant: grant, log: ls.log, stats: ls.stats}, nil
+		}
+		ls.stats.lockWaits.Add(1)
+		var taken *redsync.ErrTaken
+		busy := errors.As(err, &taken) || errors.Is(err, redsync.ErrFailed)
+		if !busy {
+			ls.log.Debug("lease attempt failed", "grant", grant, "err", err)
+		}
+		// Another process holds the lease, or the lock servers are down:
+		// wait for its rotation message (or a jittered pause), then look.
+		changed := wake()
+		t := time.NewTimer(jitter(ls.retry))
+		select {
+		case <-changed:
+		case <-t.C:
+		case <-ctx.Done():
+		}
+		t.Stop()
+		if ctx.Err() != nil {
+			if busy {
+				return nil, errLeaseBusy
+			}
+			return nil, err
+		}
+		if !wanted() {
+			return nil, nil
+		}
+	}
+}
+
+// heldByAnyone reports whether the first lock server holds a lease on key:
+// a refresh is in flight somewhere.
+func (ls *leases) heldByAnyone(ctx context.Context, key string) (bool, error) {
+	conn, err := ls.probe.Get(ctx)
+	if err != nil {
+		return false, err
+	}
+	defer conn.Close()
+	v, err := conn.Get(key)
+	return v != "", err
+}
+
+// ensure makes sure the lease has at least need left, extending it if not.
+// An error means the lease is lost: after a long pause another holder may
+// have taken over.
+func (l *lease) ensure(ctx context.Context, need time.Duration) error {
+	if time.Until(l.mu.Until()) >= need {
+		return nil
+	}
+	if ok, err := l.mu.ExtendContext(ctx); !ok {
+		l.stats.leasesLost.Add(1)
+		if err == nil {
+			err = redsync.ErrExtendFailed
+		}
+		return err
+	}
+	return nil
+}
+
+// keepAlive extends the lease every period until stop is called
+// (invariant 3). stop reports nothing: a lost lease is logged and counted,
+// and the fenced write decides what is stored.
+func (l *lease) keepAlive(ctx context.Context, period time.Duration) (stop func()) {
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		t := time.NewTicker(period)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				ectx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.ttl/3)
+				ok, err := l.mu.ExtendContext(ectx)
+				cancel()
+				if !ok {
+					l.stats.leasesLost.Add(1)
+					l.log.Warn("refresh lease lost during the provider call; the fenced write will decide", "grant", l.grant, "err", err)
+					return
+				}
+			}
+		}
+	}()
+	return func() { close(done); <-finished }
+}
+
+// release gives the lease back, within a second even when ctx has ended.
+func (l *lease) release(ctx context.Context) {
+	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+	defer cancel()
+	_, _ = l.mu.UnlockContext(uctx)
+}

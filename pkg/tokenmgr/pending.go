@@ -1,0 +1,117 @@
+package tokenmgr
+
+import (
+	"context"
+	"time"
+)
+
+// heldWrite is a rotated pair the provider gave us, on its way to Redis.
+type heldWrite struct {
+	fromV   int64
+	rec     *record
+	written bool // guarded by grantState.flushMu
+}
+
+func (g *grantState) heldPair() *heldWrite {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.held
+}
+
+// write stores next as the successor of fromV. Redis failing does not lose
+// the pair (invariant 4): it is installed, served, and written later by a
+// flusher.
+func (m *Manager) write(ctx context.Context, g *grantState, fromV int64, next *record) (*entry, error) {
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.opts.LeaseTTL)
+	defer cancel()
+	p := &heldWrite{fromV: fromV, rec: next}
+	if err := m.flushHeld(wctx, g, p); err != nil {
+		g.mu.Lock()
+		g.held = p
+		g.mu.Unlock()
+		m.stats.pendingWrites.Add(1)
+		m.log.Error("Redis refused the rotated pair; holding it and retrying", "grant", g.name, "from_version", fromV, "err", err)
+		e := m.install(g, next)
+		m.startFlusher(g, p)
+		return e, nil
+	}
+	if e := g.entry.Load(); e != nil {
+		return e, nil
+	}
+	return m.update(ctx, g, want{})
+}
+
+// flushHeld writes p fenced and installs what Redis then holds. It returns
+// an error only when Redis could not be reached.
+func (m *Manager) flushHeld(ctx context.Context, g *grantState, p *heldWrite) error {
+	g.flushMu.Lock()
+	defer g.flushMu.Unlock()
+	if p.written {
+		return nil // another caller flushed it meanwhile
+	}
+	res, v, counted, err := m.store.rotate(ctx, g.name, g.keys, p.fromV, p.rec)
+	if err != nil {
+		return err
+	}
+	if res == casWritten && !counted && !m.warnedUncounted.Swap(true) {
+		m.log.Warn("rotation written but not counted for operators: the Redis user lacks ZREMRANGEBYSCORE (see the README's ACL rules); dashboards show the last hour's rotations as unknown",
+			"grant", g.name)
+	}
+	p.written = true
+	g.mu.Lock()
+	if g.held == p {
+		g.held = nil
+	}
+	g.mu.Unlock()
+	switch res {
+	case casWritten:
+		p.rec.V = v
+		m.install(g, p.rec)
+		m.schedule(ctx, g.name, p.rec)
+		return nil
+	case casConflict:
+		m.stats.writeConflicts.Add(1)
+		m.log.Warn("fenced write refused: another holder stored a newer pair while this refresh was in flight; the stored pair stands",
+			"grant", g.name, "from_version", p.fromV, "stored_version", v)
+	case casMissing:
+		p.rec.V = p.fromV + 1
+		if _, err := m.store.restore(ctx, g.name, g.keys, p.rec); err != nil {
+			return err
+		}
+		m.stats.restores.Add(1)
+		m.log.Warn("grant record was missing from Redis when writing a rotated pair; restored it", "grant", g.name, "version", p.rec.V)
+	}
+	rec, err := m.store.read(ctx, g.name, g.keys)
+	if err != nil {
+		g.entry.Store(nil) // next caller reads again
+		return nil
+	}
+	m.install(g, rec)
+	return nil
+}
+
+// startFlusher retries a held pair until Redis takes it or the Manager
+// closes (Close makes the last attempt).
+func (m *Manager) startFlusher(g *grantState, p *heldWrite) {
+	m.goBackground(func() {
+		wait := 100 * time.Millisecond
+		for {
+			select {
+			case <-m.base.Done():
+				return
+			case <-time.After(jitter(wait)):
+			}
+			if g.heldPair() != p {
+				return
+			}
+			ctx, cancel := context.WithTimeout(m.base, m.opts.LeaseTTL)
+			err := m.flushHeld(ctx, g, p)
+			cancel()
+			if err == nil {
+				m.log.Info("held rotated pair written to Redis", "grant", g.name, "from_version", p.fromV)
+				return
+			}
+			wait = min(2*wait, 5*time.Second)
+		}
+	})
+}

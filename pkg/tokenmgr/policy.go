@@ -1,0 +1,144 @@
+package tokenmgr
+
+import (
+	"errors"
+	"math/rand/v2"
+	"net/http"
+	"strconv"
+	"time"
+
+	"golang.org/x/oauth2"
+)
+
+// policy is the Manager's timing and classification, as pure functions of a
+// record, a time and the options: when a token is due, when it stops being
+// served, how long to back off, what a provider error means. Nothing here
+// touches Redis or the provider, so all of it is table-tested.
+type policy struct {
+	refreshBefore time.Duration // RefreshBefore
+	maxFraction   float64       // MaxRefreshFraction
+	minForcedAge  time.Duration // MinForcedRefreshAge
+	maxBackoff    time.Duration // MaxBackoff
+}
+
+func newPolicy(o Options) policy {
+	return policy{refreshBefore: o.RefreshBefore, maxFraction: o.MaxRefreshFraction, minForcedAge: o.MinForcedRefreshAge, maxBackoff: o.MaxBackoff}
+}
+
+// farFuture stands for "never" in deadlines of tokens without expiry.
+var farFuture = time.Unix(1<<40, 0)
+
+// deadlines returns when rec's token is due for refresh (soft) and when it
+// stops being served (hard). The refresh margin is scaled by spread in
+// [0.5, 1]: each Manager picks its soft deadline in the later half of the
+// margin, so a fleet does not rush the lease at one instant: the first one
+// refreshes and the others hear the rotation before their turn. spread 1
+// is the full margin.
+func (p policy) deadlines(rec *record, spread float64) (soft, hard time.Time) {
+	if rec.Expiry.IsZero() {
+		return farFuture, farFuture
+	}
+	margin := p.margin(rec)
+	skew := min(10*time.Second, margin/4)
+	hard = rec.Expiry.Add(-skew)
+	soft = rec.Expiry.Add(-time.Duration(float64(margin) * spread))
+	return soft, hard
+}
+
+// randomSpread is the spread a Manager gives its own deadlines.
+func randomSpread() float64 { return 0.5 + 0.5*rand.Float64() }
+
+// margin is RefreshBefore, capped at MaxRefreshFraction of the token's
+// lifetime, so short tokens are not refreshed the moment they are issued.
+func (p policy) margin(rec *record) time.Duration {
+	margin := p.refreshBefore
+	if !rec.RotatedAt.IsZero() {
+		if life := rec.Expiry.Sub(rec.RotatedAt); life > 0 {
+			margin = min(margin, time.Duration(float64(life)*p.maxFraction))
+		}
+	}
+	return margin
+}
+
+// due reports whether rec should be refreshed now (full margin, no spread).
+func (p policy) due(rec *record, now time.Time) bool {
+	soft, _ := p.deadlines(rec, 1)
+	return !now.Before(soft)
+}
+
+// usable reports whether rec's token may still be served.
+func (p policy) usable(rec *record, now time.Time) bool {
+	_, hard := p.deadlines(rec, 1)
+	return rec.Status == StatusOK && now.Before(hard)
+}
+
+// needsRefresh reports whether rec must be refreshed for a caller who
+// wants w.
+func (p policy) needsRefresh(rec *record, w want, now time.Time) bool {
+	if w.rejects() {
+		// The 401 rule: only the version the caller saw rejected, and not
+		// one written moments ago (a 401 for some other reason must not
+		// turn every request into a refresh).
+		return rec.V == w.rejected && (w.mode == wantForced || now.Sub(rec.RotatedAt) >= p.minForcedAge || !p.usable(rec, now))
+	}
+	return p.due(rec, now)
+}
+
+// backoff is exponential in the fleet-wide attempt count, capped.
+func (p policy) backoff(attempts int64) time.Duration {
+	d := time.Second
+	for i := int64(1); i < attempts && d < p.maxBackoff; i++ {
+		d *= 2
+	}
+	return min(d, p.maxBackoff)
+}
+
+// jitter returns a duration in [d/2, d).
+func jitter(d time.Duration) time.Duration {
+	return d/2 + time.Duration(rand.Int64N(int64(d/2)+1))
+}
+
+// failClass is what a failed refresh call means.
+type failClass int
+
+const (
+	failTransient failClass = iota // 5xx, 429, network: back off and retry
+	failDead                       // invalid_grant: the refresh token is not accepted
+	failConfig                     // the client itself is rejected
+)
+
+// classify reads a token endpoint error. now is the wall clock, for a
+// Retry-After given as an HTTP date.
+func classify(err error, now time.Time) (class failClass, retryAfter time.Duration) {
+	var re *oauth2.RetrieveError
+	if !errors.As(err, &re) {
+		return failTransient, 0
+	}
+	if re.Response != nil {
+		retryAfter = parseRetryAfter(re.Response.Header.Get("Retry-After"), now)
+	}
+	switch re.ErrorCode {
+	case "invalid_grant":
+		return failDead, 0
+	case "invalid_client", "unauthorized_client", "access_denied":
+		return failConfig, retryAfter
+	}
+	if re.Response != nil && (re.Response.StatusCode == http.StatusTooManyRequests || re.Response.StatusCode >= 500) {
+		return failTransient, retryAfter
+	}
+	return failConfig, retryAfter
+}
+
+// parseRetryAfter reads delay-seconds or an HTTP date; 0 if absent or bad.
+func parseRetryAfter(v string, now time.Time) time.Duration {
+	if v == "" {
+		return 0
+	}
+	if s, err := strconv.Atoi(v); err == nil && s >= 0 {
+		return time.Duration(s) * time.Second
+	}
+	if t, err := http.ParseTime(v); err == nil && t.After(now) {
+		return t.Sub(now)
+	}
+	return 0
+}
