@@ -82,11 +82,11 @@ func (c *core) seed(ctx context.Context, grant string, tok *oauth2.Token, so See
 		rec.AbsoluteExpiry = so.ConsentedAt.Add(c.opts.Provider.AbsoluteExpiry)
 	}
 	k := grantKeys(c.opts.KeyPrefix, grant)
-	v, err := c.store.seed(ctx, grant, k, rec)
+	v, family, err := c.store.seed(ctx, grant, k, rec)
 	if err != nil {
 		return nil, fmt.Errorf("tokenmgr: seed grant %q: %w", grant, err)
 	}
-	rec.V = v
+	rec.V, rec.Family = v, family
 	c.schedule(ctx, grant, rec)
 	c.log.Info("grant seeded", "grant", grant, "version", v)
 	return rec, nil
@@ -96,6 +96,7 @@ func (c *core) seed(ctx context.Context, grant string, tok *oauth2.Token, so See
 type GrantStatus struct {
 	Grant           string    `json:"grant"`
 	Version         int64     `json:"version"`
+	Family          string    `json:"family,omitempty"` // the token family: one per consent (seed)
 	Status          string    `json:"status"`
 	Reason          string    `json:"reason,omitempty"`
 	TokenType       string    `json:"token_type"`
@@ -165,7 +166,7 @@ func (c *core) statuses(ctx context.Context, grants []string) ([]GrantStatus, []
 		}
 		rec, meta := metas[j].rec, metas[j]
 		sts[i] = GrantStatus{
-			Grant: grants[i], Version: rec.V, Status: rec.Status, Reason: rec.Reason, TokenType: rec.TokenType,
+			Grant: grants[i], Version: rec.V, Family: rec.Family, Status: rec.Status, Reason: rec.Reason, TokenType: rec.TokenType,
 			Expiry: rec.Expiry, Scope: rec.Scope, RotatedAt: rec.RotatedAt, RotatedBy: rec.RotatedBy,
 			RefreshCount: rec.RefreshCount, IdleExpiry: rec.IdleExpiry, AbsoluteExpiry: rec.AbsoluteExpiry,
 			RetryAt: rec.RetryAt, Restored: rec.Restored, HasRefreshToken: rec.hasRefresh,
@@ -257,7 +258,7 @@ func (a *Admin) Rewrap(ctx context.Context, grant string) (bool, error) {
 		if err != nil {
 			return false, err
 		}
-		written, err := a.store.rewrap(ctx, grant, k, rec.V, at, rt)
+		written, err := a.store.rewrap(ctx, grant, k, rec.V, rec.Family, at, rt)
 		if err != nil || written {
 			return written, err
 		}

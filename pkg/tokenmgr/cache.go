@@ -23,9 +23,19 @@ type grantState struct {
 	// bgRefresh is set while a background refresh runs, so the hot path
 	// starts at most one.
 	bgRefresh atomic.Bool
-	// bgNotBefore (unix nanos) holds back background refreshes after a
-	// failure, so a Redis or provider outage does not start one per call.
+	// bgNotBefore (unix nanos) holds back background refreshes after an
+	// attempt that left the token due (a backoff, Redis down, a corrupt
+	// record, a refresher that will rotate), so that no outage starts one
+	// per call: at most one per backoff step (invariant 12).
 	bgNotBefore atomic.Int64
+	// bgFailures counts background attempts in a row that left the token
+	// due: the exponent of the next step.
+	bgFailures atomic.Int64
+	// forcedStreak counts refreshes forced by 401s since a request last
+	// succeeded; forcedNotBefore (unix nanos) holds back the next one
+	// (exponential backoff while 401s persist, invariant 12).
+	forcedStreak    atomic.Int64
+	forcedNotBefore atomic.Int64
 	// announced is the version last announced by a rotation message or a
 	// poll. A flight that read Redis before the announcement and
 	// installed an older version runs again.
@@ -48,6 +58,30 @@ type grantState struct {
 	// held is a rotated pair the provider gave us that Redis has not
 	// accepted yet (invariant 4: held and retried, never dropped).
 	held *heldWrite
+	// lostAttempt is the version (and family) of this process's last
+	// attempt whose outcome is unknown: its answer is known lost, since it
+	// would be held otherwise. nil: none.
+	lostAttempt *record
+}
+
+func (g *grantState) setLostAttempt(rec *record) {
+	g.mu.Lock()
+	g.lostAttempt = &record{V: rec.V, Family: rec.Family}
+	g.mu.Unlock()
+}
+
+func (g *grantState) clearLostAttempt() {
+	g.mu.Lock()
+	g.lostAttempt = nil
+	g.mu.Unlock()
+}
+
+// lostAttemptWas reports whether this process's own attempt at rec's
+// version got no answer.
+func (g *grantState) lostAttemptWas(rec *record) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.lostAttempt != nil && g.lostAttempt.V == rec.V && g.lostAttempt.Family == rec.Family
 }
 
 func newGrantState(prefix, name string) *grantState {
@@ -77,11 +111,18 @@ func (g *grantState) newestRecord() *record {
 
 // entry is an immutable snapshot of a usable (or dead) grant.
 type entry struct {
-	tok    *oauth2.Token // shared with callers, who must not modify it
-	v      int64
-	softAt time.Time // after this, refresh in the background and keep serving
-	hardAt time.Time // after this, the token is not served: wait for a new one
-	err    error     // non-nil: the grant is dead; returned at once
+	tok     *oauth2.Token // shared with callers, who must not modify it
+	v       int64
+	family  string
+	softAt  time.Time // after this, refresh in the background and keep serving
+	floorAt time.Time // after this, refresh even while a live refresher serves the grant
+	hardAt  time.Time // after this, the token is not served: wait for a new one
+	retryAt time.Time // the fleet backs off until then (the record's retry_at)
+	// err is returned at once: the grant is dead (dead is set), or its
+	// record is corrupt until recheckAt, when it is read again.
+	err       error
+	dead      bool
+	recheckAt time.Time
 }
 
 // flight is one load or refresh of a grant, shared by every caller in the
@@ -98,6 +139,8 @@ type want struct {
 	// rejected is the version a 401 rejected (modes wantNewer and
 	// wantForced); 0 otherwise.
 	rejected int64
+	// reason is the rejecting 401's challenge (wantNewer).
+	reason string
 }
 
 type wantMode int
@@ -122,7 +165,7 @@ func (m *Manager) satisfies(e *entry, w want) bool {
 		return false
 	}
 	if e.err != nil {
-		return true
+		return e.dead
 	}
 	if w.rejects() && e.v == w.rejected {
 		return false
@@ -189,23 +232,48 @@ func (m *Manager) runFlight(g *grantState, f *flight, w want) {
 }
 
 // refreshInBackground starts one refresh of a token that is due but still
-// usable; callers keep getting the current token meanwhile.
+// usable; callers keep getting the current token meanwhile. It starts at
+// most one per grant at a time, and after an attempt that left the token
+// due, none before the next backoff step.
 func (m *Manager) refreshInBackground(g *grantState, now time.Time) {
 	if now.UnixNano() < g.bgNotBefore.Load() || !g.bgRefresh.CompareAndSwap(false, true) {
 		return
 	}
 	started := m.goBackground(func() {
 		defer g.bgRefresh.Store(false)
-		if _, err := m.obtain(m.base, g, want{mode: wantRefreshIfDue}); err != nil {
-			wait := time.Second
-			var re *RefreshError
-			if errors.As(err, &re) && re.RetryAfter > wait {
-				wait = re.RetryAfter
+		before := g.entry.Load()
+		if before != nil && m.leftToRefresher(g, before) {
+			// A live refresher will rotate it (invariant 11): look again
+			// at the floor, or in a second if the refresher goes.
+			next := m.opts.Now().Add(refresherCheckEvery)
+			if before.floorAt.Before(next) {
+				next = before.floorAt
 			}
-			g.bgNotBefore.Store(m.opts.Now().Add(wait).UnixNano())
-			if !errors.Is(err, ErrClosed) && !errors.Is(err, context.Canceled) {
-				m.log.Warn("background refresh failed; serving the current token until it expires", "grant", g.name, "err", err)
-			}
+			g.bgNotBefore.Store(next.UnixNano())
+			m.stats.leftToRefresher.Add(1)
+			return
+		}
+		_, err := m.obtain(m.base, g, want{mode: wantRefreshIfDue})
+		after := g.entry.Load()
+		now := m.opts.Now()
+		if after != nil && after.err == nil && now.Before(after.softAt) {
+			g.bgFailures.Store(0) // a fresh token: done
+			return
+		}
+		// Still due: a backoff, Redis down, a corrupt record, a lease
+		// held elsewhere. Wait one step before the next attempt.
+		step := m.policy.backoff(g.bgFailures.Add(1))
+		var re *RefreshError
+		if errors.As(err, &re) && re.RetryAfter > step {
+			step = re.RetryAfter
+		}
+		next := now.Add(step)
+		if after != nil && after.retryAt.After(next) {
+			next = after.retryAt
+		}
+		g.bgNotBefore.Store(next.UnixNano())
+		if err != nil && !errors.Is(err, ErrClosed) && !errors.Is(err, context.Canceled) {
+			m.log.Warn("background refresh failed; serving the current token until it expires", "grant", g.name, "retry_in", next.Sub(now), "err", err)
 		}
 	})
 	if !started {
@@ -213,27 +281,55 @@ func (m *Manager) refreshInBackground(g *grantState, now time.Time) {
 	}
 }
 
-// install publishes rec as the grant's entry and returns it.
+// install publishes rec as the grant's entry and returns it. It is the one
+// place entries are made, and it is monotonic (invariant 9): a record older
+// than the newest this process has served or written is never installed;
+// the newest stays, and the next read repairs the store.
 func (m *Manager) install(g *grantState, rec *record) *entry {
 	g.mu.Lock()
-	if g.newest == nil || rec.V >= g.newest.V {
-		g.newest = rec
+	if g.newest != nil && g.newest.newerThan(rec) {
+		newest := g.newest
+		g.mu.Unlock()
+		m.stats.olderRefused.Add(1)
+		if e := g.entry.Load(); e != nil && e.v == newest.V && e.family == newest.Family {
+			return e
+		}
+		return m.publish(g, newest)
 	}
+	g.newest = rec
 	g.mu.Unlock()
-	e := &entry{v: rec.V}
+	return m.publish(g, rec)
+}
+
+// publish makes rec's entry the one the hot path reads.
+func (m *Manager) publish(g *grantState, rec *record) *entry {
+	e := &entry{v: rec.V, family: rec.Family, retryAt: rec.RetryAt}
 	if rec.Status == StatusReauthRequired {
 		e.err = &ReauthRequiredError{Grant: g.name, Reason: rec.Reason}
+		e.dead = true
 	} else {
 		e.tok = rec.token()
 		// Callers get the access token only: with the refresh token, a
 		// caller's own oauth2.Config.TokenSource would refresh outside
 		// the lease, and a logged token would leak it.
 		e.tok.RefreshToken = ""
-		e.softAt, e.hardAt = m.policy.deadlines(rec, randomSpread())
+		e.softAt, e.floorAt, e.hardAt = m.policy.deadlines(rec, randomSpread())
 	}
 	g.entry.Store(e)
 	if m.opts.OnVersion != nil && g.reportedV.Swap(e.v) != e.v {
 		m.opts.OnVersion(g.name, e.v)
 	}
 	return e
+}
+
+// installCorrupt makes every caller get err at once, without a read, until
+// recheckAt; a rotation message or the poll brings the next read sooner.
+func (m *Manager) installCorrupt(g *grantState, err error) {
+	g.entry.Store(&entry{err: err, recheckAt: m.opts.Now().Add(m.corruptRecheck())})
+}
+
+// corruptRecheck is how long a corrupt record's error is served before the
+// record is read again.
+func (m *Manager) corruptRecheck() time.Duration {
+	return max(m.opts.PollInterval, 100*time.Millisecond)
 }

@@ -36,7 +36,7 @@ func testInvalidGrantRecheck(t *testing.T, b backend) {
 			t.Errorf("foreign refresh: %v", err)
 			return
 		}
-		next := &record{Status: StatusOK, AccessToken: secret(fresh.AccessToken), RefreshToken: secret(fresh.RefreshToken), TokenType: "Bearer", Expiry: fresh.Expiry, RotatedAt: e.clock.Now()}
+		next := &record{Family: e.status(m).Family, Status: StatusOK, AccessToken: secret(fresh.AccessToken), RefreshToken: secret(fresh.RefreshToken), TokenType: "Bearer", Expiry: fresh.Expiry, RotatedAt: e.clock.Now()}
 		if res, _, _, err := other.store.rotate(context.Background(), e.grant, k, 1, next); err != nil || res != casWritten {
 			t.Errorf("foreign write: %v %v", res, err)
 		}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-redsync/redsync/v4"
@@ -46,6 +48,15 @@ type lease struct {
 	grant string
 	log   *slog.Logger
 	stats *counters
+	// kept is set when a held write took the lease over: it stays held
+	// until the pair is written (invariant 10), so refresh does not
+	// release it.
+	kept atomic.Bool
+	// opMu serialises the mutex's extensions and release: a redsync Mutex
+	// is not safe for concurrent use, and a held write's keepAlive may
+	// overlap the provider call's.
+	opMu     sync.Mutex
+	released bool // guarded by opMu
 }
 
 // errLeaseBusy means the lease stayed with another holder (or the lock
@@ -108,8 +119,10 @@ func (ls *leases) heldByAnyone(ctx context.Context, key string) (bool, error) {
 
 // ensure makes sure the lease has at least need left, extending it if not.
 // An error means the lease is lost: after a long pause another holder may
-// have taken over.
+// have taken over, and the token must not be spent.
 func (l *lease) ensure(ctx context.Context, need time.Duration) error {
+	l.opMu.Lock()
+	defer l.opMu.Unlock()
 	if time.Until(l.mu.Until()) >= need {
 		return nil
 	}
@@ -123,27 +136,26 @@ func (l *lease) ensure(ctx context.Context, need time.Duration) error {
 	return nil
 }
 
-// keepAlive extends the lease every period until stop is called
-// (invariant 3). stop reports nothing: a lost lease is logged and counted,
+// keepAlive extends the lease every third of its TTL until stop is called
+// (invariant 3), while what (the provider call, a held answer, a wait for
+// one) goes on. stop reports nothing: a lost lease is logged and counted,
 // and the fenced write decides what is stored.
-func (l *lease) keepAlive(ctx context.Context, period time.Duration) (stop func()) {
+func (l *lease) keepAlive(ctx context.Context, what string) (stop func()) {
 	done := make(chan struct{})
 	finished := make(chan struct{})
 	go func() {
 		defer close(finished)
-		t := time.NewTicker(period)
+		t := time.NewTicker(l.ttl / 3)
 		defer t.Stop()
 		for {
 			select {
 			case <-done:
 				return
 			case <-t.C:
-				ectx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.ttl/3)
-				ok, err := l.mu.ExtendContext(ectx)
-				cancel()
+				ok, err := l.extend(ctx)
 				if !ok {
 					l.stats.leasesLost.Add(1)
-					l.log.Warn("refresh lease lost during the provider call; the fenced write will decide", "grant", l.grant, "err", err)
+					l.log.Warn("refresh lease lost during "+what+"; the fenced write will decide", "grant", l.grant, "err", err)
 					return
 				}
 			}
@@ -152,8 +164,37 @@ func (l *lease) keepAlive(ctx context.Context, period time.Duration) (stop func(
 	return func() { close(done); <-finished }
 }
 
+// extend extends the lease once, within a third of its TTL.
+func (l *lease) extend(ctx context.Context) (bool, error) {
+	l.opMu.Lock()
+	defer l.opMu.Unlock()
+	if l.released {
+		return true, nil // nothing left to keep alive
+	}
+	ectx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.ttl/3)
+	defer cancel()
+	return l.mu.ExtendContext(ectx)
+}
+
+// keep hands the lease over to a held write: refresh's releaseUnlessKept
+// leaves it, and the held write releases it once the pair is stored.
+func (l *lease) keep() { l.kept.Store(true) }
+
+// releaseUnlessKept releases the lease unless a held write took it over.
+func (l *lease) releaseUnlessKept(ctx context.Context) {
+	if !l.kept.Load() {
+		l.release(ctx)
+	}
+}
+
 // release gives the lease back, within a second even when ctx has ended.
 func (l *lease) release(ctx context.Context) {
+	l.opMu.Lock()
+	defer l.opMu.Unlock()
+	if l.released {
+		return
+	}
+	l.released = true
 	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
 	defer cancel()
 	_, _ = l.mu.UnlockContext(uctx)

@@ -43,6 +43,8 @@ type Manager struct {
 	subscribe bool        // receive rotation messages (tests turn it off to exercise the poll)
 	subUp     atomic.Bool // the rotation subscription is live
 	stats     counters
+
+	refreshers refreshers // the live refreshers, as last read
 }
 
 // New builds a Manager and starts its rotation subscription. ctx bounds
@@ -89,6 +91,7 @@ func (m *Manager) Close(ctx context.Context) error {
 		if p := g.heldPair(); p != nil {
 			if err := m.flushHeld(ctx, g, p); err != nil {
 				errs = append(errs, fmt.Errorf("tokenmgr: grant %q: rotated pair from version %d could not be written to Redis and is lost: %w", g.name, p.fromV, err))
+				p.lease.release(ctx) // a successor finds the intent in doubt and decides
 			}
 		}
 	}
@@ -136,7 +139,10 @@ func (m *Manager) Token(ctx context.Context, grant string) (*oauth2.Token, error
 func (m *Manager) current(ctx context.Context, g *grantState) (*entry, error) {
 	if e := g.entry.Load(); e != nil {
 		if e.err != nil {
-			return nil, e.err
+			if e.dead || m.opts.Now().Before(e.recheckAt) {
+				return nil, e.err
+			}
+			return m.obtain(ctx, g, want{}) // a corrupt record, due for a re-read
 		}
 		now := m.opts.Now()
 		if now.Before(e.softAt) {

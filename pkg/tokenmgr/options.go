@@ -33,10 +33,13 @@ type Options struct {
 	// http.DefaultTransport.
 	IdPTransport http.RoundTripper
 
-	// LeaseTTL is the Redlock lease for one refresh; it is extended while
-	// the call is in flight. Default 3 x Provider.HTTPTimeout. Must be at
-	// least that, and LeaseTTL+HTTPTimeout must fit in Provider.ReuseLeeway
-	// when the provider has one.
+	// LeaseTTL is the Redlock lease for one refresh. It is short and kept
+	// alive (extended every third of it) while its holder lives: during
+	// the provider call, while the answer is being written, and while
+	// Redis refuses the answer and the holder keeps it. A holder that dies
+	// is replaced within one LeaseTTL. Default 3s, at least 1s. With a
+	// provider reuse leeway, LeaseTTL + 3 x Provider.HTTPTimeout (the
+	// worst case from a first call to its successor's) must fit in it.
 	LeaseTTL time.Duration
 	// RefreshBefore is how long before expiry a refresh starts. Default 5m.
 	// It is capped at MaxRefreshFraction of the token's lifetime, so short
@@ -50,7 +53,8 @@ type Options struct {
 	// least this long ago. Default 5s.
 	MinForcedRefreshAge time.Duration
 	// WaitTimeout bounds how long one Token call waits for a token while
-	// another process holds the lease. Default 2 x LeaseTTL.
+	// another process holds the lease, and how long one load or refresh
+	// runs. Default Provider.HTTPTimeout + 2 x LeaseTTL.
 	WaitTimeout time.Duration
 	// LockRetry is the pause between attempts to take a lease held by
 	// another process (jittered); rotation messages cut it short. Default 100ms.
@@ -61,6 +65,19 @@ type Options struct {
 	// MaxBackoff caps the backoff after transient provider errors when the
 	// provider gave no Retry-After. Default 1m.
 	MaxBackoff time.Duration
+
+	// MinReplicas, when above 0, makes every write that creates a version
+	// (a rotation, a restore, a seed) wait until that many replicas have
+	// it (Redis WAIT), at most ReplicaTimeout. A write that times out
+	// stands and is counted (Stats.ReplicaAckTimeouts). It makes a
+	// failover that loses a rotation rarer; it does not make Redis
+	// consistent: Sentinel or Cluster may still promote a replica that did
+	// not acknowledge, and then the newest pair a process holds repairs
+	// the record. Needs a *redis.Client (single or Sentinel) or a
+	// *redis.ClusterClient.
+	MinReplicas int
+	// ReplicaTimeout bounds the wait for MinReplicas. Default 1s.
+	ReplicaTimeout time.Duration
 
 	// KeyPrefix starts every key and channel name. Default "tm".
 	KeyPrefix string
@@ -92,7 +109,17 @@ const (
 	defaultFraction      = 0.2
 	defaultAccessTTL     = 5 * time.Minute
 	defaultKeyPrefix     = "tm"
+	defaultLeaseTTL      = 3 * time.Second
+	minLeaseTTL          = time.Second
 )
+
+// recoveryWindow is the longest a refresh token may wait between its first
+// presentation and a successor's replay after the holder died: the call,
+// the write of its answer with the lease kept alive, the lease running
+// out, and the successor's own call.
+func recoveryWindow(o Options) time.Duration {
+	return o.LeaseTTL + 3*o.Provider.HTTPTimeout
+}
 
 // withStoreDefaults fills and checks what every user of the store needs,
 // Manager and Admin alike: Redis, KeyPrefix, Holder, Now and Logger.
@@ -148,21 +175,31 @@ func (o Options) withDefaults() (Options, error) {
 		o.Provider.DefaultAccessTTL = defaultAccessTTL
 	}
 	if o.LeaseTTL == 0 {
-		o.LeaseTTL = 3 * o.Provider.HTTPTimeout
+		o.LeaseTTL = defaultLeaseTTL
 	}
 	if o.Provider.HTTPTimeout < 0 || o.LeaseTTL < 0 || o.RefreshBefore < 0 || o.MinForcedRefreshAge < 0 ||
-		o.WaitTimeout < 0 || o.LockRetry < 0 || o.PollInterval < 0 || o.MaxBackoff < 0 || o.Provider.ReuseLeeway < 0 {
-		errs = append(errs, errors.New("durations must not be negative"))
+		o.WaitTimeout < 0 || o.LockRetry < 0 || o.PollInterval < 0 || o.MaxBackoff < 0 || o.Provider.ReuseLeeway < 0 ||
+		o.ReplicaTimeout < 0 || o.MinReplicas < 0 {
+		errs = append(errs, errors.New("durations and MinReplicas must not be negative"))
 	}
-	if o.LeaseTTL < 3*o.Provider.HTTPTimeout {
-		errs = append(errs, fmt.Errorf("lease TTL %s must be at least 3 x the provider HTTP timeout %s, so a lease outlives a slow call and there is time to extend it",
-			o.LeaseTTL, o.Provider.HTTPTimeout))
+	if o.LeaseTTL < minLeaseTTL {
+		errs = append(errs, fmt.Errorf("lease TTL %s must be at least %s: it is extended every third of it, and each extension is a Redis round trip", o.LeaseTTL, minLeaseTTL))
 	}
 	if lw := o.Provider.ReuseLeeway; lw > 0 {
-		if window := o.LeaseTTL + o.Provider.HTTPTimeout; window > lw {
-			errs = append(errs, fmt.Errorf("crash-recovery window %s (lease TTL %s + HTTP timeout %s) does not fit in the %s reuse leeway of provider %q: "+
-				"if a holder dies mid-refresh, its successor takes over only after the lease expires, and the provider must still accept the refresh token then; shorten the lease or the timeout",
+		if window := recoveryWindow(o); window > lw {
+			errs = append(errs, fmt.Errorf("crash-recovery window %s (lease TTL %s + 3 x HTTP timeout %s: the call, the write with the lease kept alive, the successor's own call) does not fit in the %s reuse leeway of provider %q: "+
+				"if a holder dies mid-refresh, its successor may replay the refresh token only while the provider still accepts it; shorten the lease or the timeout",
 				window, o.LeaseTTL, o.Provider.HTTPTimeout, lw, o.Provider.Name))
+		}
+	}
+	if o.MinReplicas > 0 {
+		switch o.Redis.(type) {
+		case *redis.Client, *redis.ClusterClient:
+		default:
+			errs = append(errs, fmt.Errorf("MinReplicas needs Options.Redis to be a *redis.Client or *redis.ClusterClient (WAIT must run on the writing connection), not %T", o.Redis))
+		}
+		if o.ReplicaTimeout == 0 {
+			o.ReplicaTimeout = time.Second
 		}
 	}
 	if o.RefreshBefore == 0 {
@@ -178,7 +215,7 @@ func (o Options) withDefaults() (Options, error) {
 		o.MinForcedRefreshAge = 5 * time.Second
 	}
 	if o.WaitTimeout == 0 {
-		o.WaitTimeout = 2 * o.LeaseTTL
+		o.WaitTimeout = o.Provider.HTTPTimeout + 2*o.LeaseTTL
 	}
 	if o.LockRetry == 0 {
 		o.LockRetry = 100 * time.Millisecond

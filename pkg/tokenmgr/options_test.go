@@ -32,9 +32,15 @@ func TestOptionsRejected(t *testing.T) {
 		{"no token url", func(o *Options) { o.OAuth2.Endpoint.TokenURL = "" }, "TokenURL is required"},
 		{"auto-detected auth style", func(o *Options) { o.OAuth2.Endpoint.AuthStyle = oauth2.AuthStyleAutoDetect }, "presents the same refresh token twice"},
 		{"no provider", func(o *Options) { o.Provider = Provider{} }, "Options.Provider is required"},
-		{"lease not above timeout", func(o *Options) { o.LeaseTTL = 15 * time.Second }, "lease TTL 15s must be at least 3 x the provider HTTP timeout 10s"},
-		{"recovery window beyond leeway", func(o *Options) { o.Provider = Okta; o.LeaseTTL = 30 * time.Second },
-			`crash-recovery window 35s (lease TTL 30s + HTTP timeout 5s) does not fit in the 30s reuse leeway of provider "okta"`},
+		{"lease too short to extend", func(o *Options) { o.LeaseTTL = 500 * time.Millisecond }, "lease TTL 500ms must be at least 1s"},
+		// The worst case from a first presentation to a successor's replay:
+		// the call, the write with the lease kept alive, the lease running
+		// out, the successor's own call.
+		{"recovery window beyond leeway", func(o *Options) { o.Provider = Okta; o.LeaseTTL = 16 * time.Second },
+			`crash-recovery window 31s (lease TTL 16s + 3 x HTTP timeout 5s`},
+		{"recovery window beyond leeway by the timeout", func(o *Options) { o.Provider = Okta; o.Provider.HTTPTimeout = 10 * time.Second },
+			`crash-recovery window 33s (lease TTL 3s + 3 x HTTP timeout 10s`},
+		{"MinReplicas without a single or cluster client", func(o *Options) { o.MinReplicas = 1; o.Redis = redis.NewRing(&redis.RingOptions{}) }, "MinReplicas needs"},
 		{"fraction too large", func(o *Options) { o.MaxRefreshFraction = 0.9 }, "MaxRefreshFraction 0.9 must be in (0, 0.5]"},
 		{"negative duration", func(o *Options) { o.RefreshBefore = -time.Second }, "must not be negative"},
 		{"brace in prefix", func(o *Options) { o.KeyPrefix = "a{b" }, "must not contain braces"},
@@ -61,8 +67,8 @@ func TestOptionsRejected(t *testing.T) {
 				t.Errorf("%s: %v", p.Name, err)
 				continue
 			}
-			if m.opts.LeaseTTL != 3*p.HTTPTimeout {
-				t.Errorf("%s: default lease %s, want 3 x %s", p.Name, m.opts.LeaseTTL, p.HTTPTimeout)
+			if m.opts.LeaseTTL != 3*time.Second || m.opts.WaitTimeout != p.HTTPTimeout+6*time.Second {
+				t.Errorf("%s: default lease %s and wait %s, want 3s and the HTTP timeout %s + 6s", p.Name, m.opts.LeaseTTL, m.opts.WaitTimeout, p.HTTPTimeout)
 			}
 			_ = m.Close(context.Background())
 		}

@@ -7,8 +7,13 @@ import (
 
 // heldWrite is a rotated pair the provider gave us, on its way to Redis.
 type heldWrite struct {
-	fromV   int64
-	rec     *record
+	fromV int64
+	rec   *record
+	// lease is the refresh lease, kept alive while the pair is held so
+	// that no successor presents the spent refresh token while this
+	// process holds the only copy of its answer (invariant 10). Released
+	// once the pair is written.
+	lease   *lease
 	written bool // guarded by grantState.flushMu
 }
 
@@ -20,17 +25,19 @@ func (g *grantState) heldPair() *heldWrite {
 
 // write stores next as the successor of fromV. Redis failing does not lose
 // the pair (invariant 4): it is installed, served, and written later by a
-// flusher.
-func (m *Manager) write(ctx context.Context, g *grantState, fromV int64, next *record) (*entry, error) {
-	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.opts.LeaseTTL)
+// flusher, which keeps l alive meanwhile.
+func (m *Manager) write(ctx context.Context, g *grantState, fromV int64, next *record, l *lease) (*entry, error) {
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.opts.Provider.HTTPTimeout)
 	defer cancel()
 	p := &heldWrite{fromV: fromV, rec: next}
 	if err := m.flushHeld(wctx, g, p); err != nil {
+		p.lease = l
+		l.keep()
 		g.mu.Lock()
 		g.held = p
 		g.mu.Unlock()
 		m.stats.pendingWrites.Add(1)
-		m.log.Error("Redis refused the rotated pair; holding it and retrying", "grant", g.name, "from_version", fromV, "err", err)
+		m.log.Error("Redis refused the rotated pair; holding it, with the refresh lease, and retrying", "grant", g.name, "from_version", fromV, "err", err)
 		e := m.install(g, next)
 		m.startFlusher(g, p)
 		return e, nil
@@ -63,6 +70,9 @@ func (m *Manager) flushHeld(ctx context.Context, g *grantState, p *heldWrite) er
 		g.held = nil
 	}
 	g.mu.Unlock()
+	if p.lease != nil {
+		p.lease.release(ctx)
+	}
 	switch res {
 	case casWritten:
 		p.rec.V = v
@@ -71,7 +81,7 @@ func (m *Manager) flushHeld(ctx context.Context, g *grantState, p *heldWrite) er
 		return nil
 	case casConflict:
 		m.stats.writeConflicts.Add(1)
-		m.log.Warn("fenced write refused: another holder stored a newer pair while this refresh was in flight; the stored pair stands",
+		m.log.Warn("fenced write refused: another holder stored a newer pair, or the grant was marked or seeded, while this refresh was in flight; the stored record stands",
 			"grant", g.name, "from_version", p.fromV, "stored_version", v)
 	case casMissing:
 		p.rec.V = p.fromV + 1
@@ -81,7 +91,7 @@ func (m *Manager) flushHeld(ctx context.Context, g *grantState, p *heldWrite) er
 		m.stats.restores.Add(1)
 		m.log.Warn("grant record was missing from Redis when writing a rotated pair; restored it", "grant", g.name, "version", p.rec.V)
 	}
-	rec, err := m.store.read(ctx, g.name, g.keys)
+	rec, err := m.read(ctx, g)
 	if err != nil {
 		g.entry.Store(nil) // next caller reads again
 		return nil
@@ -91,9 +101,11 @@ func (m *Manager) flushHeld(ctx context.Context, g *grantState, p *heldWrite) er
 }
 
 // startFlusher retries a held pair until Redis takes it or the Manager
-// closes (Close makes the last attempt).
+// closes (Close makes the last attempt), keeping the lease alive meanwhile.
 func (m *Manager) startFlusher(g *grantState, p *heldWrite) {
 	m.goBackground(func() {
+		stop := p.lease.keepAlive(m.base, "holding a rotated pair Redis refused")
+		defer stop()
 		wait := 100 * time.Millisecond
 		for {
 			select {
@@ -104,7 +116,7 @@ func (m *Manager) startFlusher(g *grantState, p *heldWrite) {
 			if g.heldPair() != p {
 				return
 			}
-			ctx, cancel := context.WithTimeout(m.base, m.opts.LeaseTTL)
+			ctx, cancel := context.WithTimeout(m.base, m.opts.Provider.HTTPTimeout)
 			err := m.flushHeld(ctx, g, p)
 			cancel()
 			if err == nil {

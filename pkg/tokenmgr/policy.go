@@ -1,8 +1,11 @@
 package tokenmgr
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"strconv"
 	"time"
@@ -28,22 +31,28 @@ func newPolicy(o Options) policy {
 // farFuture stands for "never" in deadlines of tokens without expiry.
 var farFuture = time.Unix(1<<40, 0)
 
-// deadlines returns when rec's token is due for refresh (soft) and when it
-// stops being served (hard). The refresh margin is scaled by spread in
-// [0.5, 1]: each Manager picks its soft deadline in the later half of the
-// margin, so a fleet does not rush the lease at one instant: the first one
-// refreshes and the others hear the rotation before their turn. spread 1
-// is the full margin.
-func (p policy) deadlines(rec *record, spread float64) (soft, hard time.Time) {
+// deadlines returns when rec's token is due for refresh (soft), when a
+// worker refreshes it even though a live refresher serves the grant
+// (floor), and when it stops being served (hard). The refresh margin is
+// scaled by spread in [0.5, 1]: each Manager picks its soft deadline in the
+// later half of the margin, so a fleet does not rush the lease at one
+// instant: the first one refreshes and the others hear the rotation before
+// their turn. spread 1 is the full margin. The floor is the last 30% of the
+// margin, after every soft deadline and before the hard one.
+func (p policy) deadlines(rec *record, spread float64) (soft, floor, hard time.Time) {
 	if rec.Expiry.IsZero() {
-		return farFuture, farFuture
+		return farFuture, farFuture, farFuture
 	}
 	margin := p.margin(rec)
 	skew := min(10*time.Second, margin/4)
 	hard = rec.Expiry.Add(-skew)
+	floor = rec.Expiry.Add(-time.Duration(float64(margin) * floorFraction))
 	soft = rec.Expiry.Add(-time.Duration(float64(margin) * spread))
-	return soft, hard
+	return soft, floor, hard
 }
+
+// floorFraction places the floor: the last 30% of the refresh margin.
+const floorFraction = 0.3
 
 // randomSpread is the spread a Manager gives its own deadlines.
 func randomSpread() float64 { return 0.5 + 0.5*rand.Float64() }
@@ -62,13 +71,13 @@ func (p policy) margin(rec *record) time.Duration {
 
 // due reports whether rec should be refreshed now (full margin, no spread).
 func (p policy) due(rec *record, now time.Time) bool {
-	soft, _ := p.deadlines(rec, 1)
+	soft, _, _ := p.deadlines(rec, 1)
 	return !now.Before(soft)
 }
 
 // usable reports whether rec's token may still be served.
 func (p policy) usable(rec *record, now time.Time) bool {
-	_, hard := p.deadlines(rec, 1)
+	_, _, hard := p.deadlines(rec, 1)
 	return rec.Status == StatusOK && now.Before(hard)
 }
 
@@ -127,6 +136,63 @@ func classify(err error, now time.Time) (class failClass, retryAfter time.Durati
 		return failTransient, retryAfter
 	}
 	return failConfig, retryAfter
+}
+
+// definiteAnswer reports whether a failed call certainly did not rotate the
+// token: the provider answered with an OAuth error or a rate limit, or the
+// request never left (no connection, a certificate refused). Anything else
+// (a timeout, a reset connection, a lost answer, a gateway's 5xx without an
+// OAuth error) may have followed a rotation: the token is in doubt.
+func definiteAnswer(err error) bool {
+	var re *oauth2.RetrieveError
+	if errors.As(err, &re) {
+		if re.Response == nil {
+			return false
+		}
+		return re.ErrorCode != "" || re.Response.StatusCode == http.StatusTooManyRequests ||
+			(re.Response.StatusCode >= 400 && re.Response.StatusCode < 500)
+	}
+	var op *net.OpError
+	if errors.As(err, &op) && op.Op == "dial" {
+		return true
+	}
+	var unknownCA x509.UnknownAuthorityError
+	var hostname x509.HostnameError
+	var invalid x509.CertificateInvalidError
+	var verify *tls.CertificateVerificationError
+	return errors.As(err, &unknownCA) || errors.As(err, &hostname) || errors.As(err, &invalid) || errors.As(err, &verify)
+}
+
+// The bounds on times a provider gives (invariant 12): an access token
+// that claims to live less than minAccessTTL would be refreshed in a loop,
+// one that claims years would never be; a Retry-After of years would stop
+// the fleet.
+const (
+	minAccessTTL  = 10 * time.Second
+	maxAccessTTL  = 24 * time.Hour
+	maxRetryAfter = time.Hour
+)
+
+// clampAccessTTL bounds a token lifetime; clamped reports a change.
+func clampAccessTTL(d time.Duration) (ttl time.Duration, clamped bool) {
+	ttl = min(max(d, minAccessTTL), maxAccessTTL)
+	return ttl, ttl != d
+}
+
+// Forced refreshes (a 401 on the newest version) back off per grant while
+// 401s persist: after the n-th in a row, the next waits
+// forcedBackoffStart x 2^(n-1), at most forcedBackoffMax.
+const (
+	forcedBackoffStart = 30 * time.Second
+	forcedBackoffMax   = 10 * time.Minute
+)
+
+func forcedBackoff(streak int64) time.Duration {
+	d := forcedBackoffStart
+	for i := int64(1); i < streak && d < forcedBackoffMax; i++ {
+		d *= 2
+	}
+	return min(d, forcedBackoffMax)
 }
 
 // parseRetryAfter reads delay-seconds or an HTTP date; 0 if absent or bad.

@@ -27,7 +27,7 @@ func TestRefreshMarginShortTokens(t *testing.T) {
 			t.Errorf("lifetime %s: margin %s, want %s", tc.life, got, tc.want)
 		}
 		for range 100 {
-			soft, hard := p.deadlines(rec, randomSpread())
+			soft, _, hard := p.deadlines(rec, randomSpread())
 			if soft.Before(rec.Expiry.Add(-tc.want)) || !soft.Before(hard) || !hard.Before(rec.Expiry) {
 				t.Fatalf("lifetime %s: soft %s hard %s expiry %s out of order", tc.life, soft.Sub(now), hard.Sub(now), tc.life)
 			}
@@ -49,7 +49,7 @@ func TestDeadlines(t *testing.T) {
 		{"skew is a quarter of a short margin", &record{RotatedAt: now, Expiry: now.Add(20 * time.Second)}, 1, 16 * time.Second, 19 * time.Second},
 		{"no rotation time: the whole RefreshBefore", &record{Expiry: now.Add(time.Hour)}, 1, 55 * time.Minute, time.Hour - 10*time.Second},
 	} {
-		soft, hard := testPolicy.deadlines(tc.rec, tc.spread)
+		soft, _, hard := testPolicy.deadlines(tc.rec, tc.spread)
 		if got, want := soft.Sub(now), tc.soft; got != want {
 			t.Errorf("%s: soft at %s, want %s", tc.name, got, want)
 		}
@@ -57,7 +57,7 @@ func TestDeadlines(t *testing.T) {
 			t.Errorf("%s: hard at %s, want %s", tc.name, got, want)
 		}
 	}
-	if soft, hard := testPolicy.deadlines(&record{}, 1); !soft.Equal(farFuture) || !hard.Equal(farFuture) {
+	if soft, _, hard := testPolicy.deadlines(&record{}, 1); !soft.Equal(farFuture) || !hard.Equal(farFuture) {
 		t.Errorf("a token without expiry: deadlines %v %v, want never", soft, hard)
 	}
 }

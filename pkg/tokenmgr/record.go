@@ -19,7 +19,14 @@ const (
 // record is one grant's hash in Redis, decoded. Tokens are secrets: printing
 // a record never prints them.
 type record struct {
-	V              int64
+	V int64
+	// Family names the token family, one per consent: set by a seed,
+	// carried by every rotation, checked by every fenced write. It starts
+	// with the seed's time (unix ms on the Redis server's clock), so records
+	// of two families are ordered even when the record was lost in between
+	// and versions start again at 1 (invariant 9). "" for records written
+	// before families existed: the oldest family.
+	Family         string
 	Status         string
 	Reason         string
 	AccessToken    secret
@@ -34,6 +41,11 @@ type record struct {
 	AbsoluteExpiry time.Time
 	RetryAt        time.Time // fleet-wide backoff after a transient provider error
 	Restored       bool
+	// Forced401 is set when this version was produced by a refresh that a
+	// 401 forced: the 401's reason (its WWW-Authenticate challenge). A 401
+	// with the same reason on this version is the API's answer, not a
+	// stale token, and rotates nothing (transport.go).
+	Forced401 string
 	// hasRefresh reports a non-empty refresh_token field, known even when
 	// only metadata was decoded.
 	hasRefresh bool
@@ -46,7 +58,7 @@ const (
 	fExpiry, fScope                 = "expiry", "scope"
 	fRotatedAt, fRotatedBy, fCount  = "rotated_at", "rotated_by", "refresh_count"
 	fIdleExpiry, fAbsExpiry, fRetry = "idle_expiry", "absolute_expiry", "retry_at"
-	fRestored                       = "restored"
+	fRestored, fFamily, fForced401  = "restored", "family", "forced_401"
 	// fUncounted: the last rotation was refused by the rotations set (an
 	// old ACL), so the last hour's count is unknown. Cleared by a counted
 	// rotation or a seed.
@@ -121,7 +133,56 @@ func (r *record) fields(grant string, s Sealer) ([]any, error) {
 		fRotatedBy, r.RotatedBy,
 		fIdleExpiry, msString(r.IdleExpiry),
 		fAbsExpiry, msString(r.AbsoluteExpiry),
+		fFamily, r.Family,
+		fForced401, r.Forced401,
 	}, nil
+}
+
+// familyEpoch is when a family was seeded (unix ms), read from its name;
+// 0 for the unnamed family of records from before families existed.
+func familyEpoch(family string) int64 {
+	ms, _, _ := strings.Cut(family, ".")
+	n, err := strconv.ParseInt(ms, 10, 64)
+	if err != nil || n < 0 {
+		return 0
+	}
+	return n
+}
+
+// newerThan orders two records of one grant: by family (the later seed
+// wins), then by version. A process holding a record newer than the stored
+// one knows the store went back in time (invariant 9).
+func (r *record) newerThan(o *record) bool {
+	if r.Family != o.Family {
+		re, oe := familyEpoch(r.Family), familyEpoch(o.Family)
+		if re != oe {
+			return re > oe
+		}
+		return r.Family > o.Family
+	}
+	return r.V > o.V
+}
+
+// validFamily: "" (records from before families), or "EPOCHMS.HEX".
+func validFamily(f string) bool {
+	if f == "" {
+		return true
+	}
+	ms, id, ok := strings.Cut(f, ".")
+	if !ok || len(ms) == 0 || len(ms) > 16 || len(id) == 0 || len(id) > 32 {
+		return false
+	}
+	for _, c := range ms {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	for _, c := range id {
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 // CorruptRecordError reports a record that cannot be decoded: an operator's
@@ -144,10 +205,14 @@ func (e *CorruptRecordError) Unwrap() error { return e.Err }
 // metadata is decoded (for status displays, which need no key).
 func decodeRecord(grant string, h map[string]string, s Sealer) (*record, error) {
 	bad := func(field string, err error) error { return &CorruptRecordError{Grant: grant, Field: field, Err: err} }
-	r := &record{Status: h[fStatus], Reason: h[fReason], TokenType: h[fType], Scope: h[fScope], RotatedBy: h[fRotatedBy]}
+	r := &record{Status: h[fStatus], Reason: h[fReason], TokenType: h[fType], Scope: h[fScope], RotatedBy: h[fRotatedBy],
+		Family: h[fFamily], Forced401: h[fForced401]}
 	var err error
 	if r.V, err = strconv.ParseInt(h[fV], 10, 64); err != nil || r.V < 1 {
 		return nil, bad(fV, fmt.Errorf("want a positive integer, have %q", h[fV]))
+	}
+	if !validFamily(r.Family) {
+		return nil, bad(fFamily, fmt.Errorf("want EPOCHMS.HEX, have %q", r.Family))
 	}
 	switch r.Status {
 	case StatusOK, StatusReauthRequired:

@@ -26,16 +26,21 @@ func (m *Manager) update(ctx context.Context, g *grantState, w want) (*entry, er
 			return nil, &StoreError{Grant: g.name, Op: "write rotated pair", Err: err}
 		}
 	}
-	rec, err := m.readOrRestore(ctx, g)
+	rec, err := m.read(ctx, g)
 	if err != nil {
 		return m.fallback(g, w, "read", err)
 	}
 	now := m.opts.Now()
-	if rec.Status == StatusOK && w.rejects() && w.rejected == rec.V && !m.policy.needsRefresh(rec, w, now) {
-		// A 401 on the stored version, too young to force a refresh: a
-		// holder is most likely between the provider's rotation (which
-		// revoked this token) and its write. Wait for that write.
-		return m.awaitRotation(ctx, g, rec)
+	if w.rejects() && rec.Status == StatusOK && w.rejected == rec.V {
+		if m.refuseForced(g, rec, w, now) {
+			return m.install(g, rec), nil
+		}
+		if !m.policy.needsRefresh(rec, w, now) {
+			// A 401 on the stored version, too young to force a refresh: a
+			// holder is most likely between the provider's rotation (which
+			// revoked this token) and its write. Wait for that write.
+			return m.awaitRotation(ctx, g, rec)
+		}
 	}
 	if rec.Status != StatusOK || !m.policy.needsRefresh(rec, w, now) {
 		return m.install(g, rec), nil
@@ -50,8 +55,9 @@ func (m *Manager) update(ctx context.Context, g *grantState, w want) (*entry, er
 }
 
 // refresh spends the refresh token of rec under the grant's lease
-// (invariant 2): decide, lease, re-read under the lease, record the intent,
-// call the provider, then write the new pair fenced or handle the failure.
+// (invariant 2): decide, lease, re-read under the lease, record the intent
+// and decide on an earlier attempt's doubt, call the provider, then write
+// the new pair fenced or handle the failure.
 func (m *Manager) refresh(ctx context.Context, g *grantState, rec *record, w want) (*entry, error) {
 	if e, err, done := m.backingOff(g, rec, w); done {
 		return e, err
@@ -68,11 +74,11 @@ func (m *Manager) refresh(ctx context.Context, g *grantState, rec *record, w wan
 	if l == nil {
 		return e, err
 	}
-	defer l.release(ctx)
+	defer l.releaseUnlessKept(ctx)
 
 	// Re-read under the lease: nobody refreshes a token someone else
 	// already rotated.
-	cur, err := m.readOrRestore(ctx, g)
+	cur, err := m.read(ctx, g)
 	if err != nil {
 		return m.fallback(g, w, "read under lease", err)
 	}
@@ -88,26 +94,33 @@ func (m *Manager) refresh(ctx context.Context, g *grantState, rec *record, w wan
 	if !ok {
 		return e, err
 	}
-	// Spend the token only with time left on the lease for a whole call:
-	// after a long pause here another holder may have taken over.
-	if err := l.ensure(ctx, m.opts.Provider.HTTPTimeout); err != nil {
+	if in.inDoubt() {
+		if e, err, done := m.decideOnDoubt(ctx, g, l, rec, in, w); done {
+			return e, err
+		}
+	}
+	// Spend the token only while the lease is ours: after a long pause
+	// here another holder may have taken over.
+	if err := l.ensure(ctx, m.opts.LeaseTTL/2); err != nil {
 		m.log.Warn("refresh lease expired before the provider call; not spending the refresh token", "grant", g.name, "err", err)
 		return m.reread(ctx, g, w)
 	}
-	stop := l.keepAlive(ctx, min(m.opts.LeaseTTL/3, m.opts.Provider.HTTPTimeout/2))
-	tok, callErr := m.callIdP(ctx, rec.RefreshToken)
-	stop()
+	stop := l.keepAlive(ctx, "the provider call and the write of its answer")
+	defer stop()
+	tok, sentAt, callErr := m.callIdP(ctx, rec.RefreshToken)
 	if callErr != nil {
 		return m.refreshFailed(ctx, g, rec, in, callErr)
 	}
 	m.stats.refreshes.Add(1)
-	return m.write(ctx, g, rec.V, m.nextRecord(g, rec, tok))
+	g.clearLostAttempt()
+	m.noteForced(g, w)
+	return m.write(ctx, g, rec.V, m.nextRecord(g, rec, tok, sentAt, w), l)
 }
 
 // movedOn reports whether cur no longer needs the refresh that rec did:
 // another holder rotated it, or it died, or it is not due any more.
 func (m *Manager) movedOn(rec, cur *record, w want, now time.Time) bool {
-	return cur.V != rec.V || cur.Status != StatusOK || !m.policy.needsRefresh(cur, w, now)
+	return cur.V != rec.V || cur.Family != rec.Family || cur.Status != StatusOK || !m.policy.needsRefresh(cur, w, now)
 }
 
 // backingOff answers for a grant under a fleet-wide backoff (retry_at):
@@ -131,7 +144,7 @@ func (m *Manager) backingOff(g *grantState, rec *record, w want) (*entry, error,
 func (m *Manager) takeLease(ctx context.Context, g *grantState, rec *record, w want) (*lease, *entry, error) {
 	var moved *record
 	l, err := m.leases.acquire(ctx, g.name, g.keys.lock, g.changedChan, func() bool {
-		cur, err := m.store.read(ctx, g.name, g.keys)
+		cur, err := m.read(ctx, g)
 		if err == nil && m.movedOn(rec, cur, w, m.opts.Now()) {
 			moved = cur
 			return false
@@ -154,10 +167,11 @@ func (m *Manager) takeLease(ctx context.Context, g *grantState, rec *record, w w
 }
 
 // recordIntent journals, before the provider call, that this holder is
-// about to spend rec's refresh token (invariant 4). ok is false when the
-// record moved on underneath, with what the caller gets instead.
+// about to spend rec's refresh token (invariant 4), and learns whether an
+// earlier attempt may have spent it. ok is false when the record moved on
+// underneath, with what the caller gets instead.
 func (m *Manager) recordIntent(ctx context.Context, g *grantState, rec *record, w want, now time.Time) (in intent, e *entry, err error, ok bool) {
-	in, ok, err = m.store.beginRefresh(ctx, g.keys, rec.V, m.opts.Holder, now, intentTTL)
+	in, ok, err = m.store.beginRefresh(ctx, g.keys, rec.V, rec.Family, m.opts.Holder, now, intentTTL)
 	if err != nil || !ok {
 		if err != nil && !errors.Is(err, errMissing) {
 			e, err = m.fallback(g, w, "record refresh intent", err)
@@ -166,32 +180,127 @@ func (m *Manager) recordIntent(ctx context.Context, g *grantState, rec *record, 
 		e, err = m.reread(ctx, g, w) // the record moved on between two reads
 		return in, e, err, false
 	}
-	if in.PreviousHolder != "" {
-		m.log.Warn("an earlier refresh of this version did not finish; retrying the same refresh token",
-			"grant", g.name, "version", rec.V, "earlier_holder", in.PreviousHolder,
-			"started_at", in.StartedAt, "attempt", in.Attempts)
-	}
 	return in, nil, nil, true
+}
+
+// decideOnDoubt decides what to do with a refresh token that an earlier
+// attempt may have spent without its answer reaching Redis (invariant 10).
+// It presents the token again (done false) only when that cannot revoke a
+// live pair: inside the provider's reuse leeway, with a whole call to
+// spare, or, for a provider with no leeway, when the earlier attempt was
+// this process's own and its answer is known lost. Otherwise the earlier
+// holder may still hold the answer: it waits, lease kept, for that holder's
+// write, and when none comes marks the grant for re-consent as an answer
+// lost, without calling the provider.
+func (m *Manager) decideOnDoubt(ctx context.Context, g *grantState, l *lease, rec *record, in intent, w want) (*entry, error, bool) {
+	now := m.opts.Now()
+	lw := m.opts.Provider.ReuseLeeway
+	own := in.DoubtHolder == m.opts.Holder && g.lostAttemptWas(rec)
+	args := []any{"grant", g.name, "version", rec.V, "earlier_holder", in.DoubtHolder, "since", in.DoubtSince, "attempt", in.Attempts}
+	switch {
+	case lw > 0 && now.Add(m.opts.Provider.HTTPTimeout).Before(in.DoubtSince.Add(lw)):
+		m.log.Warn("an earlier refresh of this version may have spent the refresh token; replaying it inside the provider's reuse leeway", args...)
+		return nil, nil, false
+	case lw == 0 && own:
+		m.log.Warn("this process's earlier refresh of this version got no answer; presenting the refresh token again", args...)
+		return nil, nil, false
+	}
+	if !own {
+		if cur, changed := m.awaitHeldWrite(ctx, g, l, rec, in); changed {
+			return m.install(g, cur), nil, true
+		}
+		if ctx.Err() != nil {
+			e, err := m.fallback(g, w, "wait for an earlier holder's answer", fmt.Errorf("holder %s may still hold the answer: %w", in.DoubtHolder, ctx.Err()))
+			return e, err, true
+		}
+	}
+	e, err := m.answerLost(ctx, g, rec, in)
+	return e, err, true
+}
+
+// heldWriteWait is how long after an in-doubt attempt started its holder
+// may still write the answer it holds: its call, then two leases' worth of
+// retries while Redis refused it.
+func (m *Manager) heldWriteWait() time.Duration {
+	return m.opts.Provider.HTTPTimeout + 2*m.opts.LeaseTTL
+}
+
+// awaitHeldWrite waits, keeping the lease, until the earlier holder of an
+// in-doubt attempt writes its answer (the record moves on) or
+// heldWriteWait after the attempt passes.
+func (m *Manager) awaitHeldWrite(ctx context.Context, g *grantState, l *lease, rec *record, in intent) (*record, bool) {
+	stop := l.keepAlive(ctx, "the wait for an earlier holder's answer")
+	defer stop()
+	deadline := in.DoubtSince.Add(m.heldWriteWait())
+	m.log.Warn("an earlier refresh of this version may have spent the refresh token and its holder may still hold the answer; waiting for its write",
+		"grant", g.name, "version", rec.V, "earlier_holder", in.DoubtHolder, "since", in.DoubtSince, "until", deadline)
+	for {
+		left := deadline.Sub(m.opts.Now())
+		if left <= 0 || ctx.Err() != nil {
+			return rec, false
+		}
+		if cur, changed := m.waitForChange(ctx, g, rec, min(left, m.opts.PollInterval)); changed {
+			return cur, true
+		}
+	}
+}
+
+// answerLost marks the grant for re-consent because an answer that may
+// have rotated its refresh token never reached Redis. The mark keeps the
+// version: if the earlier holder still holds the answer, its fenced write
+// revives the grant.
+func (m *Manager) answerLost(ctx context.Context, g *grantState, rec *record, in intent) (*entry, error) {
+	reason := fmt.Sprintf("an earlier refresh of version %d by %s at %s may have spent the refresh token, and its answer never reached Redis; ",
+		rec.V, in.DoubtHolder, in.DoubtSince.UTC().Format(time.RFC3339))
+	if lw := m.opts.Provider.ReuseLeeway; lw == 0 {
+		reason += fmt.Sprintf("provider %q allows no reuse, so the token was not presented again", m.opts.Provider.Name)
+	} else {
+		reason += fmt.Sprintf("the provider's %s reuse leeway has passed, so the token was not presented again", lw)
+	}
+	reason += "; if that holder still holds the answer, its write revives the grant"
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.opts.Provider.HTTPTimeout)
+	defer cancel()
+	ok, err := m.store.markLost(wctx, g.name, g.keys, rec.V, rec.Family, reason)
+	if err != nil {
+		return nil, &StoreError{Grant: g.name, Op: "mark a lost answer", Err: err}
+	}
+	if !ok {
+		return m.reread(wctx, g, want{})
+	}
+	m.stats.answersLost.Add(1)
+	dead := *rec
+	dead.Status, dead.Reason = StatusReauthRequired, reason
+	m.schedule(wctx, g.name, &dead)
+	m.log.Error("grant needs re-consent: an answer that may have rotated its refresh token was lost", "grant", g.name, "version", rec.V, "reason", reason)
+	return m.install(g, &dead), nil
 }
 
 // callIdP spends a refresh token. It is not cancelled by the caller or by
 // Close: once the request may have reached the provider, its answer is the
-// only copy of the new refresh token. HTTPTimeout bounds it.
-func (m *Manager) callIdP(ctx context.Context, rt secret) (*oauth2.Token, error) {
+// only copy of the new refresh token. HTTPTimeout bounds it. sentAt is
+// when the request left, on the Manager's clock: expires_in counts from
+// the provider's issue, which is no earlier (invariant 12).
+func (m *Manager) callIdP(ctx context.Context, rt secret) (tok *oauth2.Token, sentAt time.Time, err error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.opts.Provider.HTTPTimeout)
 	defer cancel()
 	hc := &http.Client{Transport: m.opts.IdPTransport, Timeout: m.opts.Provider.HTTPTimeout}
 	ctx = context.WithValue(ctx, oauth2.HTTPClient, hc)
-	return m.oauth.TokenSource(ctx, &oauth2.Token{RefreshToken: string(rt)}).Token()
+	sentAt = m.opts.Now()
+	tok, err = m.oauth.TokenSource(ctx, &oauth2.Token{RefreshToken: string(rt)}).Token()
+	return tok, sentAt, err
 }
 
 // nextRecord turns the provider's answer into the successor of rec.
-func (m *Manager) nextRecord(g *grantState, rec *record, tok *oauth2.Token) *record {
+func (m *Manager) nextRecord(g *grantState, rec *record, tok *oauth2.Token, sentAt time.Time, w want) *record {
 	now := m.opts.Now()
 	next := recordFromToken(tok, now, m.opts.Holder, m.opts.Provider)
 	next.V = rec.V + 1
+	next.Family = rec.Family
 	next.RefreshCount = rec.RefreshCount + 1
 	next.AbsoluteExpiry = rec.AbsoluteExpiry
+	if w.mode == wantNewer {
+		next.Forced401 = w.reason
+	}
 	if next.Scope == "" {
 		next.Scope = rec.Scope
 	}
@@ -201,33 +310,43 @@ func (m *Manager) nextRecord(g *grantState, rec *record, tok *oauth2.Token) *rec
 			m.log.Info("provider response carried no new refresh token; keeping the previous one", "grant", g.name, "version", rec.V)
 		}
 	}
-	// Expiry from expires_in on our clock: x/oauth2 computes it from the
-	// wall clock, which an injected clock (and any skew in tests) ignores.
-	if tok.ExpiresIn > 0 {
-		next.Expiry = now.Add(time.Duration(tok.ExpiresIn) * time.Second)
-	} else if !tok.Expiry.IsZero() {
-		next.Expiry = now.Add(time.Until(tok.Expiry))
+	// The lifetime from expires_in, counted from when the request left
+	// (x/oauth2 counts from the answer, on the wall clock, which an
+	// injected clock ignores): a slow answer must not stretch it.
+	var ttl time.Duration
+	switch {
+	case tok.ExpiresIn != 0:
+		ttl = time.Duration(tok.ExpiresIn) * time.Second
+	case !tok.Expiry.IsZero():
+		ttl = time.Until(tok.Expiry)
+	default:
+		ttl = m.opts.Provider.DefaultAccessTTL
+		m.log.Warn("provider response had no expires_in; assuming the provider default", "grant", g.name, "assumed_ttl", ttl)
 	}
-	if next.Expiry.IsZero() {
-		next.Expiry = now.Add(m.opts.Provider.DefaultAccessTTL)
-		m.log.Warn("provider response had no expires_in; assuming the provider default", "grant", g.name, "assumed_ttl", m.opts.Provider.DefaultAccessTTL)
+	if clamped, changed := clampAccessTTL(ttl); changed {
+		m.log.Warn("provider gave an access token lifetime out of bounds; clamped", "grant", g.name, "given", ttl, "used", clamped, "min", minAccessTTL, "max", maxAccessTTL)
+		ttl = clamped
 	}
+	next.Expiry = sentAt.Add(ttl)
 	return next
 }
 
-// readOrRestore reads the record; if Redis lost it, restores the newest pair
-// this process holds (never an older one: the script compares versions).
-func (m *Manager) readOrRestore(ctx context.Context, g *grantState) (*record, error) {
+// read reads the grant's record and repairs a store that went back in time
+// (invariants 4 and 9): when the record is missing, or older than the newest
+// record this process holds (a restart without persistence, a failover to a
+// replica that missed the last writes), it restores that newest record with
+// a fenced write, and never obeys the older one.
+func (m *Manager) read(ctx context.Context, g *grantState) (*record, error) {
 	m.stats.reads.Add(1)
 	rec, err := m.store.read(ctx, g.name, g.keys)
 	newest := g.newestRecord()
+	missing := errors.Is(err, errMissing)
 	switch {
-	case errors.Is(err, errMissing):
-		if newest == nil || newest.Status != StatusOK {
-			return nil, &NotFoundError{Grant: g.name}
-		}
-	case err == nil && rec.Restored && newest != nil && newest.Status == StatusOK && newest.V > rec.V:
-		// Another process restored an older pair than ours: ours wins.
+	case missing && newest == nil:
+		return nil, &NotFoundError{Grant: g.name}
+	case missing:
+		rec = nil
+	case err == nil && newest != nil && newest.newerThan(rec):
 	default:
 		return rec, err
 	}
@@ -237,8 +356,14 @@ func (m *Manager) readOrRestore(ctx context.Context, g *grantState) (*record, er
 	}
 	if written {
 		m.schedule(ctx, g.name, newest)
-		m.stats.restores.Add(1)
-		m.log.Warn("grant record was missing from Redis; restored it from this process's newest pair", "grant", g.name, "version", newest.V)
+		if rec == nil {
+			m.stats.restores.Add(1)
+			m.log.Warn("grant record was missing from Redis; restored it from this process's newest pair", "grant", g.name, "version", newest.V)
+		} else {
+			m.stats.rollbacksRepaired.Add(1)
+			m.log.Warn("grant record in Redis is older than the pair this process holds (a failover that lost writes?); restored the newer pair instead of spending the old one",
+				"grant", g.name, "stored_version", rec.V, "restored_version", newest.V)
+		}
 	}
 	rec, err = m.store.read(ctx, g.name, g.keys)
 	if errors.Is(err, errMissing) {
@@ -249,7 +374,8 @@ func (m *Manager) readOrRestore(ctx context.Context, g *grantState) (*record, er
 
 // fallback decides what a caller gets when Redis failed: the cached token
 // while it is still valid (cached tokens keep serving through a Redis
-// outage), else a clear error.
+// outage), else a clear error. A corrupt record's error is served from the
+// cache for a while, so that it costs no read per request (invariant 12).
 func (m *Manager) fallback(g *grantState, w want, op string, err error) (*entry, error) {
 	var nf *NotFoundError
 	if errors.As(err, &nf) || errors.Is(err, context.Canceled) {
@@ -260,6 +386,7 @@ func (m *Manager) fallback(g *grantState, w want, op string, err error) (*entry,
 	}
 	var corrupt *CorruptRecordError
 	if errors.As(err, &corrupt) {
+		m.installCorrupt(g, err)
 		return nil, err
 	}
 	return nil, &StoreError{Grant: g.name, Op: op, Err: err}
@@ -268,7 +395,7 @@ func (m *Manager) fallback(g *grantState, w want, op string, err error) (*entry,
 // reread installs whatever Redis holds now, without refreshing: used where
 // the record changed under a lease this flight still holds.
 func (m *Manager) reread(ctx context.Context, g *grantState, w want) (*entry, error) {
-	rec, err := m.readOrRestore(ctx, g)
+	rec, err := m.read(ctx, g)
 	if err != nil {
 		return m.fallback(g, w, "read", err)
 	}
@@ -277,9 +404,14 @@ func (m *Manager) reread(ctx context.Context, g *grantState, w want) (*entry, er
 
 // waitForChange waits up to d (real time) for a rotation message or a
 // different record. It returns the record it last read and whether it
-// differs from rec.
+// differs from rec. The message channel is taken before the wait, so a
+// message that arrives between the caller's read and this wait is not
+// missed (invariant 12).
 func (m *Manager) waitForChange(ctx context.Context, g *grantState, rec *record, d time.Duration) (*record, bool) {
 	changed := g.changedChan()
+	if cur, err := m.read(ctx, g); err == nil && differs(rec, cur) {
+		return cur, true
+	}
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
@@ -287,11 +419,16 @@ func (m *Manager) waitForChange(ctx context.Context, g *grantState, rec *record,
 	case <-t.C:
 	case <-ctx.Done():
 	}
-	cur, err := m.store.read(ctx, g.name, g.keys)
+	cur, err := m.read(ctx, g)
 	if err != nil {
 		return rec, false
 	}
-	return cur, cur.V != rec.V || cur.Status != rec.Status || cur.Restored != rec.Restored
+	return cur, differs(rec, cur)
+}
+
+// differs reports whether cur is another state of the grant than rec.
+func differs(rec, cur *record) bool {
+	return cur.V != rec.V || cur.Family != rec.Family || cur.Status != rec.Status || cur.Restored != rec.Restored
 }
 
 // awaitRotation serves a 401 on a version too young to refresh again: if
@@ -304,4 +441,27 @@ func (m *Manager) awaitRotation(ctx context.Context, g *grantState, rec *record)
 		}
 	}
 	return m.install(g, rec), nil
+}
+
+// refuseForced reports whether a 401 on rec's version must not force a
+// refresh (invariant 12): the version was itself produced by a refresh
+// that a 401 with the same challenge forced, so this 401 is the API's
+// answer, not a stale token; or forced refreshes of the grant are backing
+// off while 401s persist. Rotate (wantForced) is never refused.
+func (m *Manager) refuseForced(g *grantState, rec *record, w want, now time.Time) bool {
+	if w.mode != wantNewer {
+		return false
+	}
+	if (rec.Forced401 != "" && rec.Forced401 == w.reason) || now.UnixNano() < g.forcedNotBefore.Load() {
+		m.stats.forced401Refused.Add(1)
+		return true
+	}
+	return false
+}
+
+// noteForced starts the next backoff step after a refresh a 401 forced.
+func (m *Manager) noteForced(g *grantState, w want) {
+	if w.mode == wantNewer {
+		g.forcedNotBefore.Store(m.opts.Now().Add(forcedBackoff(g.forcedStreak.Add(1))).UnixNano())
+	}
 }

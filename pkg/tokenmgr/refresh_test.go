@@ -117,7 +117,7 @@ func testCrashedHolderIntent(t *testing.T, b backend) {
 	// The crashed holder, near expiry: intent recorded, token spent, answer
 	// never stored.
 	e.clock.Advance(55 * time.Minute)
-	if _, ok, err := m.store.beginRefresh(t.Context(), k, 1, "crashed-pod", e.clock.Now(), time.Hour); err != nil || !ok {
+	if _, ok, err := m.store.beginRefresh(t.Context(), k, 1, e.status(m).Family, "crashed-pod", e.clock.Now(), time.Hour); err != nil || !ok {
 		t.Fatalf("intent: %v %v", ok, err)
 	}
 	cfg := e.idp.OAuthConfig(oauth2.AuthStyleInHeader)
@@ -157,15 +157,15 @@ func testRestore(t *testing.T, b backend) {
 	// The older process restores first (it still holds v1)...
 	e.clock.Advance(time.Hour)
 	old.lookup(e.grant).entry.Store(nil)
-	if _, err := old.readOrRestore(t.Context(), old.lookup(e.grant)); err != nil {
+	if _, err := old.read(t.Context(), old.lookup(e.grant)); err != nil {
 		t.Fatal(err)
 	}
 	// ...then the newer one: its pair must win.
-	if _, err := newer.readOrRestore(t.Context(), newer.lookup(e.grant)); err != nil {
+	if _, err := newer.read(t.Context(), newer.lookup(e.grant)); err != nil {
 		t.Fatal(err)
 	}
 	// And the older one cannot put v1 back.
-	if _, err := old.readOrRestore(t.Context(), old.lookup(e.grant)); err != nil {
+	if _, err := old.read(t.Context(), old.lookup(e.grant)); err != nil {
 		t.Fatal(err)
 	}
 	st := e.status(newer)

@@ -18,12 +18,20 @@ type Stats struct {
 	RotationMessages       int64 `json:"rotation_messages"`        // rotation messages received
 	Unauthorized           int64 `json:"unauthorized"`             // 401s received by managed clients (retries included)
 	UnauthorizedAfterRetry int64 `json:"unauthorized_after_retry"` // 401s returned to the caller: not cured by the 401 rule
+	RollbacksRepaired      int64 `json:"rollbacks_repaired"`       // stored records older than this process's newest pair (a failover lost writes), repaired by a fenced write of that pair
+	OlderRefused           int64 `json:"older_refused"`            // reads of a record older than one already served, not installed
+	AnswersLost            int64 `json:"answers_lost"`             // grants marked for re-consent because an answer that may have rotated the token was lost
+	ReplicaAckTimeouts     int64 `json:"replica_ack_timeouts"`     // writes that fewer than Options.MinReplicas replicas acknowledged in time
+	LeftToRefresher        int64 `json:"left_to_refresher"`        // background refreshes left to a live refresher
+	Forced401Refused       int64 `json:"forced_401_refused"`       // 401s that did not force a refresh: the version was already forced for the same reason, or forced refreshes are backing off
 }
 
 // counters are the live Stats; each is named after its Stats field.
 type counters struct {
 	refreshes, refreshFailures, leases, lockWaits, leasesLost, writeConflicts, pendingWrites atomic.Int64
 	restores, markedDead, reads, rotationMessages, unauthorized, unauthorizedAfterRetry      atomic.Int64
+	rollbacksRepaired, olderRefused, answersLost, replicaAckTimeouts, leftToRefresher        atomic.Int64
+	forced401Refused                                                                         atomic.Int64
 }
 
 func (c *counters) snapshot() Stats {
@@ -34,5 +42,8 @@ func (c *counters) snapshot() Stats {
 		Restores: c.restores.Load(), MarkedDead: c.markedDead.Load(),
 		Reads: c.reads.Load(), RotationMessages: c.rotationMessages.Load(),
 		Unauthorized: c.unauthorized.Load(), UnauthorizedAfterRetry: c.unauthorizedAfterRetry.Load(),
+		RollbacksRepaired: c.rollbacksRepaired.Load(), OlderRefused: c.olderRefused.Load(),
+		AnswersLost: c.answersLost.Load(), ReplicaAckTimeouts: c.replicaAckTimeouts.Load(),
+		LeftToRefresher: c.leftToRefresher.Load(), Forced401Refused: c.forced401Refused.Load(),
 	}
 }

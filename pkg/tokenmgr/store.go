@@ -2,11 +2,14 @@ package tokenmgr
 
 import (
 	"context"
+	"crypto/rand"
 	_ "embed"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -18,11 +21,24 @@ import (
 // step in its own file with a contract header; go-redis sends EVALSHA and
 // falls back to EVAL when the script is not cached.
 type store struct {
-	rdb     redis.UniversalClient
-	sealer  Sealer
-	channel string // rotation messages, "GRANT VERSION"
-	due     string // sorted set GRANT -> unix ms expiry of its access token (the refresher's schedule)
-	prefix  string
+	rdb        redis.UniversalClient
+	sealer     Sealer
+	channel    string // rotation messages, "GRANT VERSION"
+	due        string // sorted set GRANT -> unix ms expiry of its access token (the refresher's schedule)
+	refreshers string // hash HOLDER -> "UNTIL_MS SCOPE" of the live refreshers
+	prefix     string
+
+	// durable, when set, makes the writes that create a version wait for
+	// replicas (Options.MinReplicas).
+	durable *durability
+}
+
+// durability is Options.MinReplicas and ReplicaTimeout, and what to do when
+// the replicas do not answer in time.
+type durability struct {
+	replicas int
+	timeout  time.Duration
+	late     func(acked int64) // fewer than replicas acknowledged in time
 }
 
 var (
@@ -41,6 +57,9 @@ var (
 	//go:embed scripts/mark.lua
 	markSrc    string
 	markScript = redis.NewScript(markSrc)
+	//go:embed scripts/refreshers.lua
+	refreshersSrc    string
+	refreshersScript = redis.NewScript(refreshersSrc)
 )
 
 // keys are the Redis names of one grant. The grant sits in a hash tag, so
@@ -66,7 +85,7 @@ const rotationWindow = time.Hour
 var parked = time.Unix(1<<35, 0)
 
 func newStore(rdb redis.UniversalClient, prefix string, s Sealer) *store {
-	return &store{rdb: rdb, sealer: s, channel: prefix + ":rotated", due: prefix + ":due", prefix: prefix}
+	return &store{rdb: rdb, sealer: s, channel: prefix + ":rotated", due: prefix + ":due", refreshers: prefix + ":refreshers", prefix: prefix}
 }
 
 var errMissing = errors.New("record missing")
@@ -84,31 +103,44 @@ func (s *store) read(ctx context.Context, grant string, k keys) (*record, error)
 	return decodeRecord(grant, h, s.sealer)
 }
 
-// readVersions returns the stored version of each grant in one pipelined
-// round trip: 0 when the record is missing, -1 when its read failed (on
-// Cluster, one shard can fail while the others answer). Used by the poll.
-func (s *store) readVersions(ctx context.Context, grants []string) []int64 {
-	cmds := make([]*redis.StringCmd, len(grants))
+// head is the part of a record the poll compares: enough to see a
+// rotation, a dead mark or a new family.
+type head struct {
+	v      int64 // 0 when the record is missing
+	status string
+	family string
+	failed bool // the read failed (on Cluster, one shard can fail while the others answer)
+}
+
+// readHeads reads the head of each grant's record in one pipelined round
+// trip. Used by the poll.
+func (s *store) readHeads(ctx context.Context, grants []string) []head {
+	cmds := make([]*redis.SliceCmd, len(grants))
 	_, _ = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, g := range grants {
-			cmds[i] = p.HGet(ctx, grantKeys(s.prefix, g).record, fV)
+			cmds[i] = p.HMGet(ctx, grantKeys(s.prefix, g).record, fV, fStatus, fFamily)
 		}
 		return nil
 	})
-	out := make([]int64, len(grants))
+	out := make([]head, len(grants))
 	for i, c := range cmds {
-		switch err := c.Err(); {
-		case errors.Is(err, redis.Nil):
-			out[i] = 0
-		case err != nil:
-			out[i] = -1
-		default:
-			v, err := strconv.ParseInt(c.Val(), 10, 64)
-			if err != nil {
-				v = -1
-			}
-			out[i] = v
+		vals, err := c.Result()
+		if err != nil || len(vals) != 3 {
+			out[i].failed = true
+			continue
 		}
+		vs, _ := vals[0].(string)
+		out[i].status, _ = vals[1].(string)
+		out[i].family, _ = vals[2].(string)
+		if vs == "" {
+			continue // missing
+		}
+		v, err := strconv.ParseInt(vs, 10, 64)
+		if err != nil {
+			out[i].failed = true
+			continue
+		}
+		out[i].v = v
 	}
 	return out
 }
@@ -205,16 +237,16 @@ const (
 	casMissing            // the record is gone
 )
 
-// rotate writes rec as the successor of version fromV (invariant 1).
-// counted is false when the rotations set refused the rotation (a Redis
-// user without ZREMRANGEBYSCORE): the write itself stands.
+// rotate writes rec as the successor of version fromV of rec's family
+// (invariant 1). counted is false when the rotations set refused the
+// rotation (a Redis user without ZREMRANGEBYSCORE): the write itself stands.
 func (s *store) rotate(ctx context.Context, grant string, k keys, fromV int64, rec *record) (res casResult, v int64, counted bool, err error) {
 	f, err := rec.fields(grant, s.sealer)
 	if err != nil {
 		return 0, 0, false, err
 	}
-	args := append([]any{strconv.FormatInt(fromV, 10), s.channel, grant, rec.RotatedAt.UnixMilli(), rotationWindow.Milliseconds()}, f...)
-	reply, err := rotateScript.Run(ctx, s.rdb, []string{k.record, k.intent, k.rotations}, args...).Int64Slice()
+	args := append([]any{strconv.FormatInt(fromV, 10), rec.Family, s.channel, grant, rec.RotatedAt.UnixMilli(), rotationWindow.Milliseconds()}, f...)
+	reply, err := s.runDurable(ctx, rotateScript, []string{k.record, k.intent, k.rotations}, args...).Int64Slice()
 	if err != nil {
 		return 0, 0, false, err
 	}
@@ -231,43 +263,120 @@ func (s *store) rotate(ctx context.Context, grant string, k keys, fromV int64, r
 	}
 }
 
-// seed creates or replaces the record and returns its new version.
-func (s *store) seed(ctx context.Context, grant string, k keys, rec *record) (int64, error) {
+// seed creates or replaces the record as a new token family and returns
+// its version and family.
+func (s *store) seed(ctx context.Context, grant string, k keys, rec *record) (int64, string, error) {
 	f, err := rec.fields(grant, s.sealer)
 	if err != nil {
-		return 0, err
+		return 0, "", err
 	}
-	args := append([]any{s.channel, grant}, f...)
-	return seedScript.Run(ctx, s.rdb, []string{k.record, k.intent}, args...).Int64()
+	args := append([]any{s.channel, grant, newFamilyID()}, f...)
+	res, err := s.runDurable(ctx, seedScript, []string{k.record, k.intent}, args...).Slice()
+	if err != nil {
+		return 0, "", err
+	}
+	if len(res) != 2 {
+		return 0, "", fmt.Errorf("seed script: unexpected reply of %d elements", len(res))
+	}
+	v, _ := res[0].(int64)
+	family, _ := res[1].(string)
+	return v, family, nil
 }
 
-// restore puts rec back at its version if Redis lost the record.
+// newFamilyID is the random part of a family's name.
+func newFamilyID() string {
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// restore puts rec back at its version if the stored record is missing or
+// older than rec (invariant 9).
 func (s *store) restore(ctx context.Context, grant string, k keys, rec *record) (bool, error) {
 	f, err := rec.fields(grant, s.sealer)
 	if err != nil {
 		return false, err
 	}
-	args := append([]any{strconv.FormatInt(rec.V, 10), s.channel, grant}, f...)
-	res, err := restoreScript.Run(ctx, s.rdb, []string{k.record}, args...).Int64Slice()
+	args := append([]any{strconv.FormatInt(rec.V, 10), rec.Family, s.channel, grant}, f...)
+	res, err := s.runDurable(ctx, restoreScript, []string{k.record}, args...).Int64Slice()
 	if err != nil {
 		return false, err
 	}
 	return len(res) > 0 && res[0] == 1, nil
 }
 
-// intent describes a refresh that was started and may have spent the
-// refresh token.
-type intent struct {
-	PreviousHolder string    // non-empty: someone else started a refresh of this version before us
-	StartedAt      time.Time // when the first attempt at this version started
-	Attempts       int64
+// runDurable runs a script that creates a version. With MinReplicas it
+// then waits, on the same connection (WAIT counts the writes of its own
+// connection), until that many replicas have the write or ReplicaTimeout
+// passes: a failover soon after then finds the version on a replica. It
+// narrows the window in which Redis can lose a rotation; it does not close
+// it (Sentinel may still promote a replica that did not acknowledge).
+func (s *store) runDurable(ctx context.Context, script *redis.Script, keys []string, args ...any) *redis.Cmd {
+	if s.durable == nil {
+		return script.Run(ctx, s.rdb, keys, args...)
+	}
+	var conn *redis.Conn
+	switch c := s.rdb.(type) {
+	case *redis.Client:
+		conn = c.Conn()
+	case *redis.ClusterClient:
+		node, err := c.MasterForKey(ctx, keys[0])
+		if err != nil {
+			cmd := redis.NewCmd(ctx)
+			cmd.SetErr(err)
+			return cmd
+		}
+		conn = node.Conn()
+	default:
+		return script.Run(ctx, s.rdb, keys, args...) // refused by New; Admin writes without it
+	}
+	defer conn.Close()
+	cmd := script.Run(ctx, conn, keys, args...)
+	if cmd.Err() != nil {
+		return cmd
+	}
+	if acked, err := conn.Wait(ctx, s.durable.replicas, s.durable.timeout).Result(); err != nil || acked < int64(s.durable.replicas) {
+		s.durable.late(acked)
+	}
+	return cmd
 }
 
-// beginRefresh records the intent to spend the refresh token of version v.
-// errMissing or a conflict (ok false) means the record changed underneath.
-func (s *store) beginRefresh(ctx context.Context, k keys, v int64, holder string, now time.Time, ttl time.Duration) (intent, bool, error) {
+// announce records this holder as a live refresher for ttl, serving
+// grants (nil: every grant in the schedule).
+func (s *store) announce(ctx context.Context, holder string, grants []string, ttl time.Duration) error {
+	scope := "*"
+	if grants != nil {
+		scope = strings.Join(grants, " ")
+	}
+	return refreshersScript.Run(ctx, s.rdb, []string{s.refreshers}, "beat", holder, ttl.Milliseconds(), scope).Err()
+}
+
+// liveRefreshers returns the scopes of the live refreshers: "*" or grant
+// names separated by spaces.
+func (s *store) liveRefreshers(ctx context.Context) ([]string, error) {
+	return refreshersScript.Run(ctx, s.rdb, []string{s.refreshers}, "live").StringSlice()
+}
+
+// intent is what beginRefresh learned of earlier attempts at a version.
+type intent struct {
+	// DoubtHolder and DoubtSince name the earliest earlier attempt whose
+	// outcome is unknown: the provider may have rotated the token then,
+	// and its answer may be lost or still held by DoubtHolder. Empty when
+	// every earlier attempt ended in a definite answer.
+	DoubtHolder string
+	DoubtSince  time.Time
+	Attempts    int64 // attempts at this version, this one included
+}
+
+// inDoubt reports whether an earlier attempt may have spent the token.
+func (in intent) inDoubt() bool { return !in.DoubtSince.IsZero() }
+
+// beginRefresh records the intent to spend the refresh token of version v
+// of family. errMissing or a conflict (ok false) means the record changed
+// underneath.
+func (s *store) beginRefresh(ctx context.Context, k keys, v int64, family, holder string, now time.Time, ttl time.Duration) (intent, bool, error) {
 	res, err := intentScript.Run(ctx, s.rdb, []string{k.record, k.intent},
-		strconv.FormatInt(v, 10), holder, now.UnixMilli(), ttl.Milliseconds()).Slice()
+		"begin", strconv.FormatInt(v, 10), family, holder, now.UnixMilli(), ttl.Milliseconds()).Slice()
 	if err != nil {
 		return intent{}, false, err
 	}
@@ -281,37 +390,57 @@ func (s *store) beginRefresh(ctx context.Context, k keys, v int64, holder string
 		return intent{}, false, fmt.Errorf("intent script: unexpected reply of %d elements", len(res))
 	}
 	in := intent{}
-	in.PreviousHolder, _ = res[1].(string)
-	started, _ := res[2].(string)
-	t, err := parseMS(started)
+	in.DoubtHolder, _ = res[1].(string)
+	since, _ := res[2].(string)
+	t, err := parseMS(since)
 	if err != nil {
-		return intent{}, false, fmt.Errorf("intent started_at: %w", err)
+		return intent{}, false, fmt.Errorf("intent doubt_since: %w", err)
 	}
-	in.StartedAt = t
+	in.DoubtSince = t
 	in.Attempts, _ = res[3].(int64)
 	return in, true, nil
 }
 
-// markDead records that version v's grant needs re-consent, and why.
-func (s *store) markDead(ctx context.Context, grant string, k keys, v int64, reason string) (bool, error) {
-	n, err := markScript.Run(ctx, s.rdb, []string{k.record, k.intent},
-		strconv.FormatInt(v, 10), s.channel, grant, "dead", fStatus, StatusReauthRequired, fReason, reason).Int64()
-	return n == 1, err
+// settleIntent records that holder's attempt at version v got a definite
+// answer without a rotation: the token is not spent by it.
+func (s *store) settleIntent(ctx context.Context, k keys, v int64, family, holder string) error {
+	return intentScript.Run(ctx, s.rdb, []string{k.record, k.intent},
+		"settle", strconv.FormatInt(v, 10), family, holder, 0, 0).Err()
+}
+
+// markDead records that the grant at version v needs re-consent because the
+// provider refused its refresh token, and why. The mark takes a new
+// version (returned), so no write decided before it lands.
+func (s *store) markDead(ctx context.Context, grant string, k keys, v int64, family, reason string) (int64, error) {
+	return s.mark(ctx, grant, k, v, family, "dead", fStatus, StatusReauthRequired, fReason, reason)
+}
+
+// markLost records that the grant at version v needs re-consent because an
+// answer that may have rotated its token was lost. The version stays: the
+// holder of that answer, if alive, can still write it.
+func (s *store) markLost(ctx context.Context, grant string, k keys, v int64, family, reason string) (bool, error) {
+	nv, err := s.mark(ctx, grant, k, v, family, "lost", fStatus, StatusReauthRequired, fReason, reason)
+	return nv != 0, err
 }
 
 // deferRefresh records a fleet-wide "do not call the provider before t" on
 // version v, after a 429 or 5xx.
-func (s *store) deferRefresh(ctx context.Context, grant string, k keys, v int64, t time.Time) error {
-	return markScript.Run(ctx, s.rdb, []string{k.record, k.intent},
-		strconv.FormatInt(v, 10), s.channel, grant, "defer", fRetry, msString(t)).Err()
+func (s *store) deferRefresh(ctx context.Context, grant string, k keys, v int64, family string, t time.Time) error {
+	_, err := s.mark(ctx, grant, k, v, family, "defer", fRetry, msString(t))
+	return err
 }
 
 // rewrap stores re-encrypted token fields if the record is still at
 // version v (a rotation meanwhile wrote fresh ones under the active key).
-func (s *store) rewrap(ctx context.Context, grant string, k keys, v int64, access, refresh string) (bool, error) {
-	n, err := markScript.Run(ctx, s.rdb, []string{k.record, k.intent},
-		strconv.FormatInt(v, 10), s.channel, grant, "rewrap", fAccess, access, fRefresh, refresh).Int64()
-	return n == 1, err
+func (s *store) rewrap(ctx context.Context, grant string, k keys, v int64, family, access, refresh string) (bool, error) {
+	nv, err := s.mark(ctx, grant, k, v, family, "rewrap", fAccess, access, fRefresh, refresh)
+	return nv != 0, err
+}
+
+// mark runs mark.lua; 0 means the record moved on.
+func (s *store) mark(ctx context.Context, grant string, k keys, v int64, family, mode string, fields ...any) (int64, error) {
+	args := append([]any{strconv.FormatInt(v, 10), family, s.channel, grant, mode}, fields...)
+	return markScript.Run(ctx, s.rdb, []string{k.record, k.intent}, args...).Int64()
 }
 
 // schedule records the grant's place in the refresher's schedule (the

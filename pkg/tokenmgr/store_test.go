@@ -23,8 +23,9 @@ func testFencedWrite(t *testing.T, b backend) {
 	m := e.manager(Strict, nil)
 	e.seed(m)
 	k := grantKeys(m.opts.KeyPrefix, e.grant)
-	a := &record{Status: StatusOK, AccessToken: "A-access", RefreshToken: "A-refresh", TokenType: "Bearer", Expiry: e.clock.Now().Add(time.Hour)}
-	bb := &record{Status: StatusOK, AccessToken: "B-access", RefreshToken: "B-refresh", TokenType: "Bearer", Expiry: e.clock.Now().Add(time.Hour)}
+	fam := e.status(m).Family
+	a := &record{Family: fam, Status: StatusOK, AccessToken: "A-access", RefreshToken: "A-refresh", TokenType: "Bearer", Expiry: e.clock.Now().Add(time.Hour)}
+	bb := &record{Family: fam, Status: StatusOK, AccessToken: "B-access", RefreshToken: "B-refresh", TokenType: "Bearer", Expiry: e.clock.Now().Add(time.Hour)}
 	res, v, _, err := m.store.rotate(t.Context(), e.grant, k, 1, a)
 	if err != nil || res != casWritten || v != 2 {
 		t.Fatalf("first write: %v %d %v, want written at 2", res, v, err)
@@ -170,7 +171,7 @@ func TestStoreCommandsAllowedByReadmeACL(t *testing.T) {
 		if err := e.client().Del(ctx, grantKeys("tm", e.grant).record).Err(); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := m.readOrRestore(ctx, m.lookup(e.grant)); err != nil {
+		if _, err := m.read(ctx, m.lookup(e.grant)); err != nil {
 			t.Fatal(err)
 		}
 		// The provider asks to wait: a fleet-wide backoff.

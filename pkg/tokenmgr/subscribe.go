@@ -111,8 +111,10 @@ func (m *Manager) pollLoop() {
 	}
 }
 
-// pollOnce compares every cached version with Redis in one round trip and
-// drops the entries that moved on.
+// pollOnce compares every cached entry with the head of its record in one
+// round trip, and drops the entries that moved on: a new version, a new
+// family, or a status change such as a dead mark that kept the version
+// (invariant 6: a polling worker learns of a dead grant too).
 func (m *Manager) pollOnce() {
 	grants := m.allGrants()
 	if len(grants) == 0 {
@@ -124,13 +126,18 @@ func (m *Manager) pollOnce() {
 	}
 	ctx, cancel := context.WithTimeout(m.base, m.opts.PollInterval)
 	defer cancel()
-	vs := m.store.readVersions(ctx, names)
+	heads := m.store.readHeads(ctx, names)
 	for i, g := range grants {
-		if vs[i] < 0 {
+		h := heads[i]
+		if h.failed {
 			continue // this grant's read failed: keep what we have
 		}
-		if e := g.entry.Load(); e != nil && e.v != vs[i] {
-			m.invalidate(g, vs[i], true)
+		e := g.entry.Load()
+		if e == nil {
+			continue
+		}
+		if e.v != h.v || e.family != h.family || e.dead != (h.status == StatusReauthRequired) {
+			m.invalidate(g, h.v, true)
 		}
 	}
 }

@@ -4,7 +4,9 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/oauth2"
 )
@@ -45,16 +47,26 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	resp, err := t.base.RoundTrip(authorized(req, e.tok, req.Body))
+	m := t.h.m
 	if err != nil || resp.StatusCode != http.StatusUnauthorized {
+		if err == nil {
+			t.h.g.forcedStreak.Store(0) // 401s stopped: forced refreshes start afresh
+		}
 		return resp, err
 	}
-	m := t.h.m
 	m.stats.unauthorized.Add(1)
+	reason, insufficientScope := challenge(resp.Header)
+	if insufficientScope {
+		// RFC 6750: the token is valid but lacks a scope; no refresh can
+		// cure that.
+		m.stats.unauthorizedAfterRetry.Add(1)
+		return resp, nil
+	}
 	replayable := req.Body == nil || req.Body == http.NoBody || req.GetBody != nil
 	// One retry with a newer version; a second only if that version was
 	// itself superseded meanwhile (a rotation landing between the two).
 	for retry := 0; retry < 2; retry++ {
-		next, nerr := m.obtain(ctx, t.h.g, want{mode: wantNewer, rejected: e.v})
+		next, nerr := m.obtain(ctx, t.h.g, want{mode: wantNewer, rejected: e.v, reason: reason})
 		if nerr != nil || next.v == e.v || !replayable {
 			// Nothing newer, or the body is gone: the caller gets the
 			// 401, and later requests the token the refresh produced.
@@ -70,13 +82,76 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		resp.Body.Close()
 		resp, err = t.base.RoundTrip(authorized(req, next.tok, body))
 		if err != nil || resp.StatusCode != http.StatusUnauthorized {
+			if err == nil {
+				t.h.g.forcedStreak.Store(0)
+			}
 			return resp, err
 		}
 		m.stats.unauthorized.Add(1)
+		if reason, insufficientScope = challenge(resp.Header); insufficientScope {
+			break
+		}
 		e = next
 	}
 	m.stats.unauthorizedAfterRetry.Add(1)
 	return resp, nil
+}
+
+// maxChallenge bounds the 401 challenge kept as a reason: it is stored in
+// the record (forced_401), where an operator reads it.
+const maxChallenge = 200
+
+// challenge reads a 401's WWW-Authenticate (RFC 6750 section 3): the
+// reason its refresh is keyed on (the error code and description, or the
+// challenge as given), and whether it is insufficient_scope, which no
+// refresh cures.
+func challenge(h http.Header) (reason string, insufficientScope bool) {
+	v := strings.TrimSpace(h.Get("WWW-Authenticate"))
+	code, desc := authParam(v, "error"), authParam(v, "error_description")
+	if code != "" {
+		v = strings.TrimSpace(code + " " + desc)
+	}
+	return bounded(v, maxChallenge), strings.EqualFold(code, "insufficient_scope")
+}
+
+// authParam returns the value of one auth-param (name=token or
+// name="quoted") of a challenge, or "".
+func authParam(challenge, name string) string {
+	lower := strings.ToLower(challenge)
+	for i := 0; ; {
+		j := strings.Index(lower[i:], name+"=")
+		if j < 0 {
+			return ""
+		}
+		j += i
+		if j > 0 && lower[j-1] != ' ' && lower[j-1] != ',' {
+			i = j + len(name)
+			continue
+		}
+		rest := challenge[j+len(name)+1:]
+		if strings.HasPrefix(rest, `"`) {
+			if end := strings.IndexByte(rest[1:], '"'); end >= 0 {
+				return rest[1 : 1+end]
+			}
+			return rest[1:]
+		}
+		if end := strings.IndexAny(rest, ", "); end >= 0 {
+			return rest[:end]
+		}
+		return rest
+	}
+}
+
+// bounded cuts s to at most n bytes, on a rune boundary, marking the cut.
+func bounded(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	cut := n - len("…")
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "…"
 }
 
 // authorized clones req (a RoundTripper must not modify its request) with

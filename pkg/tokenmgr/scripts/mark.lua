@@ -1,19 +1,31 @@
--- Sets fields of the record at version ARGV[1] without a rotation:
--- "reauth_required" with its reason (the grant is dead, invariant 6 in
--- doc.go), a fleet-wide retry_at after a transient IdP error, or the same tokens
--- re-encrypted under a new key (rewrap). Never creates a record, never
--- touches a newer one.
+-- Sets fields of the record at version ARGV[1] of family ARGV[2] without a
+-- rotation. Never creates a record, never touches a newer one. Modes:
+--   dead:   the provider refused the refresh token (invariant 6 in doc.go);
+--           its family may be revoked. The version is bumped, which fences
+--           off every write decided before the mark: a held pair cannot
+--           resurrect the grant (invariant 10).
+--   lost:   nobody refused the token, but an answer that may have rotated it
+--           was lost (a strict provider, or the leeway passed). The version
+--           stays, so a holder that still holds the answer can write it and
+--           revive the grant.
+--   defer:  a fleet-wide retry_at after a transient provider error.
+--   rewrap: the same tokens re-encrypted under a new key.
 -- KEYS[1] record hash, KEYS[2] intent hash
--- ARGV[1] version, ARGV[2] channel, ARGV[3] grant, ARGV[4] "dead", "defer" or "rewrap",
--- ARGV[5..] field/value pairs
--- Returns 1 when written, 0 when the version moved on or the record is gone.
+-- ARGV[1] version, ARGV[2] family, ARGV[3] channel, ARGV[4] grant,
+-- ARGV[5] mode, ARGV[6..] field/value pairs
+-- Returns the record's version after the write, or 0 when the version or
+-- family moved on or the record is gone.
 local v = redis.call('HGET', KEYS[1], 'v')
-if v ~= ARGV[1] then
+local family = redis.call('HGET', KEYS[1], 'family') or ''
+if not v or v ~= ARGV[1] or family ~= ARGV[2] then
   return 0
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
-if ARGV[4] == 'dead' then
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+if ARGV[5] == 'dead' then
+  v = redis.call('HINCRBY', KEYS[1], 'v', 1)
   redis.call('DEL', KEYS[2])
-  redis.call('PUBLISH', ARGV[2], ARGV[3] .. ' ' .. v .. ' reauth_required')
+  redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. v .. ' reauth_required')
+elseif ARGV[5] == 'lost' then
+  redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. v .. ' reauth_required')
 end
-return 1
+return tonumber(v)

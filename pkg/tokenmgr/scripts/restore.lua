@@ -1,17 +1,40 @@
--- Puts back a record that Redis lost (restart without persistence, eviction,
--- a mistaken DEL), from a process that still holds the pair. Never replaces a
--- live record: only a missing one, or one that was itself restored from an
--- older version (two processes restoring at once: the newest pair wins).
+-- Puts back the newest pair a process holds when the stored record is
+-- missing or older than it (invariant 9 in doc.go): lost by a restart
+-- without persistence or a mistaken DEL, or rolled back by a failover to a
+-- replica that had not seen the last writes. Never replaces a record as new
+-- or newer: records are ordered by family (its seed time, then its name),
+-- then version. A corrupt record is left alone.
 -- KEYS[1] record hash
--- ARGV[1] version of the pair, ARGV[2] channel, ARGV[3] grant, ARGV[4..] pairs
+-- ARGV[1] version of the pair, ARGV[2] its family, ARGV[3] channel,
+-- ARGV[4] grant, ARGV[5..] field/value pairs
 -- Returns {1, v} when written, {0, stored_v} when left alone.
 local v = redis.call('HGET', KEYS[1], 'v')
 if v then
-  if redis.call('HGET', KEYS[1], 'restored') ~= '1' or tonumber(v) >= tonumber(ARGV[1]) then
-    return {0, tonumber(v) or -1}
+  local sv = tonumber(v)
+  if not sv then
+    return {0, -1}
+  end
+  local family = redis.call('HGET', KEYS[1], 'family') or ''
+  local function epoch(f)
+    return tonumber(string.match(f, '^(%d+)%.')) or 0
+  end
+  local older
+  if family ~= ARGV[2] then
+    local se, he = epoch(family), epoch(ARGV[2])
+    if se ~= he then
+      older = se < he
+    else
+      older = family < ARGV[2]
+    end
+  else
+    older = sv < tonumber(ARGV[1])
+  end
+  if not older then
+    return {0, sv}
   end
   redis.call('DEL', KEYS[1])
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'restored', '1', unpack(ARGV, 4))
-redis.call('PUBLISH', ARGV[2], ARGV[3] .. ' ' .. ARGV[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'family', ARGV[2], 'restored', '1')
+redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. ARGV[1])
 return {1, tonumber(ARGV[1])}

@@ -1,34 +1,36 @@
--- Fenced write of a rotated token pair (invariant 1 in doc.go).
+-- Fenced write of a rotated token pair (invariant 1 in doc.go): only onto
+-- the version and family the refresh token was read at.
 -- KEYS[1] record hash, KEYS[2] intent hash, KEYS[3] rotations sorted set
--- ARGV[1] the version the refresh token was read at
--- ARGV[2] rotation channel, ARGV[3] grant name
--- ARGV[4] now (unix ms), ARGV[5] rotations window (ms); KEYS[3] members are "V:NOW"
--- ARGV[6..] field/value pairs of the new record (v excluded)
+-- ARGV[1] the version the refresh token was read at, ARGV[2] its family
+-- ARGV[3] rotation channel, ARGV[4] grant name
+-- ARGV[5] now (unix ms), ARGV[6] rotations window (ms); KEYS[3] members are "V:NOW"
+-- ARGV[7..] field/value pairs of the new record (v excluded)
 -- Returns {1, new_v, counted} on success (counted: 1 when the rotations set
--- took it), {0, stored_v} when another writer got there first, {-1, 0} when
--- the record is gone.
+-- took it), {0, stored_v} when another writer got there first or the grant
+-- was seeded anew, {-1, 0} when the record is gone.
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then
   return {-1, 0}
 end
-if v ~= ARGV[1] then
+local family = redis.call('HGET', KEYS[1], 'family') or ''
+if v ~= ARGV[1] or family ~= ARGV[2] then
   return {0, tonumber(v) or -1}
 end
 local nv = tonumber(v) + 1
 redis.call('HDEL', KEYS[1], 'reason', 'retry_at', 'restored')
-redis.call('HSET', KEYS[1], 'v', nv, unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], 'v', nv, unpack(ARGV, 7))
 redis.call('HINCRBY', KEYS[1], 'refresh_count', 1)
 redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[2], ARGV[3] .. ' ' .. nv)
+redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. nv)
 -- The last hour's rotations, for operators: best effort, after the write
 -- and the message, so that a user whose ACL predates it (no
 -- ZREMRANGEBYSCORE) still rotates. Nothing is added unless trimming works,
 -- so the set never grows unbounded; a rotation not counted marks the
 -- record, so the count reads as unknown rather than low.
-local now = tonumber(ARGV[4])
-local trimmed = redis.pcall('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (now - tonumber(ARGV[5])))
-if type(trimmed) == 'number' and type(redis.pcall('ZADD', KEYS[3], now, nv .. ':' .. ARGV[4])) == 'number' then
-  redis.pcall('PEXPIRE', KEYS[3], ARGV[5])
+local now = tonumber(ARGV[5])
+local trimmed = redis.pcall('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (now - tonumber(ARGV[6])))
+if type(trimmed) == 'number' and type(redis.pcall('ZADD', KEYS[3], now, nv .. ':' .. ARGV[5])) == 'number' then
+  redis.pcall('PEXPIRE', KEYS[3], ARGV[6])
   redis.call('HDEL', KEYS[1], 'rotations_untracked')
   return {1, nv, 1}
 end
