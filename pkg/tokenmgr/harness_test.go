@@ -73,7 +73,10 @@ func (e *env) checkNoTokenInLogs() {
 	}
 }
 
-type outageHook struct{ e *env }
+type outageHook struct {
+	e    *env
+	down *atomic.Bool
+}
 
 var errSimulatedOutage = &net.OpError{Op: "dial", Net: "tcp", Err: errors.New("simulated Redis outage")}
 
@@ -81,7 +84,7 @@ func (h outageHook) DialHook(next redis.DialHook) redis.DialHook { return next }
 func (h outageHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		h.e.commands.Add(1)
-		if h.e.down.Load() {
+		if h.down.Load() {
 			cmd.SetErr(errSimulatedOutage)
 			return errSimulatedOutage
 		}
@@ -91,7 +94,7 @@ func (h outageHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 func (h outageHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
 		h.e.commands.Add(int64(len(cmds)))
-		if h.e.down.Load() {
+		if h.down.Load() {
 			for _, c := range cmds {
 				c.SetErr(errSimulatedOutage)
 			}
@@ -102,10 +105,32 @@ func (h outageHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Pr
 }
 
 func (e *env) client() *redis.Client {
+	return e.clientDown(&e.down)
+}
+
+// clientDown is a client of e's Redis that fails while down is set: an
+// outage seen by one process only.
+func (e *env) clientDown(down *atomic.Bool) *redis.Client {
 	c := redis.NewClient(&redis.Options{Addr: e.addr, MaxRetries: -1})
-	c.AddHook(outageHook{e})
+	c.AddHook(outageHook{e, down})
 	e.t.Cleanup(func() { c.Close() })
 	return c
+}
+
+// lockServer starts a separate Redis for leases, as an independent Redlock
+// master: the store can then fail while the lease lives on.
+func (e *env) lockServer() func() redis.UniversalClient {
+	var addr string
+	if e.mr != nil {
+		addr = miniredis.RunT(e.t).Addr()
+	} else {
+		addr = redisserver.Start(e.t).Addr()
+	}
+	return func() redis.UniversalClient {
+		c := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
+		e.t.Cleanup(func() { c.Close() })
+		return c
+	}
 }
 
 func (e *env) options(profile Provider) Options {

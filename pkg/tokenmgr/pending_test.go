@@ -1,10 +1,16 @@
 package tokenmgr
 
 import (
+	"context"
+	"errors"
+	"net/http"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
+	"golang.org/x/oauth2"
 )
 
 // Invariant 4: Redis refuses the write of a rotated pair; the pair is held,
@@ -65,4 +71,116 @@ func testCloseWritesHeldPair(t *testing.T, b backend) {
 	if st := e.status(check); st.Version != 2 {
 		t.Errorf("after Close the stored version is %d, want 2 (the held pair)", st.Version)
 	}
+}
+
+// heldPair makes a hold a rotated pair that its Redis refuses: a refreshes
+// through a store client that goes down once the provider has answered
+// (its leases live on separate lock servers, which it still reaches).
+func heldPair(t *testing.T, e *env, locks func() redis.UniversalClient) (a *Manager, aDown *atomic.Bool, tok *oauth2.Token) {
+	t.Helper()
+	aDown = new(atomic.Bool)
+	a = e.manager(Strict, func(o *Options) {
+		o.Redis = e.clientDown(aDown)
+		o.LockRedis = []redis.UniversalClient{locks()}
+		o.IdPTransport = &afterTransport{after: func() { aDown.Store(true) }}
+	})
+	e.clock.Advance(time.Hour)
+	tok, err := a.Token(t.Context(), e.grant)
+	if err != nil {
+		t.Fatalf("A's refresh: %v", err)
+	}
+	if a.Stats().PendingWrites != 1 {
+		t.Fatalf("A holds %d pairs, want 1", a.Stats().PendingWrites)
+	}
+	return a, aDown, tok
+}
+
+// Invariant 10: while a process holds a rotated pair Redis refused, it keeps
+// the lease, so no successor takes over (and presents the spent token)
+// while the only copy of the answer is in that process.
+func testHeldPairKeepsLease(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Strict)
+	locks := e.lockServer()
+	other := e.manager(Strict, func(o *Options) { o.LockRedis = []redis.UniversalClient{locks()} })
+	e.seed(other)
+	a, aDown, held := heldPair(t, e, locks)
+	// Longer than a lease: without the keep-alive it would have run out.
+	ctx, cancel := context.WithTimeout(t.Context(), a.opts.LeaseTTL+time.Second)
+	defer cancel()
+	if _, err := other.Token(ctx, e.grant); err == nil {
+		t.Fatal("another process got a token while the only new pair was held elsewhere")
+	}
+	if n := other.Stats().Leases; n != 0 {
+		t.Errorf("another process took the lease %d times while A held the answer", n)
+	}
+	aDown.Store(false)
+	eventually(t, "the held pair to reach Redis", func() bool {
+		tok, err := other.Token(t.Context(), e.grant)
+		return err == nil && tok.AccessToken == held.AccessToken
+	})
+	if s := e.idp.Stats(); s.RefreshOK != 1 || s.ReuseDetected != 0 {
+		t.Errorf("IdP %+v, want one refresh and no reuse", s)
+	}
+	_ = a
+}
+
+// Invariant 10: a dead mark (the provider refused the refresh token: its
+// family may be revoked) takes a new version, so a pair held from before
+// the mark never resurrects the grant.
+func testDeadMarkFencesHeldPair(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Strict)
+	locks := e.lockServer()
+	other := e.manager(Strict, nil)
+	e.seed(other)
+	a, aDown, _ := heldPair(t, e, locks)
+	st := e.status(other)
+	if _, err := other.store.markDead(t.Context(), e.grant, grantKeys("tm", e.grant), 1, st.Family, "provider rejected the refresh token: invalid_grant"); err != nil {
+		t.Fatal(err)
+	}
+	aDown.Store(false)
+	eventually(t, "A's held write to be refused", func() bool { return a.Stats().WriteConflicts == 1 })
+	if st := e.status(other); st.Status != StatusReauthRequired || st.Version != 2 {
+		t.Errorf("after A's held write: %s at version %d, want reauth_required at 2 (the mark's version)", st.Status, st.Version)
+	}
+	if _, err := a.Token(t.Context(), e.grant); !errors.Is(err, ErrReauthRequired) {
+		t.Errorf("A serves %v, want the dead grant's error", err)
+	}
+}
+
+// Invariant 9: a pair held from one token family never lands on the next
+// one, even when the record was lost and the new family restarts at the
+// same version.
+func testHeldPairOfOldFamilyNeverLands(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Strict)
+	locks := e.lockServer()
+	other := e.manager(Strict, nil)
+	e.seed(other)
+	a, aDown, _ := heldPair(t, e, locks)
+	if err := e.client().Del(t.Context(), grantKeys("tm", e.grant).record).Err(); err != nil {
+		t.Fatal(err)
+	}
+	fresh := e.idp.NewGrant("")
+	if v, err := other.Seed(t.Context(), e.grant, fresh, SeedOptions{}); err != nil || v != 1 {
+		t.Fatalf("seed after the loss: %d %v, want version 1", v, err)
+	}
+	aDown.Store(false)
+	eventually(t, "A's held write to be refused", func() bool { return a.Stats().WriteConflicts == 1 })
+	tok, err := a.Token(t.Context(), e.grant)
+	if err != nil || tok.AccessToken != fresh.AccessToken {
+		t.Errorf("A serves another pair than the new family's (%v)", err)
+	}
+	if st := e.status(other); st.Version != 1 || st.Restored {
+		t.Errorf("stored version %d restored=%v, want the seeded 1", st.Version, st.Restored)
+	}
+}
+
+// afterTransport runs after() once the IdP has answered a request.
+type afterTransport struct{ after func() }
+
+func (a *afterTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	resp, err := http.DefaultTransport.RoundTrip(r)
+	if a.after != nil {
+		a.after()
+	}
+	return resp, err
 }

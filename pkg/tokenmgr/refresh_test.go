@@ -1,7 +1,9 @@
 package tokenmgr
 
 import (
+	"context"
 	"errors"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -199,5 +201,200 @@ func testNonRotating(t *testing.T, b backend) {
 	}
 	if s := e.idp.Stats(); s.RefreshOK != 3 || s.RefreshFailed != 0 {
 		t.Errorf("IdP %+v, want 3 successful refreshes with the one refresh token", s)
+	}
+}
+
+// crashedAttempt plays a holder that recorded its intent for version 1,
+// spent the refresh token at the provider and never wrote the answer,
+// which it returns.
+func crashedAttempt(t *testing.T, e *env, m *Manager, holder string, spent *oauth2.Token) *oauth2.Token {
+	t.Helper()
+	k := grantKeys(m.opts.KeyPrefix, e.grant)
+	if _, ok, err := m.store.beginRefresh(t.Context(), k, 1, e.status(m).Family, holder, e.clock.Now(), time.Hour); err != nil || !ok {
+		t.Fatalf("intent: %v %v", ok, err)
+	}
+	cfg := e.idp.OAuthConfig(oauth2.AuthStyleInHeader)
+	answer, err := cfg.TokenSource(t.Context(), &oauth2Token{RefreshToken: spent.RefreshToken}).Token()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return answer
+}
+
+// Invariant 10: a strict provider's refresh token that another holder may
+// have spent is never presented again; after waiting for that holder's
+// write the grant is marked for re-consent as an answer lost, naming the
+// holder, without a provider call. The mark keeps the version, so the
+// holder's late write revives the grant.
+func testStrictLostAnswerNotReplayed(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Strict)
+	m := e.manager(Strict, nil)
+	seeded := e.seed(m)
+	e.clock.Advance(55 * time.Minute)
+	answer := crashedAttempt(t, e, m, "gone-pod", seeded)
+	e.clock.Advance(10 * time.Minute) // the token expired; the holder's time to write ran out
+	before := e.idp.Stats()
+	_, err := m.Token(t.Context(), e.grant)
+	var dead *ReauthRequiredError
+	if !errors.As(err, &dead) || !strings.Contains(dead.Reason, "gone-pod") || !strings.Contains(dead.Reason, "not presented again") {
+		t.Fatalf("Token = %v, want a re-consent error naming gone-pod and the lost answer", err)
+	}
+	after := e.idp.Stats()
+	if n := after.RefreshOK + after.RefreshFailed - before.RefreshOK - before.RefreshFailed; n != 0 || after.ReuseDetected != 0 || after.FamiliesRevoked != 0 {
+		t.Errorf("%d provider calls after the lost answer, %d reuse, %d families revoked; want none", n, after.ReuseDetected, after.FamiliesRevoked)
+	}
+	if m.Stats().AnswersLost != 1 {
+		t.Errorf("AnswersLost = %d, want 1", m.Stats().AnswersLost)
+	}
+	// The holder was alive after all and writes its answer.
+	rec := &record{Family: e.status(m).Family, Status: StatusOK, AccessToken: secret(answer.AccessToken), RefreshToken: secret(answer.RefreshToken),
+		TokenType: "Bearer", Expiry: e.clock.Now().Add(time.Hour), RotatedAt: e.clock.Now(), RotatedBy: "gone-pod"}
+	if res, _, _, err := m.store.rotate(t.Context(), e.grant, grantKeys("tm", e.grant), 1, rec); err != nil || res != casWritten {
+		t.Fatalf("the late write: %v %v", res, err)
+	}
+	eventually(t, "the revived grant", func() bool {
+		tok, err := m.Token(t.Context(), e.grant)
+		return err == nil && tok.AccessToken == answer.AccessToken
+	})
+}
+
+// Invariant 10: while the earlier holder may still write its answer, the
+// successor waits for it instead of presenting the token again.
+func testStrictWaitsForHeldAnswer(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Strict)
+	m := e.manager(Strict, nil)
+	seeded := e.seed(m)
+	e.clock.Advance(time.Hour)
+	answer := crashedAttempt(t, e, m, "slow-pod", seeded)
+	go func() {
+		time.Sleep(300 * time.Millisecond) // the other holder gets its write through
+		rec := &record{Family: e.status(m).Family, Status: StatusOK, AccessToken: secret(answer.AccessToken), RefreshToken: secret(answer.RefreshToken),
+			TokenType: "Bearer", Expiry: e.clock.Now().Add(time.Hour), RotatedAt: e.clock.Now()}
+		if _, _, _, err := m.store.rotate(context.Background(), e.grant, grantKeys("tm", e.grant), 1, rec); err != nil {
+			t.Errorf("the held write: %v", err)
+		}
+	}()
+	tok, err := m.Token(t.Context(), e.grant)
+	if err != nil || tok.AccessToken != answer.AccessToken {
+		t.Fatalf("Token = %v, want the earlier holder's answer", err)
+	}
+	if s := e.idp.Stats(); s.RefreshOK != 1 || s.ReuseDetected != 0 || m.Stats().Refreshes != 0 {
+		t.Errorf("IdP %+v, successor refreshes %d: want only the earlier holder's call", s, m.Stats().Refreshes)
+	}
+}
+
+// Invariant 10: with a reuse leeway, a token in doubt is replayed only
+// while the leeway covers a whole call; later it is marked, not presented.
+func testLeewayReplayNeedsACallToSpare(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Atlassian)
+	m := e.manager(Atlassian, nil)
+	seeded := e.seed(m)
+	e.clock.Advance(55 * time.Minute)
+	crashedAttempt(t, e, m, "gone-pod", seeded)
+	// One second of the 10-minute leeway left: less than the 2 s timeout.
+	e.clock.Advance(10*time.Minute - time.Second)
+	before := e.idp.Stats()
+	_, err := m.Token(t.Context(), e.grant)
+	var dead *ReauthRequiredError
+	if !errors.As(err, &dead) || !strings.Contains(dead.Reason, "leeway has passed") {
+		t.Fatalf("Token = %v, want a re-consent error: the leeway no longer covers a call", err)
+	}
+	if after := e.idp.Stats(); after.RefreshOK+after.RefreshFailed != before.RefreshOK+before.RefreshFailed {
+		t.Errorf("the token was presented again at the edge of the leeway")
+	}
+}
+
+// Invariant 9: a record that goes back in time (a failover to a replica
+// that missed the last rotation) is repaired from the newest pair a
+// process holds, never obeyed: its spent refresh token is not presented.
+func testRollbackRepaired(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Strict)
+	m := e.manager(Strict, nil)
+	e.seed(m)
+	rdb := e.client()
+	k := grantKeys("tm", e.grant)
+	if _, err := m.Rotate(t.Context(), e.grant); err != nil {
+		t.Fatal(err)
+	}
+	v2, err := rdb.HGetAll(t.Context(), k.record).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Rotate(t.Context(), e.grant); err != nil {
+		t.Fatal(err)
+	}
+	served, err := m.Token(t.Context(), e.grant)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The failover: the record is back at version 2, whose refresh token
+	// the provider already retired.
+	if err := rdb.Del(t.Context(), k.record).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.HSet(t.Context(), k.record, v2).Err(); err != nil {
+		t.Fatal(err)
+	}
+	m.pollOnce() // as after the subscription comes back
+	e.clock.Advance(time.Hour)
+	tok, err := m.Token(t.Context(), e.grant)
+	if err != nil {
+		t.Fatalf("Token after the rollback: %v", err)
+	}
+	if s := e.idp.Stats(); s.ReuseDetected != 0 || s.FamiliesRevoked != 0 {
+		t.Fatalf("the rolled-back refresh token was presented: %+v", s)
+	}
+	if !e.idp.AccessTokenValid(tok.AccessToken) || tok.AccessToken == served.AccessToken {
+		t.Errorf("after the repair the fleet did not rotate from version 3")
+	}
+	if m.Stats().RollbacksRepaired != 1 {
+		t.Errorf("RollbacksRepaired = %d, want 1", m.Stats().RollbacksRepaired)
+	}
+	if st := e.status(m); st.Version != 4 {
+		t.Errorf("stored version %d, want 4 (3 repaired, then rotated)", st.Version)
+	}
+}
+
+// Invariant 9: a Manager never installs a version older than one it served.
+func TestInstallIsMonotonic(t *testing.T) {
+	e := newEnv(t, miniredisBackend, tokenmgrtest.Strict)
+	m := e.manager(Strict, nil)
+	e.seed(m)
+	g, _ := m.state(e.grant)
+	newer := &record{V: 5, Family: e.status(m).Family, Status: StatusOK, AccessToken: "v5", Expiry: e.clock.Now().Add(time.Hour)}
+	older := &record{V: 4, Family: newer.Family, Status: StatusOK, AccessToken: "v4", Expiry: e.clock.Now().Add(time.Hour)}
+	m.install(g, newer)
+	if e := m.install(g, older); e.v != 5 || e.tok.AccessToken != "v5" {
+		t.Errorf("installing version 4 after 5 served version %d", e.v)
+	}
+	if tok, _ := m.Token(t.Context(), e.grant); tok.AccessToken != "v5" {
+		t.Errorf("Token serves an older version than one served")
+	}
+	if m.Stats().OlderRefused != 1 {
+		t.Errorf("OlderRefused = %d, want 1", m.Stats().OlderRefused)
+	}
+	// A later family is newer whatever its version.
+	next := &record{V: 1, Family: strconv.FormatInt(familyEpoch(newer.Family)+1, 10) + ".ab", Status: StatusOK, AccessToken: "f2", Expiry: e.clock.Now().Add(time.Hour)}
+	if e := m.install(g, next); e.tok.AccessToken != "f2" {
+		t.Errorf("a re-seeded family was refused")
+	}
+}
+
+// Invariant 12: expires_in counts from when the request left, so a slow
+// answer does not make the Manager serve a token past its real expiry.
+func testExpiryAnchoredAtSend(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Strict)
+	m := e.manager(Strict, func(o *Options) {
+		o.IdPTransport = &afterTransport{after: func() { e.clock.Advance(1500 * time.Millisecond) }}
+	})
+	e.seed(m)
+	e.clock.Advance(time.Hour)
+	sent := e.clock.Now()
+	if _, err := m.Token(t.Context(), e.grant); err != nil {
+		t.Fatal(err)
+	}
+	// The fake IdP issued an hour's token when the request arrived.
+	if st := e.status(m); st.Expiry.After(sent.Add(time.Hour)) {
+		t.Errorf("expiry %s after the provider's %s: counted from the answer", st.Expiry.Sub(sent), time.Hour)
 	}
 }

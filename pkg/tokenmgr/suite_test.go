@@ -32,6 +32,14 @@ var suite = []struct {
 	{"TokenSourceWithNewClientFollowsRotation", testTokenSourceNewClient},
 	{"CloseWritesHeldPair", testCloseWritesHeldPair},
 	{"StatusShowsRefreshingAndLastHour", testStatusRefreshingAndLastHour},
+	{"HeldPairKeepsTheLease", testHeldPairKeepsLease},
+	{"DeadMarkFencesHeldPair", testDeadMarkFencesHeldPair},
+	{"HeldPairOfOldFamilyNeverLands", testHeldPairOfOldFamilyNeverLands},
+	{"StrictLostAnswerNotReplayed", testStrictLostAnswerNotReplayed},
+	{"StrictWaitsForHeldAnswer", testStrictWaitsForHeldAnswer},
+	{"LeewayReplayNeedsACallToSpare", testLeewayReplayNeedsACallToSpare},
+	{"RollbackRepairedNeverObeyed", testRollbackRepaired},
+	{"ExpiryAnchoredAtSend", testExpiryAnchoredAtSend},
 }
 
 func TestMiniredis(t *testing.T) {

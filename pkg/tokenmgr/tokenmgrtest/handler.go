@@ -436,6 +436,13 @@ func (p *IdP) handleAPI(w http.ResponseWriter, r *http.Request) {
 	at, ok := bearer(r)
 	p.mu.Lock()
 	var accountID string
+	if c := p.challenge; c != "" {
+		p.stats.API401++
+		p.mu.Unlock()
+		w.Header().Set("WWW-Authenticate", c)
+		writeJSON(w, reply{status: http.StatusUnauthorized, body: map[string]any{"code": 401, "message": "Unauthorized; scope does not match"}})
+		return
+	}
 	if ok && p.accessValidLocked(at) {
 		accountID = p.access[at].fam.id
 		p.stats.API200++

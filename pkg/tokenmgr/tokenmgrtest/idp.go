@@ -77,6 +77,7 @@ type IdP struct {
 	fail429     int
 	retryAfter  time.Duration
 	drop        int
+	challenge   string // non-empty: the API answers every request 401 with this WWW-Authenticate
 	stats       Stats
 	families    map[string]*family      // by family id
 	refresh     map[string]*family      // every refresh token ever issued -> its family
@@ -234,6 +235,17 @@ func (p *IdP) DropResponses(n int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.drop = n
+}
+
+// SetAPIChallenge makes the Jira-like API answer every request 401 with
+// this WWW-Authenticate challenge, valid token or not, until it is set to
+// "": an API that rejects for a reason no refresh cures, as Jira does for
+// a missing scope (`Bearer error="invalid_token", error_description="scope
+// does not match"`) or as RFC 6750 says with error="insufficient_scope".
+func (p *IdP) SetAPIChallenge(wwwAuthenticate string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.challenge = wwwAuthenticate
 }
 
 // SetClock replaces the clock used for all expiry and leeway decisions.
