@@ -124,3 +124,58 @@ func FuzzProviderResponse(f *testing.F) {
 		}
 	})
 }
+
+// Invariant 12: times a provider gives are clamped to documented bounds,
+// so a token lifetime of a second or of ten years, or a Retry-After of ten
+// years, cannot make the fleet refresh in a loop or stop.
+func TestProviderTimesClamped(t *testing.T) {
+	for _, tc := range []struct {
+		name, body, retryAfter string
+		status                 int
+		wantTTL, wantRetry     time.Duration
+	}{
+		{"expires_in 1", `{"access_token":"a","token_type":"Bearer","expires_in":1,"refresh_token":"r2"}`, "", 200, minAccessTTL, 0},
+		{"expires_in negative", `{"access_token":"a","token_type":"Bearer","expires_in":-60,"refresh_token":"r2"}`, "", 200, minAccessTTL, 0},
+		{"expires_in ten years", `{"access_token":"a","token_type":"Bearer","expires_in":315360000,"refresh_token":"r2"}`, "", 200, maxAccessTTL, 0},
+		{"Retry-After ten years", `{"error":"temporarily_unavailable"}`, "315360000", 503, 0, maxRetryAfter},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, miniredisBackend, tokenmgrtest.Strict)
+			idp := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", "application/json")
+				if tc.retryAfter != "" {
+					w.Header().Set("Retry-After", tc.retryAfter)
+				}
+				w.WriteHeader(tc.status)
+				_, _ = w.Write([]byte(tc.body))
+			}))
+			defer idp.Close()
+			m := e.manager(Strict, func(o *Options) {
+				o.OAuth2 = &oauth2.Config{ClientID: "client-id", Endpoint: oauth2.Endpoint{TokenURL: idp.URL, AuthStyle: oauth2.AuthStyleInHeader}}
+			})
+			e.seed(m)
+			e.clock.Advance(time.Hour)
+			sent := e.clock.Now()
+			_, err := m.Token(t.Context(), e.grant)
+			if tc.wantRetry > 0 {
+				var re *RefreshError
+				if !errors.As(err, &re) || re.RetryAfter != tc.wantRetry {
+					t.Fatalf("Token = %v, want a RefreshError retrying in %s", err, tc.wantRetry)
+				}
+				if st := e.status(m); st.RetryAt.Sub(sent) != tc.wantRetry {
+					t.Errorf("fleet-wide retry_at in %s, want %s", st.RetryAt.Sub(sent), tc.wantRetry)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := e.status(m).Expiry.Sub(sent); got != tc.wantTTL {
+				t.Errorf("stored lifetime %s, want %s", got, tc.wantTTL)
+			}
+			if !strings.Contains(e.logs.String(), "clamped") {
+				t.Errorf("the clamp was not logged")
+			}
+		})
+	}
+}

@@ -81,3 +81,93 @@ func testRedisOutage(t *testing.T, b backend) {
 		return err == nil
 	})
 }
+
+// Invariant 12: a token past its soft deadline that cannot be refreshed now
+// (the fleet backs off, Redis is down, the record is corrupt) costs one
+// background attempt per backoff step, not a Redis read and a goroutine
+// per call.
+func testBackgroundRefreshBounded(t *testing.T, b backend) {
+	for _, tc := range []struct {
+		name  string
+		fault func(e *env, m *Manager)
+		heal  func(e *env)
+	}{
+		{"fleet backing off", func(e *env, m *Manager) {
+			if err := m.store.deferRefresh(t.Context(), e.grant, grantKeys("tm", e.grant), 1, e.status(m).Family, e.clock.Now().Add(time.Hour)); err != nil {
+				t.Fatal(err)
+			}
+		}, nil},
+		{"Redis down", func(e *env, m *Manager) { e.down.Store(true) }, func(e *env) { e.down.Store(false) }},
+		{"corrupt record", func(e *env, m *Manager) {
+			if err := e.client().HSet(t.Context(), grantKeys("tm", e.grant).record, fExpiry, "soon").Err(); err != nil {
+				t.Fatal(err)
+			}
+		}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, b, tokenmgrtest.Strict)
+			m := e.manager(Strict, nil)
+			seeded := e.seed(m)
+			if _, err := m.Token(t.Context(), e.grant); err != nil {
+				t.Fatal(err)
+			}
+			tc.fault(e, m)
+			e.clock.Advance(58 * time.Minute) // due, still usable
+			before := e.commands.Load()
+			g := m.lookup(e.grant)
+			for range 100 {
+				tok, err := m.Token(t.Context(), e.grant)
+				if err != nil || tok.AccessToken != seeded.AccessToken {
+					t.Fatalf("the usable token was not served: %v", err)
+				}
+				// Calls spread over time: each finds the last attempt over.
+				for g.bgRefresh.Load() {
+					time.Sleep(time.Millisecond)
+				}
+			}
+			n := e.commands.Load() - before
+			t.Logf("%s: 100 Token() calls on a due token: %d Redis commands", tc.name, n)
+			if n > 10 {
+				t.Errorf("100 calls on a due token sent %d Redis commands, want one background attempt's few", n)
+			}
+			if tc.heal != nil {
+				tc.heal(e)
+			}
+		})
+	}
+}
+
+// Invariant 12: a corrupt record with no usable token left is read once per
+// re-check interval, not once per request; its error is served meanwhile.
+func testCorruptRecordCached(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Strict)
+	m := e.manager(Strict, nil)
+	e.seed(m)
+	if err := e.client().HSet(t.Context(), grantKeys("tm", e.grant).record, fV, "x").Err(); err != nil {
+		t.Fatal(err)
+	}
+	before := e.commands.Load()
+	for range 1000 {
+		if _, err := m.Token(t.Context(), e.grant); !errors.As(err, new(*CorruptRecordError)) {
+			t.Fatalf("Token = %v, want the corrupt record's error", err)
+		}
+	}
+	n := e.commands.Load() - before
+	t.Logf("1000 Token() calls on a corrupt record: %d Redis commands", n)
+	if n > 3 {
+		t.Errorf("1000 calls on a corrupt record sent %d Redis commands, want 1", n)
+	}
+	e.clock.Advance(m.corruptRecheck())
+	before = e.commands.Load()
+	if _, err := m.Token(t.Context(), e.grant); err == nil {
+		t.Fatal("a corrupt record served a token")
+	}
+	if n := e.commands.Load() - before; n == 0 {
+		t.Errorf("the record was not read again after the re-check interval")
+	}
+	e.seed(m) // an operator repairs it
+	eventually(t, "the repaired grant", func() bool {
+		_, err := m.Token(t.Context(), e.grant)
+		return err == nil
+	})
+}

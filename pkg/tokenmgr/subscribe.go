@@ -30,7 +30,7 @@ func (m *Manager) subscribeLoop() {
 		m.setSubscribed(false)
 		select {
 		case <-m.base.Done():
-		case <-time.After(jitter(m.opts.PollInterval)):
+		case <-time.After(jitter(min(m.opts.PollInterval, time.Second))):
 		}
 	}
 }

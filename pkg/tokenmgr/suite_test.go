@@ -40,6 +40,11 @@ var suite = []struct {
 	{"LeewayReplayNeedsACallToSpare", testLeewayReplayNeedsACallToSpare},
 	{"RollbackRepairedNeverObeyed", testRollbackRepaired},
 	{"ExpiryAnchoredAtSend", testExpiryAnchoredAtSend},
+	{"PollSeesDeadMark", testPollSeesDeadMark},
+	{"BackgroundRefreshBoundedUnderFaults", testBackgroundRefreshBounded},
+	{"CorruptRecordReadOncePerRecheck", testCorruptRecordCached},
+	{"Persistent401sRotateOnce", testPersistent401sRotateOnce},
+	{"WorkersLeaveRefreshToLiveRefresher", testWorkersLeaveRefreshToRefresher},
 }
 
 func TestMiniredis(t *testing.T) {

@@ -2,6 +2,7 @@ package tokenmgr
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"strings"
 	"sync/atomic"
@@ -122,4 +123,58 @@ func testTokenSourceNewClient(t *testing.T, b backend) {
 		t.Fatal(err)
 	}
 	eventually(t, "oauth2.NewClient to use the rotated token", func() bool { return get() == http.StatusOK })
+}
+
+// Invariant 12: 401s that a refresh does not cure (Jira's "scope does not
+// match") rotate the grant once: the version that refresh produced is
+// marked with the 401's challenge, and the same 401 on it is the API's
+// answer, returned to the caller. Reasons that vary are bounded by the
+// per-grant backoff of forced refreshes.
+func testPersistent401sRotateOnce(t *testing.T, b backend) {
+	for _, tc := range []struct {
+		name      string
+		challenge func(i int) string
+		max       int64
+	}{
+		{"same reason", func(int) string { return `Bearer error="invalid_token", error_description="scope does not match"` }, 1},
+		// 30s, 60s, 120s, 240s of backoff in 6 minutes: at most 5.
+		{"changing reasons", func(i int) string {
+			return fmt.Sprintf(`Bearer error="invalid_token", error_description="scope does not match (%d)"`, i)
+		}, 5},
+		{"insufficient_scope", func(int) string { return `Bearer error="insufficient_scope", scope="write:jira-work"` }, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, b, tokenmgrtest.Atlassian)
+			m := e.manager(Atlassian, nil)
+			e.seed(m)
+			client := m.Client(e.grant)
+			before := e.idp.Stats().Rotations
+			for i := range 60 { // one request every 6 s for 6 minutes
+				e.clock.Advance(6 * time.Second)
+				e.idp.SetAPIChallenge(tc.challenge(i))
+				resp, err := client.Get(e.idp.APIURL())
+				if err != nil {
+					t.Fatal(err)
+				}
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusUnauthorized {
+					t.Fatalf("request %d: %d, want the API's 401", i, resp.StatusCode)
+				}
+			}
+			rotations := e.idp.Stats().Rotations - before
+			t.Logf("%s: 60 persistent 401s over 6 minutes: %d rotations", tc.name, rotations)
+			if rotations > tc.max {
+				t.Errorf("%d rotations, want at most %d", rotations, tc.max)
+			}
+			e.idp.SetAPIChallenge("")
+			resp, err := client.Get(e.idp.APIURL())
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				t.Errorf("once the API accepts again: %d", resp.StatusCode)
+			}
+		})
+	}
 }
