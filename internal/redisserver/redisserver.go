@@ -6,6 +6,7 @@ package redisserver
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -29,7 +30,10 @@ type Server struct {
 	dir  string
 	port int
 	args []string
-	cmd  *exec.Cmd
+	// confArgs come before the flags: a config file (and --sentinel) for
+	// a Sentinel, which rewrites its file and so needs one.
+	confArgs []string
+	cmd      *exec.Cmd
 }
 
 // Binary returns the redis-server path, skipping (or, with RequireEnv set,
@@ -82,6 +86,9 @@ func (s *Server) Port() int { return s.port }
 func (s *Server) start() error {
 	args := append([]string{"--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--dir", s.dir, "--protected-mode", "no"}, s.args...)
+	if s.confArgs != nil {
+		args = s.confArgs
+	}
 	cmd := exec.Command(s.bin, args...)
 	log, err := os.Create(filepath.Join(s.dir, fmt.Sprintf("redis-%d.log", time.Now().UnixNano())))
 	if err != nil {
@@ -138,6 +145,66 @@ func (s *Server) Restart() {
 func (s *Server) Pause()  { _ = s.cmd.Process.Signal(syscall.SIGSTOP) }
 func (s *Server) Resume() { _ = s.cmd.Process.Signal(syscall.SIGCONT) }
 
+// StartReplica runs a redis-server that replicates master, and waits until
+// its link to the master is up.
+func StartReplica(t testing.TB, master *Server, args ...string) *Server {
+	t.Helper()
+	r := Start(t, append([]string{"--replicaof", "127.0.0.1", strconv.Itoa(master.port)}, args...)...)
+	r.WaitInfo("master_link_status:up", 20*time.Second)
+	return r
+}
+
+// StartSentinel runs a Sentinel (redis-server --sentinel) that monitors
+// master as masterName with the given quorum, marking it down after
+// downAfter without an answer.
+func StartSentinel(t testing.TB, masterName string, master *Server, quorum int, downAfter time.Duration) *Server {
+	t.Helper()
+	s := &Server{t: t, bin: Binary(t), dir: t.TempDir()}
+	var err error
+	for range 5 {
+		if s.port, err = freePort(); err != nil {
+			continue
+		}
+		conf := filepath.Join(s.dir, fmt.Sprintf("sentinel-%d.conf", s.port))
+		body := fmt.Sprintf("port %d\nbind 127.0.0.1\nprotected-mode no\ndir %s\n"+
+			"sentinel monitor %s 127.0.0.1 %d %d\nsentinel down-after-milliseconds %s %d\n"+
+			"sentinel failover-timeout %s 10000\nsentinel parallel-syncs %s 1\n",
+			s.port, s.dir, masterName, master.port, quorum, masterName, downAfter.Milliseconds(), masterName, masterName)
+		if err = os.WriteFile(conf, []byte(body), 0o600); err != nil {
+			break
+		}
+		s.confArgs = []string{conf, "--sentinel"}
+		if err = s.start(); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatalf("start redis-server --sentinel: %v", err)
+	}
+	t.Cleanup(func() { s.Kill() })
+	return s
+}
+
+// WaitInfo waits until INFO (all sections) contains want.
+func (s *Server) WaitInfo(want string, within time.Duration) {
+	s.t.Helper()
+	deadline := time.Now().Add(within)
+	var last string
+	for time.Now().Before(deadline) {
+		if info, err := s.Info(); err == nil {
+			if strings.Contains(info, want) {
+				return
+			}
+			last = info
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	s.t.Fatalf("redis-server on port %d: no %q in INFO within %s: %s", s.port, want, within, lastLines(last, 40))
+}
+
+// Info returns the server's INFO reply.
+func (s *Server) Info() (string, error) { return bulk(s.Addr(), "INFO\r\n") }
+
 // FreePort returns a loopback TCP port that was free a moment ago (for
 // extra listeners such as --tls-port).
 func FreePort() (int, error) { return freePort() }
@@ -170,6 +237,36 @@ func ping(addr string) error {
 		return fmt.Errorf("unexpected reply %q", line)
 	}
 	return nil
+}
+
+// bulk sends one inline command and reads a bulk-string reply.
+func bulk(addr, cmd string) (string, error) {
+	c, err := net.DialTimeout("tcp", addr, 500*time.Millisecond)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := c.Write([]byte(cmd)); err != nil {
+		return "", err
+	}
+	r := bufio.NewReader(c)
+	head, err := r.ReadString('\n')
+	if err != nil {
+		return "", err
+	}
+	if !strings.HasPrefix(head, "$") {
+		return "", fmt.Errorf("unexpected reply %q", head)
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(head[1:]))
+	if err != nil || n < 0 {
+		return "", fmt.Errorf("unexpected reply %q", head)
+	}
+	buf := make([]byte, n)
+	if _, err := io.ReadFull(r, buf); err != nil {
+		return "", err
+	}
+	return string(buf), nil
 }
 
 func lastLines(s string, n int) string {

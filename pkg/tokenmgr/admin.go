@@ -20,7 +20,18 @@ type core struct {
 }
 
 func newCore(o Options) core {
-	return core{opts: o, log: o.Logger.With("component", "tokenmgr", "holder", o.Holder), store: newStore(o.Redis, o.KeyPrefix, o.Sealer)}
+	c := core{opts: o, log: o.Logger.With("component", "tokenmgr", "holder", o.Holder), store: newStore(o.Redis, o.KeyPrefix, o.Sealer)}
+	if o.MinReplicas > 0 {
+		timeout := o.ReplicaTimeout
+		if timeout == 0 {
+			timeout = time.Second
+		}
+		c.store.durable = &durability{replicas: o.MinReplicas, timeout: timeout, late: func(acked int64) {
+			c.log.Warn("a write was acknowledged by fewer replicas than Options.MinReplicas in time; it stands, and a failover now could lose it",
+				"acked", acked, "min_replicas", o.MinReplicas, "timeout", timeout)
+		}}
+	}
+	return c
 }
 
 // Admin reads and writes grant records for operators: seed, status and the

@@ -172,3 +172,38 @@ func testConfigErrorBackoff(t *testing.T, b backend) {
 		t.Errorf("a configuration error marked the grant %s", st.Status)
 	}
 }
+
+// RFC 6749 5.2: invalid_request is not a configuration error. Ory Hydra
+// answers it to concurrent refreshes under load without rotating, and the
+// same refresh token then works: it is retried under the same lease, after
+// a re-read, and beyond that backs the fleet off briefly, as transient.
+func testRetryableBadRequest(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Strict)
+	m := e.manager(Strict, nil)
+	e.seed(m)
+	e.idp.FailBusy(retriesInLease)
+	e.clock.Advance(time.Hour)
+	if _, err := m.Token(t.Context(), e.grant); err != nil {
+		t.Fatalf("Token through %d busy answers: %v", retriesInLease, err)
+	}
+	if s := e.idp.Stats(); s.InjectedBusy != retriesInLease || s.Rotations != 1 || s.ReuseDetected != 0 {
+		t.Errorf("IdP %+v, want %d busy answers, then one rotation, no reuse", s, retriesInLease)
+	}
+	if st := e.status(m); !st.RetryAt.IsZero() || m.Stats().Leases != 1 {
+		t.Errorf("retry_at %v, %d leases: want the retries inside one lease, no fleet backoff", st.RetryAt, m.Stats().Leases)
+	}
+	// More than the retries in a lease: a transient error, not a
+	// configuration one, with the first backoff step.
+	e.idp.FailBusy(10)
+	e.clock.Advance(time.Hour)
+	_, err := m.Token(t.Context(), e.grant)
+	var re *RefreshError
+	if !errors.As(err, &re) || re.Config || re.RetryAfter > 2*time.Second {
+		t.Fatalf("Token = %v, want a transient RefreshError with a short backoff", err)
+	}
+	e.idp.FailBusy(0)
+	e.clock.Advance(re.RetryAfter)
+	if _, err := m.Token(t.Context(), e.grant); err != nil {
+		t.Errorf("after the backoff: %v", err)
+	}
+}

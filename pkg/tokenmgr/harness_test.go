@@ -34,6 +34,7 @@ type env struct {
 	t     *testing.T
 	addr  string
 	mr    *miniredis.Miniredis // nil on a real redis-server
+	srv   *redisserver.Server  // nil on miniredis
 	clock *tokenmgrtest.Clock  // shared by the Managers and the fake IdP
 	idp   *tokenmgrtest.Server
 	logs  *testbin.Buffer
@@ -53,7 +54,8 @@ func newEnv(t *testing.T, b backend, profile tokenmgrtest.Profile) *env {
 		e.mr = miniredis.RunT(t)
 		e.addr = e.mr.Addr()
 	case realBackend:
-		e.addr = redisserver.Start(t).Addr()
+		e.srv = redisserver.Start(t)
+		e.addr = e.srv.Addr()
 	}
 	e.idp = tokenmgrtest.NewServer(tokenmgrtest.Config{Profile: profile, AuthStyle: oauth2.AuthStyleInHeader, Now: e.clock.Now})
 	t.Cleanup(e.idp.Close)

@@ -67,6 +67,10 @@ func newManager(ctx context.Context, opts Options, subscribe bool) (*Manager, er
 	cfg := *o.OAuth2 // our own copy: the caller may reuse theirs
 	m := &Manager{core: newCore(o), policy: newPolicy(o), oauth: &cfg, subscribe: subscribe}
 	m.leases = newLeases(o, m.log, &m.stats)
+	if d := m.store.durable; d != nil {
+		logLate := d.late
+		d.late = func(acked int64) { m.stats.replicaAckTimeouts.Add(1); logLate(acked) }
+	}
 	empty := map[string]*grantState{}
 	m.grants.Store(&empty)
 	m.base, m.cancel = context.WithCancel(context.WithoutCancel(ctx))

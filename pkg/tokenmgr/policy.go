@@ -116,8 +116,17 @@ const (
 	failConfig                     // the client itself is rejected
 )
 
-// classify reads a token endpoint error. now is the wall clock, for a
+// classify reads a token endpoint error, by RFC 6749 section 5.2's error
+// codes (the table in docs/design.md). now is the wall clock, for a
 // Retry-After given as an HTTP date.
+//
+//   - invalid_grant: the refresh token is refused; re-checked against Redis,
+//     then the grant is dead.
+//   - invalid_client, unauthorized_client, and Atlassian's access_denied for
+//     a wrong secret: the client itself is refused, a configuration error.
+//   - everything else, invalid_request and unknown codes included (Ory
+//     Hydra answers invalid_request to concurrent requests under load, and
+//     a retry succeeds), 429, 5xx and network errors: transient.
 func classify(err error, now time.Time) (class failClass, retryAfter time.Duration) {
 	var re *oauth2.RetrieveError
 	if !errors.As(err, &re) {
@@ -132,11 +141,29 @@ func classify(err error, now time.Time) (class failClass, retryAfter time.Durati
 	case "invalid_client", "unauthorized_client", "access_denied":
 		return failConfig, retryAfter
 	}
-	if re.Response != nil && (re.Response.StatusCode == http.StatusTooManyRequests || re.Response.StatusCode >= 500) {
-		return failTransient, retryAfter
-	}
-	return failConfig, retryAfter
+	return failTransient, retryAfter
 }
+
+// retryInLease reports whether a failed call is worth repeating at once,
+// under the same lease: the provider answered a client error that is not
+// about the token or the client (invalid_request, an unknown code) and did
+// not rotate. A rate limit or a server error backs the fleet off instead.
+func retryInLease(err error) bool {
+	var re *oauth2.RetrieveError
+	if !errors.As(err, &re) || re.Response == nil || !definiteAnswer(err) {
+		return false
+	}
+	code := re.Response.StatusCode
+	class, _ := classify(err, time.Time{})
+	return class == failTransient && code >= 400 && code < 500 && code != http.StatusTooManyRequests
+}
+
+// The retries inside one lease: at most retriesInLease more calls, after
+// a jittered pause that doubles from retryInLeasePause.
+const (
+	retriesInLease    = 2
+	retryInLeasePause = 250 * time.Millisecond
+)
 
 // definiteAnswer reports whether a failed call certainly did not rotate the
 // token: the provider answered with an OAuth error or a rate limit, or the

@@ -135,7 +135,9 @@ func TestClassify(t *testing.T) {
 		{"429 with Retry-After", answer(429, "", "30"), failTransient, 30 * time.Second},
 		{"503 with an HTTP date", answer(503, "", now.Add(time.Minute).Format(http.TimeFormat)), failTransient, time.Minute},
 		{"500 without a code", answer(500, "", ""), failTransient, 0},
-		{"other 4xx", answer(400, "", ""), failConfig, 0},
+		{"invalid_request (Hydra under contention)", answer(400, "invalid_request", ""), failTransient, 0},
+		{"an unknown code", answer(400, "server_busy", ""), failTransient, 0},
+		{"4xx without a code", answer(400, "", ""), failTransient, 0},
 	} {
 		class, retry := classify(tc.err, now)
 		if class != tc.class || retry != tc.retry {

@@ -108,13 +108,55 @@ func (m *Manager) refresh(ctx context.Context, g *grantState, rec *record, w wan
 	stop := l.keepAlive(ctx, "the provider call and the write of its answer")
 	defer stop()
 	tok, sentAt, callErr := m.callIdP(ctx, rec.RefreshToken)
+	attempts := in.Attempts // the fleet's backoff counts attempts, not the retries inside one
+	for retry := 1; callErr != nil && retry <= retriesInLease && retryInLease(callErr); retry++ {
+		// A client error that is not about the token (Hydra's "retry the
+		// request" under contention): once Redis says nobody rotated
+		// meanwhile, ask again under this lease.
+		if e, err, done := m.beforeRetry(ctx, g, rec, w, retry); done {
+			return e, err
+		}
+		if in, e, err, ok = m.recordIntent(ctx, g, rec, w, m.opts.Now()); !ok {
+			return e, err
+		}
+		tok, sentAt, callErr = m.callIdP(ctx, rec.RefreshToken)
+	}
 	if callErr != nil {
+		in.Attempts = attempts
 		return m.refreshFailed(ctx, g, rec, in, callErr)
 	}
 	m.stats.refreshes.Add(1)
 	g.clearLostAttempt()
 	m.noteForced(g, w)
 	return m.write(ctx, g, rec.V, m.nextRecord(g, rec, tok, sentAt, w), l)
+}
+
+// beforeRetry pauses before the retry-th repeat of a refused call, records
+// that the token was not spent, and re-reads Redis: done when the record
+// moved on (with what the caller gets) or the caller's time ran out.
+func (m *Manager) beforeRetry(ctx context.Context, g *grantState, rec *record, w want, retry int) (*entry, error, bool) {
+	m.stats.refreshFailures.Add(1)
+	if err := m.store.settleIntent(ctx, g.keys, rec.V, rec.Family, m.opts.Holder); err != nil {
+		m.log.Warn("could not record that the refresh token was not spent", "grant", g.name, "err", err)
+	}
+	t := time.NewTimer(jitter(retryInLeasePause << (retry - 1)))
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-ctx.Done():
+		e, err := m.fallback(g, w, "retry the refresh", ctx.Err())
+		return e, err, true
+	}
+	cur, err := m.read(ctx, g)
+	if err != nil {
+		e, err := m.fallback(g, w, "read before a retry", err)
+		return e, err, true
+	}
+	if m.movedOn(rec, cur, w, m.opts.Now()) {
+		return m.install(g, cur), nil, true
+	}
+	m.log.Info("provider asked to retry the refresh; retrying under the same lease", "grant", g.name, "version", rec.V, "retry", retry)
+	return nil, nil, false
 }
 
 // movedOn reports whether cur no longer needs the refresh that rec did:
@@ -219,10 +261,11 @@ func (m *Manager) decideOnDoubt(ctx context.Context, g *grantState, l *lease, re
 }
 
 // heldWriteWait is how long after an in-doubt attempt started its holder
-// may still write the answer it holds: its call, then two leases' worth of
-// retries while Redis refused it.
+// may still write the answer it holds: its call, then a lease's worth of
+// retries. A holder that still has the answer and reaches the lock servers
+// keeps the lease, so a successor only gets here when it did not.
 func (m *Manager) heldWriteWait() time.Duration {
-	return m.opts.Provider.HTTPTimeout + 2*m.opts.LeaseTTL
+	return m.opts.Provider.HTTPTimeout + m.opts.LeaseTTL
 }
 
 // awaitHeldWrite waits, keeping the lease, until the earlier holder of an

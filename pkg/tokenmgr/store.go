@@ -315,27 +315,31 @@ func (s *store) runDurable(ctx context.Context, script *redis.Script, keys []str
 	if s.durable == nil {
 		return script.Run(ctx, s.rdb, keys, args...)
 	}
-	var conn *redis.Conn
-	switch c := s.rdb.(type) {
-	case *redis.Client:
-		conn = c.Conn()
-	case *redis.ClusterClient:
-		node, err := c.MasterForKey(ctx, keys[0])
+	// One pipeline runs on one connection: the script, then WAIT for it.
+	// (A pinned Conn would do too, but go-redis's Conn shares the
+	// client's options without its lock.)
+	var node redis.Cmdable = s.rdb
+	if c, ok := s.rdb.(*redis.ClusterClient); ok {
+		n, err := c.MasterForKey(ctx, keys[0])
 		if err != nil {
 			cmd := redis.NewCmd(ctx)
 			cmd.SetErr(err)
 			return cmd
 		}
-		conn = node.Conn()
-	default:
-		return script.Run(ctx, s.rdb, keys, args...) // refused by New; Admin writes without it
+		node = n
 	}
-	defer conn.Close()
-	cmd := script.Run(ctx, conn, keys, args...)
+	var cmd *redis.Cmd
+	var wait *redis.IntCmd
+	_, _ = node.Pipelined(ctx, func(p redis.Pipeliner) error {
+		cmd = script.Eval(ctx, p, keys, args...)
+		wait = redis.NewIntCmd(ctx, "wait", s.durable.replicas, s.durable.timeout.Milliseconds())
+		_ = p.Process(ctx, wait)
+		return nil
+	})
 	if cmd.Err() != nil {
 		return cmd
 	}
-	if acked, err := conn.Wait(ctx, s.durable.replicas, s.durable.timeout).Result(); err != nil || acked < int64(s.durable.replicas) {
+	if acked, err := wait.Result(); err != nil || acked < int64(s.durable.replicas) {
 		s.durable.late(acked)
 	}
 	return cmd

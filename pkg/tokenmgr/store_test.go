@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"github.com/tokenmgr/tokenmgr/internal/redisserver"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
 
@@ -232,5 +233,33 @@ func TestStoreCommandsAllowedByReadmeACL(t *testing.T) {
 				t.Errorf("the %s sends %s, which the README's ACL line for %s does not grant", user, strings.ToUpper(cmd), user)
 			}
 		}
+	}
+}
+
+// Options.MinReplicas: the writes that create a version wait for a
+// replica's acknowledgement; one that does not come in time is counted, and
+// the write stands.
+func TestMinReplicasRealRedis(t *testing.T) {
+	e := newEnv(t, realBackend, tokenmgrtest.Strict)
+	replica := redisserver.StartReplica(t, e.srv)
+	m := e.manager(Strict, func(o *Options) { o.MinReplicas = 1; o.ReplicaTimeout = 300 * time.Millisecond })
+	e.seed(m)
+	if _, err := m.Rotate(t.Context(), e.grant); err != nil {
+		t.Fatal(err)
+	}
+	if n := m.Stats().ReplicaAckTimeouts; n != 0 {
+		t.Fatalf("%d acknowledgement timeouts with the replica up, want 0", n)
+	}
+	replica.Pause()
+	defer replica.Resume()
+	v, err := m.Rotate(t.Context(), e.grant)
+	if err != nil || v != 3 {
+		t.Fatalf("rotate with the replica paused: %d %v, want version 3", v, err)
+	}
+	if n := m.Stats().ReplicaAckTimeouts; n != 1 {
+		t.Errorf("%d acknowledgement timeouts with the replica paused, want 1", n)
+	}
+	if st := e.status(m); st.Version != 3 {
+		t.Errorf("stored version %d, want 3: the write stands", st.Version)
 	}
 }

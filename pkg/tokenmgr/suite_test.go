@@ -45,6 +45,8 @@ var suite = []struct {
 	{"CorruptRecordReadOncePerRecheck", testCorruptRecordCached},
 	{"Persistent401sRotateOnce", testPersistent401sRotateOnce},
 	{"WorkersLeaveRefreshToLiveRefresher", testWorkersLeaveRefreshToRefresher},
+	{"RetryableBadRequestIsTransient", testRetryableBadRequest},
+	{"AwaitRotationNoLostWakeup", testAwaitRotationLostWakeup},
 }
 
 func TestMiniredis(t *testing.T) {

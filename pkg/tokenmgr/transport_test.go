@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/oauth2"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
 
@@ -176,5 +177,81 @@ func testPersistent401sRotateOnce(t *testing.T, b backend) {
 				t.Errorf("once the API accepts again: %d", resp.StatusCode)
 			}
 		})
+	}
+}
+
+// readHook runs once, right after the next HGETALL of a record returns.
+type readHook struct {
+	armed atomic.Bool
+	then  func()
+}
+
+func (h *readHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *readHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if strings.EqualFold(cmd.Name(), "hgetall") && h.armed.CompareAndSwap(true, false) {
+			h.then()
+		}
+		return err
+	}
+}
+func (h *readHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// A 401 on a version just rotated by another holder waits for that
+// holder's write. When the rotation message arrives between the read and
+// the wait, the wait must still end with it, not with the provider
+// timeout: the cause of requests outliving their deadline by about 9 s
+// (issue 17). The timeout is a minute here; the caller gives it 10 s.
+func testAwaitRotationLostWakeup(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Strict)
+	hook := &readHook{}
+	worker := e.manager(Strict, func(o *Options) {
+		o.Provider.HTTPTimeout = time.Minute
+		o.Redis.AddHook(hook)
+	})
+	other := e.manager(Strict, nil)
+	e.seed(other)
+	k := grantKeys("tm", e.grant)
+	if _, err := worker.Token(t.Context(), e.grant); err != nil {
+		t.Fatal(err)
+	}
+	// Another holder has the lease and is about to write version 2.
+	if err := e.client().Set(t.Context(), k.lock, "someone", time.Minute).Err(); err != nil {
+		t.Fatal(err)
+	}
+	var next *record
+	hook.then = func() {
+		// After the worker's read, before its wait: the rotation lands and
+		// its message is delivered.
+		heard := worker.Stats().RotationMessages
+		next = &record{Family: e.status(other).Family, Status: StatusOK, AccessToken: "v2-access", RefreshToken: "v2-refresh",
+			TokenType: "Bearer", Expiry: e.clock.Now().Add(time.Hour), RotatedAt: e.clock.Now()}
+		if _, _, _, err := other.store.rotate(context.Background(), e.grant, k, 1, next); err != nil {
+			t.Errorf("rotate: %v", err)
+		}
+		for worker.Stats().RotationMessages == heard {
+			time.Sleep(time.Millisecond)
+		}
+	}
+	hook.armed.Store(true)
+	fail := atomic.Int64{}
+	fail.Store(1) // the API rejects the old token once: the rotation revoked it
+	client := &http.Client{Transport: worker.Transport(e.grant, &apiTransport{status401: &fail, respond200: true})}
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e.idp.APIURL(), nil)
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d: the wait for the rotation ran into the request's deadline instead of ending with the rotation", resp.StatusCode)
+	}
+	if tok, _ := worker.Token(t.Context(), e.grant); tok == nil || tok.AccessToken != "v2-access" {
+		t.Errorf("the worker did not pick up version 2")
 	}
 }

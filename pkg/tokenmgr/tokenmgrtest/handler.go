@@ -170,6 +170,11 @@ func (p *IdP) token(r *http.Request, params url.Values) (rep reply, drop bool) {
 			p.fail5xx--
 			p.stats.Injected5xx++
 			return oauthError(http.StatusServiceUnavailable, "temporarily_unavailable", "injected fault"), false
+		case p.failBusy > 0:
+			p.failBusy--
+			p.stats.InjectedBusy++
+			return oauthError(http.StatusBadRequest, "invalid_request",
+				"The request could not be completed because multiple concurrent requests using the same token were received. Please retry the request."), false
 		case p.fail429 > 0:
 			p.fail429--
 			p.stats.Injected429++

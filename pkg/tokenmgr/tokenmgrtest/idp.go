@@ -62,6 +62,7 @@ type Stats struct {
 	Dropped           int64 `json:"dropped"`             // token responses dropped by DropResponses
 	Injected5xx       int64 `json:"injected_5xx"`        // 503 answers injected by Fail5xx
 	Injected429       int64 `json:"injected_429"`        // 429 answers injected by Fail429
+	InjectedBusy      int64 `json:"injected_busy"`       // 400 invalid_request answers injected by FailBusy
 }
 
 // IdP is a fake identity provider. It implements http.Handler and is safe for
@@ -75,6 +76,7 @@ type IdP struct {
 	answerDelay time.Duration // after processing, before answering
 	fail5xx     int
 	fail429     int
+	failBusy    int
 	retryAfter  time.Duration
 	drop        int
 	challenge   string // non-empty: the API answers every request 401 with this WWW-Authenticate
@@ -216,6 +218,16 @@ func (p *IdP) Fail5xx(n int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.fail5xx = n
+}
+
+// FailBusy makes the next n refresh requests answer 400 invalid_request
+// "multiple concurrent requests using the same token; please retry",
+// without touching any token: what Ory Hydra answers under database
+// contention. A retry with the same refresh token succeeds.
+func (p *IdP) FailBusy(n int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.failBusy = n
 }
 
 // Fail429 makes the next n refresh requests answer 429 rate_limited with a
