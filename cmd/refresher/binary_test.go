@@ -21,7 +21,7 @@ import (
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
-// The operator commands and the pod, exercised as a user runs them: real
+// The operator commands and "refresher run", exercised as a user runs them: real
 // binaries, a real redis-server, the fakeidp binary.
 
 var buildBinaries = sync.OnceValues(func() (string, error) { return testbin.Build("refresher", "fakeidp") })

@@ -21,7 +21,7 @@ import (
 )
 
 // connector bootstraps grants with the authorization-code flow, on the
-// operator surface (behind adminAuth): GET /connect/{grant} shows what will
+// operator surface (behind gate): GET /connect/{grant} shows what will
 // happen; its form POSTs (with the CSRF token) to /connect/{grant}, which
 // sends the browser to the provider with a single-use, expiring state bound
 // to a cookie (and PKCE); GET /callback checks both, exchanges the code,
@@ -43,7 +43,7 @@ type connector struct {
 type route struct {
 	cfg        *oauth2.Config // with RedirectURL and Scopes
 	params     []oauth2.AuthCodeOption
-	admin      *tokenmgr.Admin
+	store      grantStore
 	httpClient *http.Client // carries the code exchange (timeouts)
 }
 
@@ -88,7 +88,7 @@ func (c *connector) handleConfirm(w http.ResponseWriter, r *http.Request) {
 		Grant, Status, Reason, CSRF string
 		Healthy, Replace            bool
 	}{Grant: grant, Status: "not connected", CSRF: csrfToken(w, r, c.secure), Replace: r.URL.Query().Get("replace") == "1"}
-	if st, err := rt.admin.Status(r.Context(), grant); err == nil {
+	if st, err := rt.store.Status(r.Context(), grant); err == nil {
 		data.Status, data.Reason, data.Healthy = st.Status, st.Reason, st.Status == tokenmgr.StatusOK
 	}
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
@@ -128,7 +128,7 @@ func (c *connector) handleConnect(w http.ResponseWriter, r *http.Request) {
 	}
 	// Replacing a live grant is a deliberate act.
 	replace := r.PostFormValue("replace") == "1"
-	if st, err := rt.admin.Status(r.Context(), grant); err == nil && st.Status == tokenmgr.StatusOK && !replace {
+	if st, err := rt.store.Status(r.Context(), grant); err == nil && st.Status == tokenmgr.StatusOK && !replace {
 		http.Error(w, "grant "+grant+" is healthy; tick 'replace' (replace=1) to replace it with a new consent", http.StatusConflict)
 		return
 	}
@@ -199,7 +199,7 @@ func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// The grant may have been seeded meanwhile: replace it only if asked.
-	if st, err := rt.admin.Status(r.Context(), p.Grant); err == nil && st.Status == tokenmgr.StatusOK && !p.Replace {
+	if st, err := rt.store.Status(r.Context(), p.Grant); err == nil && st.Status == tokenmgr.StatusOK && !p.Replace {
 		http.Error(w, "grant "+p.Grant+" became healthy meanwhile; start again and tick replace to replace it", http.StatusConflict)
 		return
 	}
@@ -216,7 +216,7 @@ func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "code exchange failed: "+tokenmgr.DescribeProviderError(err), http.StatusBadGateway)
 		return
 	}
-	v, err := rt.admin.Seed(ctx, p.Grant, tok, tokenmgr.SeedOptions{ConsentedAt: c.now()})
+	v, err := rt.store.Seed(ctx, p.Grant, tok, tokenmgr.SeedOptions{ConsentedAt: c.now()})
 	if err != nil {
 		c.log.Error("seeding the connected grant failed", "grant", p.Grant, "err", err)
 		http.Error(w, "could not store the grant", http.StatusInternalServerError)

@@ -25,7 +25,7 @@ var webFS embed.FS
 // a token: rows are built field by field from tokenmgr.GrantStatus, which
 // has none.
 type dashboard struct {
-	pods    []*pod
+	runners []*runner
 	conn    *connector // nil: /connect is off
 	now     func() time.Time
 	secure  bool // https: Secure cookies
@@ -97,19 +97,19 @@ type dashboardData struct {
 	Grants         []dashboardRow `json:"grants"`
 }
 
-// grantsToShow lists each grant with the pod that serves it: the grants
-// named in --grant or --config, and for a registration that serves every
-// grant, the rest of the schedule.
-func (d *dashboard) grantsToShow(ctx context.Context) ([]string, []*pod, error) {
-	owner := map[string]*pod{}
-	var everyGrant *pod
-	for _, p := range d.pods {
-		if p.reg.grants == nil {
-			everyGrant = p
+// grantsToShow lists each grant with the runner that serves it: the
+// grants named in --grant or --config, and for a registration that serves
+// every grant, the rest of the schedule.
+func (d *dashboard) grantsToShow(ctx context.Context) ([]string, []*runner, error) {
+	owner := map[string]*runner{}
+	var everyGrant *runner
+	for _, rn := range d.runners {
+		if rn.reg.grants == nil {
+			everyGrant = rn
 			continue
 		}
-		for _, g := range p.reg.grants {
-			owner[g] = p
+		for _, g := range rn.reg.grants {
+			owner[g] = rn
 		}
 	}
 	if everyGrant != nil {
@@ -128,17 +128,17 @@ func (d *dashboard) grantsToShow(ctx context.Context) ([]string, []*pod, error) 
 		names = append(names, g)
 	}
 	slices.Sort(names) // rows keep their place between updates
-	pods := make([]*pod, len(names))
+	runners := make([]*runner, len(names))
 	for i, g := range names {
-		pods[i] = owner[g]
+		runners[i] = owner[g]
 	}
-	return names, pods, nil
+	return names, runners, nil
 }
 
 func (d *dashboard) data(ctx context.Context) dashboardData {
 	now := d.now()
 	out := dashboardData{Now: now, Holder: d.holder, ConnectEnabled: d.conn != nil, Grants: []dashboardRow{}}
-	names, pods, err := d.grantsToShow(ctx)
+	names, runners, err := d.grantsToShow(ctx)
 	if err != nil {
 		d.log.Warn("dashboard: cannot list grants", "err", err)
 		out.Error = "cannot read the grant list from Redis: " + err.Error()
@@ -147,16 +147,16 @@ func (d *dashboard) data(ctx context.Context) dashboardData {
 	if len(names) == 0 {
 		return out
 	}
-	sts, errs := d.pods[0].m.Statuses(ctx, names)
+	sts, errs := d.runners[0].m.Statuses(ctx, names)
 	for i, g := range names {
-		out.Grants = append(out.Grants, d.row(now, g, pods[i], sts[i], errs[i]))
+		out.Grants = append(out.Grants, d.row(now, g, runners[i], sts[i], errs[i]))
 	}
 	return out
 }
 
 // row turns a status into what the page shows, colours included.
-func (d *dashboard) row(now time.Time, grant string, p *pod, st tokenmgr.GrantStatus, err error) dashboardRow {
-	r := dashboardRow{Grant: grant, Registration: p.reg.name}
+func (d *dashboard) row(now time.Time, grant string, rn *runner, st tokenmgr.GrantStatus, err error) dashboardRow {
+	r := dashboardRow{Grant: grant, Registration: rn.reg.name}
 	connectable := d.conn != nil && d.conn.route(grant) != nil
 	var corrupt *tokenmgr.CorruptRecordError
 	switch {
@@ -182,7 +182,7 @@ func (d *dashboard) row(now time.Time, grant string, p *pod, st tokenmgr.GrantSt
 	}
 	// The token is late once the refresher should have refreshed it.
 	r.ExpiryLevel = levelOK
-	switch due := p.m.RefreshDueAt(st); {
+	switch due := rn.m.RefreshDueAt(st); {
 	case st.Expiry.IsZero(): // the provider gave no expiry: nothing to be late with
 	case !now.Before(st.Expiry):
 		r.ExpiryLevel = levelCrit
@@ -204,11 +204,11 @@ func (d *dashboard) row(now time.Time, grant string, p *pod, st tokenmgr.GrantSt
 	return r
 }
 
-// servesGrant reports whether one of the pods serves grant (by name, or
-// as a registration that serves every grant).
+// servesGrant reports whether one of the runners serves grant (by name,
+// or as a registration that serves every grant).
 func (d *dashboard) servesGrant(grant string) bool {
-	for _, p := range d.pods {
-		if p.reg.grants == nil || slices.Contains(p.reg.grants, grant) {
+	for _, rn := range d.runners {
+		if rn.reg.grants == nil || slices.Contains(rn.reg.grants, grant) {
 			return true
 		}
 	}

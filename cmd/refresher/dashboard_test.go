@@ -25,13 +25,13 @@ import (
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
 
-const testAdminPassword = "correct horse battery"
+const testPassword = "correct horse battery"
 
 // dashboardServer serves a one-registration refresher for grants, with
 // /connect on and admin credentials set; mod adjusts the flags first.
-func dashboardServer(t *testing.T, w *world, grants []string, mod func(*runConfig)) (*pod, *httptest.Server) {
+func dashboardServer(t *testing.T, w *world, grants []string, mod func(*runConfig)) (*single, *httptest.Server) {
 	c := defaultRun()
-	c.adminPassword = testAdminPassword
+	c.creds.password = testPassword
 	var h http.Handler
 	srv := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { h.ServeHTTP(rw, r) }))
 	t.Cleanup(srv.Close)
@@ -45,13 +45,13 @@ func dashboardServer(t *testing.T, w *world, grants []string, mod func(*runConfi
 	// A strict provider with Atlassian's limits, for the countdowns.
 	o.Provider.IdleExpiry, o.Provider.AbsoluteExpiry = 90*24*time.Hour, 365*24*time.Hour
 	o.Holder = "refresher-1"
-	pd, err := newPod(t.Context(), c, o)
+	rf, err := newSingle(t.Context(), c, o)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = pd.m.Close(context.Background()) })
-	h = pd.handler
-	return pd, srv
+	t.Cleanup(func() { _ = rf.m.Close(context.Background()) })
+	h = rf.handler
+	return rf, srv
 }
 
 type request struct {
@@ -88,12 +88,12 @@ func basic(user, pass string) http.Header {
 	return http.Header{"Authorization": r.Header["Authorization"]}
 }
 
-var operator = basic("admin", testAdminPassword)
+var operator = basic("admin", testPassword)
 
 // The operator surface is off unless an operator turns it on.
 func TestDashboardOffWithoutAdminConfig(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
-	_, srv := dashboardServer(t, w, nil, func(c *runConfig) { c.adminPassword, c.redirectURL = "", "" })
+	_, srv := dashboardServer(t, w, nil, func(c *runConfig) { c.creds.password, c.redirectURL = "", "" })
 	for _, path := range []string{"/", "/api/grants", "/connect/jira", "/callback?state=x", "/assets/dashboard.js"} {
 		if resp, _ := do(t, srv, request{path: path, header: operator}); resp.StatusCode != http.StatusNotFound {
 			t.Errorf("GET %s = %d with no admin configuration, want 404", path, resp.StatusCode)
@@ -107,7 +107,7 @@ func TestDashboardOffWithoutAdminConfig(t *testing.T) {
 func TestDashboardAccessControl(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
 	const token = "a-bearer-token-of-some-length"
-	withToken := func(c *runConfig) { c.adminToken = token }
+	withToken := func(c *runConfig) { c.creds.token = token }
 	for _, tc := range []struct {
 		name   string
 		header http.Header
@@ -115,12 +115,12 @@ func TestDashboardAccessControl(t *testing.T) {
 	}{
 		{"no credentials", nil, http.StatusUnauthorized},
 		{"wrong password", basic("admin", "wrong password!"), http.StatusUnauthorized},
-		{"wrong user", basic("root", testAdminPassword), http.StatusUnauthorized},
+		{"wrong user", basic("root", testPassword), http.StatusUnauthorized},
 		{"password", operator, http.StatusOK},
 		{"bearer token", http.Header{"Authorization": {"Bearer " + token}}, http.StatusOK},
 		{"token as basic-auth password", basic("admin", token), http.StatusOK},
 		{"wrong bearer token", http.Header{"Authorization": {"Bearer " + token + "x"}}, http.StatusUnauthorized},
-		{"password as bearer token", http.Header{"Authorization": {"Bearer " + testAdminPassword}}, http.StatusUnauthorized},
+		{"password as bearer token", http.Header{"Authorization": {"Bearer " + testPassword}}, http.StatusUnauthorized},
 	} {
 		_, srv := dashboardServer(t, w, nil, withToken) // its own failure budget
 		for _, path := range []string{"/", "/api/grants", "/assets/dashboard.js", "/connect/jira"} {
@@ -137,8 +137,8 @@ func TestDashboardAccessControl(t *testing.T) {
 // challenge is never withheld.
 func TestDashboardThrottlesGuessing(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
-	pd, _ := dashboardServer(t, w, nil, nil)
-	h := pd.handler
+	rf, _ := dashboardServer(t, w, nil, nil)
+	h := rf.handler
 	for i := range 30 {
 		if code := operatorFrom(h, "10.0.0.1", ""); code != http.StatusOK {
 			t.Fatalf("the operator's poll %d answered %d", i, code)
@@ -192,8 +192,8 @@ func operatorFrom(h http.Handler, addr, xff string) int { return sendFrom(h, add
 // client's own X-Forwarded-For means nothing unless a trusted proxy sent it.
 func TestThrottleSources(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
-	pd, _ := dashboardServer(t, w, nil, func(c *runConfig) { c.adminProxies = []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")} })
-	h := pd.handler
+	rf, _ := dashboardServer(t, w, nil, func(c *runConfig) { c.trustedProxies = []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")} })
+	h := rf.handler
 	throttled := 0
 	for i := range 30 {
 		throttled += guessFrom(h, fmt.Sprintf("2001:db8:0:1::%x", i+1), "", 1)
@@ -229,8 +229,8 @@ func TestThrottleSources(t *testing.T) {
 // throttled however many addresses join.
 func TestThrottleFullMap(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
-	pd, _ := dashboardServer(t, w, nil, nil)
-	h := pd.handler
+	rf, _ := dashboardServer(t, w, nil, nil)
+	h := rf.handler
 	if n := guessFrom(h, "192.0.2.1", "", 30); n < 15 {
 		t.Fatalf("guesser: %d of 30 throttled", n)
 	}
@@ -250,8 +250,8 @@ func TestThrottleFullMap(t *testing.T) {
 // token in the page or its JSON.
 func TestDashboardRows(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
-	pd, srv := dashboardServer(t, w, []string{"healthy", "dead", "busy", "never", "forever"}, nil)
-	m := pd.m
+	rf, srv := dashboardServer(t, w, []string{"healthy", "dead", "busy", "never", "forever"}, nil)
+	m := rf.m
 	ctx := t.Context()
 	for _, g := range []string{"healthy", "dead"} {
 		if _, err := m.Seed(ctx, g, w.idp.NewGrant("read:jira-work"), tokenmgr.SeedOptions{ConsentedAt: w.clock.Now().Add(-360 * 24 * time.Hour)}); err != nil {
@@ -460,11 +460,11 @@ func TestConnectRefusesCrossSiteRequests(t *testing.T) {
 // loopback names: a page whose DNS is rebound to 127.0.0.1 gets nothing.
 func TestOpenAdminListenerRefusesOtherHosts(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
-	pd, _ := dashboardServer(t, w, []string{"jira"}, func(c *runConfig) { c.adminPassword, c.adminListen = "", "127.0.0.1:0" })
-	if pd.admin == nil {
+	rf, _ := dashboardServer(t, w, []string{"jira"}, func(c *runConfig) { c.creds.password, c.operatorListen = "", "127.0.0.1:0" })
+	if rf.operator == nil {
 		t.Fatal("--admin-listen without credentials did not turn the surface on")
 	}
-	if rec := serve(pd.handler, http.MethodGet, "127.0.0.1:8080", "/"); rec.Code != http.StatusNotFound {
+	if rec := serve(rf.handler, http.MethodGet, "127.0.0.1:8080", "/"); rec.Code != http.StatusNotFound {
 		t.Errorf("--listen serves the dashboard (%d) although --admin-listen is set", rec.Code)
 	}
 	for host, want := range map[string]int{
@@ -472,7 +472,7 @@ func TestOpenAdminListenerRefusesOtherHosts(t *testing.T) {
 		"attacker.example:9090": http.StatusMisdirectedRequest, "10.0.0.5:9090": http.StatusMisdirectedRequest,
 	} {
 		for _, path := range []string{"/", "/api/grants", "/connect/jira"} {
-			if rec := serve(pd.admin, http.MethodGet, host, path); rec.Code != want {
+			if rec := serve(rf.operator, http.MethodGet, host, path); rec.Code != want {
 				t.Errorf("Host %s, GET %s: %d, want %d", host, path, rec.Code, want)
 			}
 		}
@@ -531,8 +531,8 @@ func TestAdminFlags(t *testing.T) {
 			t.Errorf("%v: %v, want an error with %q", tc.args, err, tc.want)
 		case tc.want != "" && strings.Contains(err.Error(), "a-long-enough-secret"):
 			t.Errorf("%v: the error shows the secret", tc.args)
-		case err == nil && c.adminEnabled() != (len(tc.args) > 0):
-			t.Errorf("%v: operator surface on = %v", tc.args, c.adminEnabled())
+		case err == nil && c.operatorOn() != (len(tc.args) > 0):
+			t.Errorf("%v: operator surface on = %v", tc.args, c.operatorOn())
 		}
 	}
 }
@@ -572,7 +572,7 @@ func TestTwoLoginsAtOnce(t *testing.T) {
 			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 		}
 		if strings.HasPrefix(target, srv.URL) {
-			req.SetBasicAuth("admin", testAdminPassword)
+			req.SetBasicAuth("admin", testPassword)
 		}
 		resp, err := browser.Do(req)
 		if err != nil {
@@ -617,14 +617,14 @@ func TestDashboardUnderProxyPath(t *testing.T) {
 	var h http.Handler
 	proxy := httptest.NewServer(http.StripPrefix("/refresher", http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { h.ServeHTTP(rw, r) })))
 	defer proxy.Close()
-	pd, _ := dashboardServer(t, w, []string{"jira"}, func(c *runConfig) { c.redirectURL = proxy.URL + "/refresher/callback" })
-	h = pd.handler
+	rf, _ := dashboardServer(t, w, []string{"jira"}, func(c *runConfig) { c.redirectURL = proxy.URL + "/refresher/callback" })
+	h = rf.handler
 	jar, _ := cookiejar.New(nil)
 	var visited []string
 	browser := &http.Client{Jar: jar, CheckRedirect: func(req *http.Request, _ []*http.Request) error {
 		visited = append(visited, req.URL.String())
 		if strings.HasPrefix(req.URL.String(), proxy.URL) {
-			req.SetBasicAuth("admin", testAdminPassword)
+			req.SetBasicAuth("admin", testPassword)
 		}
 		return nil
 	}}
@@ -634,7 +634,7 @@ func TestDashboardUnderProxyPath(t *testing.T) {
 		if form != nil {
 			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 		}
-		req.SetBasicAuth("admin", testAdminPassword)
+		req.SetBasicAuth("admin", testPassword)
 		resp, err := browser.Do(req)
 		if err != nil {
 			t.Fatal(err)
@@ -662,7 +662,7 @@ func TestDashboardUnderProxyPath(t *testing.T) {
 	if got := resp.Request.URL; got.Path != "/refresher/" || got.Query().Get("connected") != "jira" || !strings.Contains(landing, "<b>jira</b> connected") {
 		t.Errorf("after consent the browser is at %s (visited %v); want the dashboard under /refresher/ saying jira connected", got, visited)
 	}
-	if st, err := pd.m.Status(t.Context(), "jira"); err != nil || st.Status != tokenmgr.StatusOK {
+	if st, err := rf.m.Status(t.Context(), "jira"); err != nil || st.Status != tokenmgr.StatusOK {
 		t.Errorf("grant after the login: %+v %v", st, err)
 	}
 }

@@ -36,8 +36,10 @@ func parseArgs(fs *flag.FlagSet, args []string) error {
 	return nil
 }
 
-// openAdmin connects to Redis for the operator commands.
-func openAdmin(c *cli.Common, needGrant, needKey bool, stderr io.Writer, adjust ...func(*tokenmgr.Options)) (*tokenmgr.Admin, func(), error) {
+// openStore connects to Redis for the operator commands: a
+// tokenmgr.Admin, which reads and writes records without a client
+// registration.
+func openStore(c *cli.Common, needGrant, needKey bool, stderr io.Writer, adjust ...func(*tokenmgr.Options)) (*tokenmgr.Admin, func(), error) {
 	if err := c.ValidateStore(needGrant, needKey); err != nil {
 		return nil, nil, err
 	}
@@ -134,7 +136,7 @@ func cmdSeed(ctx context.Context, args []string, env func(string) string, stdin 
 		}
 		so.ConsentedAt = t
 	}
-	admin, done, err := openAdmin(&c, true, true, stderr)
+	store, done, err := openStore(&c, true, true, stderr)
 	if err != nil {
 		return err
 	}
@@ -143,7 +145,7 @@ func cmdSeed(ctx context.Context, args []string, env func(string) string, stdin 
 	if err != nil {
 		return err
 	}
-	v, err := admin.Seed(ctx, c.Grant, tok, so)
+	v, err := store.Seed(ctx, c.Grant, tok, so)
 	if err != nil {
 		return err
 	}
@@ -159,12 +161,12 @@ func cmdStatus(ctx context.Context, args []string, env func(string) string, stdo
 	if err := parseArgs(fs, args); err != nil {
 		return err
 	}
-	admin, done, err := openAdmin(&c, false, false, stderr)
+	store, done, err := openStore(&c, false, false, stderr)
 	if err != nil {
 		return err
 	}
 	defer done()
-	grants, err := grantsOf(ctx, admin, c.Grant)
+	grants, err := grantsOf(ctx, store, c.Grant)
 	if err != nil {
 		return err
 	}
@@ -172,7 +174,7 @@ func cmdStatus(ctx context.Context, args []string, env func(string) string, stdo
 	var errs []error
 	haveKey := c.KeyFile != "" || env(cli.EnvEncryptionKey) != ""
 	for _, g := range grants {
-		st, err := admin.Status(ctx, g)
+		st, err := store.Status(ctx, g)
 		var corrupt *tokenmgr.CorruptRecordError
 		if errors.As(err, &corrupt) {
 			out = append(out, tokenmgr.GrantStatus{Grant: g, Status: "corrupt", Reason: err.Error()})
@@ -185,7 +187,7 @@ func cmdStatus(ctx context.Context, args []string, env func(string) string, stdo
 		if haveKey {
 			// With the key at hand, also decrypt: a damaged token field
 			// shows here, not first in a worker.
-			if err := admin.Check(ctx, g); err != nil {
+			if err := store.Check(ctx, g); err != nil {
 				st.Status, st.Reason = "corrupt", err.Error()
 			}
 		}
@@ -298,7 +300,7 @@ func cmdRewrap(ctx context.Context, args []string, env func(string) string, stdo
 	if c.InsecurePlain {
 		return errors.New("rewrap needs the encryption keys, not --insecure-plaintext")
 	}
-	admin, done, err := openAdmin(&c, false, true, stderr, func(o *tokenmgr.Options) {
+	store, done, err := openStore(&c, false, true, stderr, func(o *tokenmgr.Options) {
 		if kr, ok := o.Sealer.(*tokenmgr.Keyring); ok {
 			if *acceptPlain {
 				o.Sealer = kr.WithPlaintextReads()
@@ -310,14 +312,14 @@ func cmdRewrap(ctx context.Context, args []string, env func(string) string, stdo
 		return err
 	}
 	defer done()
-	grants, err := grantsOf(ctx, admin, c.Grant)
+	grants, err := grantsOf(ctx, store, c.Grant)
 	if err != nil {
 		return err
 	}
 	var errs []error
 	n := 0
 	for _, g := range grants {
-		wrote, err := admin.Rewrap(ctx, g)
+		wrote, err := store.Rewrap(ctx, g)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", g, err))
 			continue
@@ -330,12 +332,18 @@ func cmdRewrap(ctx context.Context, args []string, env func(string) string, stdo
 	return errors.Join(errs...)
 }
 
+// grantLister lists the grants in the schedule: *tokenmgr.Admin and
+// *tokenmgr.Manager.
+type grantLister interface {
+	Grants(ctx context.Context) ([]string, error)
+}
+
 // grantsOf is the one --grant, or every grant in the schedule, sorted.
-func grantsOf(ctx context.Context, admin *tokenmgr.Admin, grant string) ([]string, error) {
+func grantsOf(ctx context.Context, store grantLister, grant string) ([]string, error) {
 	if grant != "" {
 		return []string{grant}, nil
 	}
-	grants, err := admin.Grants(ctx)
+	grants, err := store.Grants(ctx)
 	sort.Strings(grants)
 	return grants, err
 }

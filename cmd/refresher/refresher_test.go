@@ -52,13 +52,38 @@ func defaultRun() *runConfig {
 	return &runConfig{refreshBefore: 10 * time.Minute, maxFraction: 0.4, jitter: 2 * time.Minute, tick: time.Second, concurrency: 4, rate: 1000, batch: 1000, stateTTL: 10 * time.Minute, warnAbsolute: 30 * 24 * time.Hour}
 }
 
-func (w *world) pod(c *runConfig, p tokenmgr.Provider) *pod {
-	pd, err := newPod(w.t.Context(), c, w.options(p))
+// single is a one-registration refresher built from c's flags: its runner
+// and the server's handlers.
+type single struct {
+	*runner
+	handler  http.Handler // what --listen serves
+	operator http.Handler // the operator surface (nil: off)
+}
+
+// newSingle builds a one-registration server from c's flags, serving
+// c.common.Grant or, when it is empty, every grant in the schedule.
+func newSingle(ctx context.Context, c *runConfig, o tokenmgr.Options) (*single, error) {
+	if len(c.regs) == 0 {
+		reg := &registration{name: "default", common: c.common, scopes: c.scopes}
+		if c.common.Grant != "" {
+			reg.grants = []string{c.common.Grant}
+		}
+		c.regs = []*registration{reg}
+	}
+	s, err := newServer(ctx, c, []tokenmgr.Options{o})
+	if err != nil {
+		return nil, err
+	}
+	return &single{runner: s.runners[0], handler: s.handler, operator: s.operator}, nil
+}
+
+func (w *world) single(c *runConfig, p tokenmgr.Provider) *single {
+	rf, err := newSingle(w.t.Context(), c, w.options(p))
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	w.t.Cleanup(func() { _ = pd.m.Close(context.Background()) })
-	return pd
+	w.t.Cleanup(func() { _ = rf.m.Close(context.Background()) })
+	return rf
 }
 
 // tickAndWait runs one tick of each scheduler and waits for its refreshes.
@@ -76,26 +101,26 @@ func tickAndWait(ctx context.Context, ss ...*scheduler) {
 func TestSchedulerRefreshesDueGrantsOnceWithJitter(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
 	c := defaultRun()
-	pd := w.pod(c, tokenmgr.Strict)
+	rf := w.single(c, tokenmgr.Strict)
 	const n = 30
 	expiry := map[string]time.Time{}
 	for i := range n {
 		g := fmt.Sprintf("grant-%02d", i)
 		tok := w.idp.NewGrant("")
 		tok.Expiry = w.clock.Now().Add(time.Hour)
-		if _, err := pd.m.Seed(t.Context(), g, tok, tokenmgr.SeedOptions{}); err != nil {
+		if _, err := rf.m.Seed(t.Context(), g, tok, tokenmgr.SeedOptions{}); err != nil {
 			t.Fatal(err)
 		}
 		expiry[g] = tok.Expiry
 	}
 	refreshedAt := map[string]time.Time{}
 	for step := 0; step < 60*6; step++ { // one hour in 10s steps
-		tickAndWait(t.Context(), pd.sched)
+		tickAndWait(t.Context(), rf.sched)
 		for g := range expiry {
 			if _, done := refreshedAt[g]; done {
 				continue
 			}
-			st, err := pd.m.Status(t.Context(), g)
+			st, err := rf.m.Status(t.Context(), g)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -132,18 +157,18 @@ func TestSchedulerRefreshesDueGrantsOnceWithJitter(t *testing.T) {
 // lifetime, so its idle expiry always lies ~90 days ahead.
 func TestSchedulerKeepsIdleGrantAlive(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Atlassian)
-	pd := w.pod(defaultRun(), tokenmgr.Atlassian)
+	rf := w.single(defaultRun(), tokenmgr.Atlassian)
 	tok := w.idp.NewGrant("")
 	tok.Expiry = w.clock.Now().Add(time.Hour)
-	if _, err := pd.m.Seed(t.Context(), "idle", tok, tokenmgr.SeedOptions{}); err != nil {
+	if _, err := rf.m.Seed(t.Context(), "idle", tok, tokenmgr.SeedOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	start := w.clock.Now()
 	for w.clock.Now().Sub(start) < 3*24*time.Hour {
-		tickAndWait(t.Context(), pd.sched)
+		tickAndWait(t.Context(), rf.sched)
 		w.clock.Advance(5 * time.Minute)
 	}
-	st, err := pd.m.Status(t.Context(), "idle")
+	st, err := rf.m.Status(t.Context(), "idle")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -171,27 +196,27 @@ func TestSchedulerHonoursRetryAfter(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
 	c := defaultRun()
 	c.jitter = 0
-	pd := w.pod(c, tokenmgr.Strict)
+	rf := w.single(c, tokenmgr.Strict)
 	tok := w.idp.NewGrant("")
 	tok.Expiry = w.clock.Now().Add(time.Hour)
-	if _, err := pd.m.Seed(t.Context(), "g", tok, tokenmgr.SeedOptions{}); err != nil {
+	if _, err := rf.m.Seed(t.Context(), "g", tok, tokenmgr.SeedOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	w.clock.Advance(55 * time.Minute) // due
 	w.idp.Fail429(1, 45*time.Second)
-	tickAndWait(t.Context(), pd.sched)
+	tickAndWait(t.Context(), rf.sched)
 	if s := w.idp.Stats(); s.Injected429 != 1 {
 		t.Fatalf("IdP %+v, want one 429", s)
 	}
 	for range 8 { // 40s: inside Retry-After
 		w.clock.Advance(5 * time.Second)
-		tickAndWait(t.Context(), pd.sched)
+		tickAndWait(t.Context(), rf.sched)
 	}
 	if s := w.idp.Stats(); s.RefreshOK+s.RefreshFailed+s.Injected429 != 1 {
 		t.Fatalf("the provider was called again inside Retry-After: %+v", s)
 	}
 	w.clock.Advance(10 * time.Second)
-	tickAndWait(t.Context(), pd.sched)
+	tickAndWait(t.Context(), rf.sched)
 	if s := w.idp.Stats(); s.RefreshOK != 1 {
 		t.Errorf("not refreshed after Retry-After: %+v", s)
 	}
@@ -202,7 +227,7 @@ func TestSchedulerHonoursRetryAfter(t *testing.T) {
 func TestTwoReplicasAndWorkers(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
 	c := defaultRun()
-	a, b := w.pod(c, tokenmgr.Strict), w.pod(c, tokenmgr.Strict)
+	a, b := w.single(c, tokenmgr.Strict), w.single(c, tokenmgr.Strict)
 	const grants = 5
 	for i := range grants {
 		tok := w.idp.NewGrant("")
@@ -259,18 +284,18 @@ func TestConnectFlow(t *testing.T) {
 	c := defaultRun()
 	c.pkce = true
 	c.common.Provider = "atlassian"
-	c.adminPassword = "correct horse battery"
-	srv := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { podHandler.ServeHTTP(rw, r) }))
+	c.creds.password = "correct horse battery"
+	srv := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { singleHandler.ServeHTTP(rw, r) }))
 	defer srv.Close()
 	c.redirectURL = srv.URL + "/callback"
 	o := w.options(tokenmgr.Atlassian)
 	o.OAuth2.Endpoint.AuthURL = w.idp.AuthURL()
-	pd, err := newPod(t.Context(), c, o)
+	rf, err := newSingle(t.Context(), c, o)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer pd.m.Close(context.Background())
-	podHandler = pd.handler
+	defer rf.m.Close(context.Background())
+	singleHandler = rf.handler
 
 	var lastCallback string
 	jar, _ := cookiejar.New(nil)
@@ -329,16 +354,16 @@ func TestConnectFlow(t *testing.T) {
 	}
 	// The browser holds a CSRF cookie (the page set it), but the form's
 	// token is not it.
-	if code, _ := get("/connect/jira-prod", c.adminPassword); code != http.StatusOK {
+	if code, _ := get("/connect/jira-prod", c.creds.password); code != http.StatusOK {
 		t.Fatalf("connect page: %d", code)
 	}
 	if u, _ := url.Parse(srv.URL); len(jar.Cookies(u)) == 0 {
 		t.Fatal("the connect page set no CSRF cookie")
 	}
-	if code, _ := send(http.MethodPost, "/connect/jira-prod", c.adminPassword, url.Values{"csrf": {"guessed"}}); code != http.StatusForbidden {
+	if code, _ := send(http.MethodPost, "/connect/jira-prod", c.creds.password, url.Values{"csrf": {"guessed"}}); code != http.StatusForbidden {
 		t.Errorf("connect with a wrong CSRF token: %d, want 403", code)
 	}
-	code, body := connect("jira-prod", c.adminPassword, false)
+	code, body := connect("jira-prod", c.creds.password, false)
 	if code != http.StatusOK || !strings.Contains(body, "<b>jira-prod</b> connected") {
 		t.Fatalf("connect flow ended with %d: %s", code, body)
 	}
@@ -376,10 +401,10 @@ func TestConnectFlow(t *testing.T) {
 		t.Errorf("replay changed the grant: version %d", st.Version)
 	}
 	// A healthy grant is replaced only on purpose.
-	if code, _ := connect("jira-prod", c.adminPassword, false); code != http.StatusConflict {
+	if code, _ := connect("jira-prod", c.creds.password, false); code != http.StatusConflict {
 		t.Errorf("connect over a healthy grant: %d, want 409", code)
 	}
-	if code, _ := connect("jira-prod", c.adminPassword, true); code != http.StatusOK {
+	if code, _ := connect("jira-prod", c.creds.password, true); code != http.StatusOK {
 		t.Errorf("connect with replace=1: %d", code)
 	}
 	if st, _ := m.Status(t.Context(), "jira-prod"); st.Version != 2 {
@@ -393,18 +418,18 @@ func TestSchedulerOnlyItsGrants(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
 	c := defaultRun()
 	c.common.Grant = "mine"
-	pd := w.pod(c, tokenmgr.Strict)
+	rf := w.single(c, tokenmgr.Strict)
 	for _, g := range []string{"mine", "theirs"} {
 		tok := w.idp.NewGrant("")
 		tok.Expiry = w.clock.Now().Add(time.Hour)
-		if _, err := pd.m.Seed(t.Context(), g, tok, tokenmgr.SeedOptions{}); err != nil {
+		if _, err := rf.m.Seed(t.Context(), g, tok, tokenmgr.SeedOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	w.clock.Advance(55 * time.Minute)
-	tickAndWait(t.Context(), pd.sched)
-	mine, _ := pd.m.Status(t.Context(), "mine")
-	theirs, _ := pd.m.Status(t.Context(), "theirs")
+	tickAndWait(t.Context(), rf.sched)
+	mine, _ := rf.m.Status(t.Context(), "mine")
+	theirs, _ := rf.m.Status(t.Context(), "theirs")
 	if mine.Version != 2 || theirs.Version != 1 {
 		t.Errorf("versions mine=%d theirs=%d, want 2 and 1", mine.Version, theirs.Version)
 	}
@@ -452,4 +477,4 @@ func TestConfigFile(t *testing.T) {
 
 var testKey = func() string { k, _ := tokenmgr.GenerateKey("k1"); return k.Encode() }()
 
-var podHandler http.Handler
+var singleHandler http.Handler
