@@ -10,7 +10,6 @@ import (
 	"log/slog"
 	"sort"
 	"strconv"
-	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -38,8 +37,9 @@ func parseArgs(fs *flag.FlagSet, args []string) error {
 
 // openStore connects to Redis for the operator commands: a
 // tokenmgr.Admin, which reads and writes records without a client
-// registration.
-func openStore(c *cli.Common, needGrant, needKey bool, stderr io.Writer, adjust ...func(*tokenmgr.Options)) (*tokenmgr.Admin, func(), error) {
+// registration. Redis must answer a PING first, so that refused
+// credentials are reported as such, not as a missing grant.
+func openStore(ctx context.Context, c *cli.Common, needGrant, needKey bool, stderr io.Writer, adjust ...func(*tokenmgr.Options)) (*tokenmgr.Admin, func(), error) {
 	if err := c.ValidateStore(needGrant, needKey); err != nil {
 		return nil, nil, err
 	}
@@ -55,6 +55,11 @@ func openStore(c *cli.Common, needGrant, needKey bool, stderr io.Writer, adjust 
 	}
 	o.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	a, err := tokenmgr.NewAdmin(o)
+	if err == nil {
+		if perr := o.Redis.Ping(ctx).Err(); perr != nil {
+			err = fmt.Errorf("%s: %s", redisTrouble(perr), cli.Shown(perr.Error()))
+		}
+	}
 	if err != nil {
 		cli.CloseClients(o)
 		return nil, nil, err
@@ -136,7 +141,7 @@ func cmdSeed(ctx context.Context, args []string, env func(string) string, stdin 
 		}
 		so.ConsentedAt = t
 	}
-	store, done, err := openStore(&c, true, true, stderr)
+	store, done, err := openStore(ctx, &c, true, true, stderr)
 	if err != nil {
 		return err
 	}
@@ -161,42 +166,41 @@ func cmdStatus(ctx context.Context, args []string, env func(string) string, stdo
 	if err := parseArgs(fs, args); err != nil {
 		return err
 	}
-	store, done, err := openStore(&c, false, false, stderr)
+	store, done, err := openStore(ctx, &c, false, false, stderr)
 	if err != nil {
 		return err
 	}
 	defer done()
 	grants, err := grantsOf(ctx, store, c.Grant)
 	if err != nil {
-		return err
+		return fmt.Errorf("cannot list the grants: %s: %s", redisTrouble(err), cli.Shown(err.Error()))
 	}
-	var out []tokenmgr.GrantStatus
+	out := []tokenmgr.GrantStatus{}
 	var errs []error
+	corrupt := 0
 	haveKey := c.KeyFile != "" || env(cli.EnvEncryptionKey) != ""
 	for _, g := range grants {
 		st, err := store.Status(ctx, g)
-		var corrupt *tokenmgr.CorruptRecordError
-		if errors.As(err, &corrupt) {
-			out = append(out, tokenmgr.GrantStatus{Grant: g, Status: "corrupt", Reason: err.Error()})
-			continue
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", g, err))
-			continue
-		}
-		if haveKey {
+		if err == nil && haveKey {
 			// With the key at hand, also decrypt: a damaged token field
 			// shows here, not first in a worker.
-			if err := store.Check(ctx, g); err != nil {
-				st.Status, st.Reason = "corrupt", err.Error()
-			}
+			err = store.Check(ctx, g)
 		}
-		out = append(out, st)
+		var bad *tokenmgr.CorruptRecordError
+		switch {
+		case errors.As(err, &bad):
+			st.Grant, st.Status, st.Reason = g, "corrupt", err.Error()
+			corrupt++
+		case deniedByRedis(err):
+			errs = append(errs, fmt.Errorf("%s: %s: %s", cli.Shown(g), redisTrouble(err), cli.Shown(err.Error())))
+			continue
+		case err != nil:
+			errs = append(errs, fmt.Errorf("%s: %s", cli.Shown(g), cli.Shown(err.Error())))
+			continue
+		}
+		out = append(out, shownStatus(st))
 	}
 	if *asJSON {
-		if out == nil {
-			out = []tokenmgr.GrantStatus{}
-		}
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		if err := enc.Encode(out); err != nil {
@@ -205,9 +209,24 @@ func cmdStatus(ctx context.Context, args []string, env func(string) string, stdo
 	} else {
 		printStatus(stdout, out, time.Now())
 	}
+	if corrupt > 0 {
+		// Scripts and cron jobs see it in the exit status, not only people
+		// reading the table.
+		errs = append(errs, fmt.Errorf("%d of %d grants have a corrupt record: see their status and reason", corrupt, len(grants)))
+	}
 	return errors.Join(errs...)
 }
 
+// shownStatus bounds and cleans the strings of st that came from Redis:
+// anyone who can write a record chooses them.
+func shownStatus(st tokenmgr.GrantStatus) tokenmgr.GrantStatus {
+	for _, f := range []*string{&st.Grant, &st.Status, &st.Reason, &st.TokenType, &st.Scope, &st.RotatedBy, &st.RefreshHolder} {
+		*f = cli.Shown(*f)
+	}
+	return st
+}
+
+// printStatus prints the table of sts, which shownStatus has cleaned.
 func printStatus(w io.Writer, sts []tokenmgr.GrantStatus, now time.Time) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "GRANT\tVERSION\tSTATUS\tEXPIRES IN\tROTATED\tBY\tREFRESHES\tLAST HOUR\tIDLE EXPIRY IN\tABSOLUTE EXPIRY IN\tREASON")
@@ -220,7 +239,7 @@ func printStatus(w io.Writer, sts []tokenmgr.GrantStatus, now time.Time) {
 			lastHour = "?"
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", s.Grant, s.Version, status, until(s.Expiry, now),
-			ago(s.RotatedAt, now), s.RotatedBy, s.RefreshCount, lastHour, until(s.IdleExpiry, now), until(s.AbsoluteExpiry, now), oneLine(s.Reason))
+			ago(s.RotatedAt, now), s.RotatedBy, s.RefreshCount, lastHour, until(s.IdleExpiry, now), until(s.AbsoluteExpiry, now), s.Reason)
 	}
 	tw.Flush()
 }
@@ -253,8 +272,6 @@ func roundDur(d time.Duration) string {
 		return d.Round(time.Second).String()
 	}
 }
-
-func oneLine(s string) string { return strings.ReplaceAll(s, "\n", " ") }
 
 func cmdRotate(ctx context.Context, args []string, env func(string) string, stdout, stderr io.Writer) error {
 	var c cli.Common
@@ -300,7 +317,7 @@ func cmdRewrap(ctx context.Context, args []string, env func(string) string, stdo
 	if c.InsecurePlain {
 		return errors.New("rewrap needs the encryption keys, not --insecure-plaintext")
 	}
-	store, done, err := openStore(&c, false, true, stderr, func(o *tokenmgr.Options) {
+	store, done, err := openStore(ctx, &c, false, true, stderr, func(o *tokenmgr.Options) {
 		if kr, ok := o.Sealer.(*tokenmgr.Keyring); ok {
 			if *acceptPlain {
 				o.Sealer = kr.WithPlaintextReads()
