@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/tokenmgr/tokenmgr/internal/cli"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
@@ -34,6 +35,9 @@ type dashboard struct {
 	overdue time.Duration // past the refresher's due time by this much, a token is late
 	// warnAbsolute: the absolute expiry turns amber this far ahead.
 	warnAbsolute time.Duration
+	// ping asks Redis whether it answers at all, to tell a missing record
+	// from refused credentials.
+	ping func(context.Context) error
 }
 
 // Colour levels of a row or a countdown.
@@ -51,6 +55,7 @@ const (
 	stateReconsent    = "needs re-consent"
 	stateNotConnected = "not connected"
 	stateCorrupt      = "corrupt record"
+	stateNoAccess     = "no access to Redis" // credentials or ACL refused: not a missing grant
 	stateUnknown      = "unknown"
 )
 
@@ -140,37 +145,66 @@ func (d *dashboard) data(ctx context.Context) dashboardData {
 	out := dashboardData{Now: now, Holder: d.holder, ConnectEnabled: d.conn != nil, Grants: []dashboardRow{}}
 	names, runners, err := d.grantsToShow(ctx)
 	if err != nil {
-		d.log.Warn("dashboard: cannot list grants", "err", err)
-		out.Error = "cannot read the grant list from Redis: " + err.Error()
+		d.log.Warn("dashboard: cannot list grants", logErr(err))
+		out.Error = "cannot read the grant list: " + redisTrouble(err) + ": " + cli.Shown(err.Error())
 		return out
 	}
 	if len(names) == 0 {
 		return out
 	}
 	sts, errs := d.runners[0].m.Statuses(ctx, names)
+	d.confirmMissing(ctx, errs)
 	for i, g := range names {
+		if errs[i] == nil {
+			// Statuses decodes metadata only: decrypt too, so that a
+			// record sealed with another key is not shown as ok.
+			errs[i] = runners[i].store.Check(ctx, g)
+		}
 		out.Grants = append(out.Grants, d.row(now, g, runners[i], sts[i], errs[i]))
 	}
 	return out
 }
 
-// row turns a status into what the page shows, colours included.
+// confirmMissing believes "no record" only when Redis answers a PING:
+// refused credentials must not read as grants that were never connected.
+func (d *dashboard) confirmMissing(ctx context.Context, errs []error) {
+	if !slices.ContainsFunc(errs, func(err error) bool { return errors.Is(err, tokenmgr.ErrGrantNotFound) }) {
+		return
+	}
+	perr := d.ping(ctx)
+	if perr == nil {
+		return
+	}
+	for i, err := range errs {
+		if errors.Is(err, tokenmgr.ErrGrantNotFound) {
+			errs[i] = perr
+		}
+	}
+}
+
+// row turns a status into what the page shows, colours included. Every
+// string read from Redis goes through cli.Shown.
 func (d *dashboard) row(now time.Time, grant string, rn *runner, st tokenmgr.GrantStatus, err error) dashboardRow {
-	r := dashboardRow{Grant: grant, Registration: rn.reg.name}
-	connectable := d.conn != nil && d.conn.route(grant) != nil
+	r := dashboardRow{Grant: cli.Shown(grant), Registration: rn.reg.name}
+	// A name that Shown had to change (from the schedule) cannot be
+	// connected: the form would name another grant.
+	connectable := d.conn != nil && d.conn.route(grant) != nil && r.Grant == grant
 	var corrupt *tokenmgr.CorruptRecordError
 	switch {
 	case errors.Is(err, tokenmgr.ErrGrantNotFound):
 		r.State, r.Level, r.Reason = stateNotConnected, levelCrit, "no record in Redis: connect it, or import a token with 'refresher seed'"
 	case errors.As(err, &corrupt):
-		r.State, r.Level, r.Reason = stateCorrupt, levelCrit, err.Error()
+		r.State, r.Level, r.Reason = stateCorrupt, levelCrit, cli.Shown(err.Error())
+	case deniedByRedis(err):
+		r.State, r.Level, r.Reason = stateNoAccess, levelCrit, redisTrouble(err)+": "+cli.Shown(err.Error())
 	case err != nil:
-		r.State, r.Level, r.Reason = stateUnknown, levelWarn, "cannot read the record: "+err.Error()
+		r.State, r.Level, r.Reason = stateUnknown, levelWarn, "cannot read the record: "+cli.Shown(err.Error())
 	}
 	r.Connect = connectable && (r.State == stateNotConnected || r.State == stateCorrupt)
 	if err != nil {
 		return r
 	}
+	st = shownStatus(st)
 	r.Version, r.Reason, r.Expiry, r.RotatedAt, r.RotatedBy = st.Version, st.Reason, st.Expiry, st.RotatedAt, st.RotatedBy
 	r.RefreshesLastHour, r.IdleExpiry, r.AbsoluteExpiry = st.RefreshesLastHour, st.IdleExpiry, st.AbsoluteExpiry
 	r.IdleLevel = countdownLevel(now, st.IdleExpiry, idleWarn, idleCrit)

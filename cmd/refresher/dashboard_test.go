@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/cookiejar"
@@ -21,6 +22,7 @@ import (
 
 	"golang.org/x/oauth2"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
@@ -664,5 +666,85 @@ func TestDashboardUnderProxyPath(t *testing.T) {
 	}
 	if st, err := rf.m.Status(t.Context(), "jira"); err != nil || st.Status != tokenmgr.StatusOK {
 		t.Errorf("grant after the login: %+v %v", st, err)
+	}
+}
+
+// A wrong Redis password shows as no access to Redis, never as grants
+// that are not connected (which would offer to replace them).
+func TestDashboardRedisRefusesCredentials(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	w.mr.RequireAuth("the-right-password")
+	for _, grants := range [][]string{{"jira"}, nil} {
+		c := defaultRun()
+		c.creds.password = testPassword
+		c.regs = []*registration{{name: "jira", grants: grants}}
+		o := w.options(tokenmgr.Strict)
+		o.Redis = redis.NewClient(&redis.Options{Addr: w.mr.Addr(), Password: "a-wrong-password"})
+		t.Cleanup(func() { o.Redis.Close() })
+		rf, err := newSingle(t.Context(), c, o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = rf.m.Close(context.Background()) })
+		rec := sendFrom(rf.handler, "127.0.0.1", "", operator)
+		var d dashboardData
+		if err := json.Unmarshal(rec.Body.Bytes(), &d); err != nil {
+			t.Fatal(err)
+		}
+		if grants == nil {
+			if !strings.Contains(d.Error, "Redis refused the credentials") {
+				t.Errorf("every-grant registration with a wrong password: error %q, want the refused credentials", d.Error)
+			}
+			continue
+		}
+		if len(d.Grants) != 1 || d.Grants[0].State != stateNoAccess || d.Grants[0].Connect || !strings.Contains(d.Grants[0].Reason, "refused the credentials") {
+			t.Errorf("--grant jira with a wrong password: rows %+v, want one %q row without Connect", d.Grants, stateNoAccess)
+		}
+	}
+}
+
+// A record the refresher's key does not open is a corrupt row naming the
+// field, with Re-connect, not an ok row; text from Redis reaches the page
+// and its JSON without control characters and bounded.
+func TestDashboardCorruptAndUntrustedText(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	mine, _ := tokenmgr.GenerateKey("k1")
+	other, _ := tokenmgr.GenerateKey("k1") // the same id, other key material
+	w.sealer, _ = tokenmgr.NewKeyring(mine)
+	rf, srv := dashboardServer(t, w, []string{"fine", "foreign", "noisy"}, nil)
+	for _, g := range []string{"fine", "noisy"} {
+		if _, err := rf.m.Seed(t.Context(), g, w.idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	otherKeyring, _ := tokenmgr.NewKeyring(other)
+	rdb := redis.NewClient(&redis.Options{Addr: w.mr.Addr()})
+	t.Cleanup(func() { rdb.Close() })
+	elsewhere, _ := tokenmgr.NewAdmin(tokenmgr.Options{Redis: rdb, Sealer: otherKeyring, Now: w.clock.Now, Logger: slog.New(slog.DiscardHandler)})
+	if _, err := elsewhere.Seed(t.Context(), "foreign", w.idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	w.mr.HSet("tm:{noisy}:tok", "status", "reauth_required", "reason", "\x1b[2J\x1b]0;owned\x07\rinvalid_grant"+strings.Repeat("A", 1<<20),
+		"rotated_by", "worker\x1b[31m-7\u202E")
+
+	resp, body := do(t, srv, request{path: "/api/grants", header: operator})
+	var d dashboardData
+	if resp.StatusCode != http.StatusOK || json.Unmarshal([]byte(body), &d) != nil || len(d.Grants) != 3 {
+		t.Fatalf("/api/grants = %d, %d bytes", resp.StatusCode, len(body))
+	}
+	if f := d.Grants[1]; f.Grant != "foreign" || f.State != stateCorrupt || !strings.Contains(f.Reason, "field access_token") || !f.Connect {
+		t.Errorf("a record sealed with another key: %+v; want %q naming access_token, with Re-connect", f, stateCorrupt)
+	}
+	if d.Grants[0].State != stateOK {
+		t.Errorf("the fine row: %+v", d.Grants[0])
+	}
+	_, page := do(t, srv, request{path: "/", header: operator})
+	for what, text := range map[string]string{"/api/grants": body, "the page": page} {
+		if strings.ContainsAny(text, "\x1b\x07\r\u202E") || len(text) > 16<<10 {
+			t.Errorf("%s: %d bytes, control characters %v", what, len(text), strings.ContainsAny(text, "\x1b\x07\r\u202E"))
+		}
+	}
+	if n := d.Grants[2]; !strings.Contains(n.Reason, "invalid_grant") || !strings.Contains(n.Reason, "bytes cut]") || n.RotatedBy != "worker?[31m-7?" {
+		t.Errorf("the noisy row: reason %.80q..., rotated by %q", n.Reason, n.RotatedBy)
 	}
 }

@@ -27,10 +27,11 @@ import (
 )
 
 type world struct {
-	t     *testing.T
-	mr    *miniredis.Miniredis
-	clock *tokenmgrtest.Clock
-	idp   *tokenmgrtest.Server
+	t      *testing.T
+	mr     *miniredis.Miniredis
+	clock  *tokenmgrtest.Clock
+	idp    *tokenmgrtest.Server
+	sealer tokenmgr.Sealer // nil: plaintext
 }
 
 func newWorld(t *testing.T, profile tokenmgrtest.Profile) *world {
@@ -44,7 +45,7 @@ func (w *world) options(p tokenmgr.Provider) tokenmgr.Options {
 	rdb := redis.NewClient(&redis.Options{Addr: w.mr.Addr()})
 	w.t.Cleanup(func() { rdb.Close() })
 	p.HTTPTimeout = 2 * time.Second
-	return tokenmgr.Options{Redis: rdb, OAuth2: w.idp.OAuthConfig(oauth2.AuthStyleInParams), Provider: p,
+	return tokenmgr.Options{Redis: rdb, OAuth2: w.idp.OAuthConfig(oauth2.AuthStyleInParams), Provider: p, Sealer: w.sealer,
 		Now: w.clock.Now, Logger: slog.New(slog.DiscardHandler), PollInterval: 50 * time.Millisecond, LockRetry: 10 * time.Millisecond}
 }
 

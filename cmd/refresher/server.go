@@ -23,6 +23,9 @@ type runner struct {
 	reg   *registration
 	m     *tokenmgr.Manager
 	sched *scheduler
+	// store reads the same records with the same key; its Check decrypts
+	// them, which the Manager's Status does not.
+	store *tokenmgr.Admin
 }
 
 // server is every runner and the HTTP handlers they share.
@@ -91,6 +94,10 @@ func clock(o tokenmgr.Options) func() time.Time {
 func newRunner(ctx context.Context, c *runConfig, r *registration, o tokenmgr.Options, mt *metrics) (*runner, error) {
 	o.RefreshBefore = c.refreshBefore
 	o.MaxRefreshFraction = c.maxFraction
+	store, err := tokenmgr.NewAdmin(o)
+	if err != nil {
+		return nil, err
+	}
 	m, err := tokenmgr.New(ctx, o)
 	if err != nil {
 		return nil, err
@@ -107,7 +114,7 @@ func newRunner(ctx context.Context, c *runConfig, r *registration, o tokenmgr.Op
 			s.only[g] = true
 		}
 	}
-	return &runner{reg: r, m: m, sched: s}, nil
+	return &runner{reg: r, m: m, sched: s, store: store}, nil
 }
 
 // healthMux serves /healthz, /readyz (Redis answers) and /metrics.
@@ -173,8 +180,10 @@ func secureURL(redirectURL string) bool { return strings.HasPrefix(redirectURL, 
 // credentials.
 func newOperatorSurface(c *runConfig, runners []*runner, opts []tokenmgr.Options) http.Handler {
 	first := runners[0].m
+	rdb := opts[0].Redis
 	d := &dashboard{runners: runners, conn: newConnector(c, runners, opts), now: clock(opts[0]), secure: secureURL(c.redirectURL),
-		log: first.Logger(), holder: first.Holder(), overdue: c.jitter + 2*c.tick + time.Minute, warnAbsolute: c.warnAbsolute}
+		log: first.Logger(), holder: first.Holder(), overdue: c.jitter + 2*c.tick + time.Minute, warnAbsolute: c.warnAbsolute,
+		ping: func(ctx context.Context) error { return rdb.Ping(ctx).Err() }}
 	return operatorSurface(newGate(c.creds, c.trustedProxies), d)
 }
 
