@@ -299,13 +299,14 @@ func (d *dashboard) handlePage(w http.ResponseWriter, r *http.Request) {
 		dashboardData
 		CSRF, Connected, ConnectedVersion string
 	}{dashboardData: d.data(ctx), CSRF: csrfToken(w, r, d.secure)}
-	// After /callback: a grant name and a version, nothing else, so that
-	// a crafted link cannot put arbitrary text on the page.
-	if g := r.URL.Query().Get("connected"); tokenmgr.ValidateGrantName(g) == nil && d.servesGrant(g) {
-		page.Connected = g
-		if v, err := strconv.ParseInt(r.URL.Query().Get("version"), 10, 64); err == nil && v > 0 {
-			page.ConnectedVersion = strconv.FormatInt(v, 10)
+	// After /callback: its signed note, fresh and naming a served grant,
+	// shown once. Not the query: a crafted link must not put words on the
+	// page.
+	if c, err := r.Cookie(noteCookie); err == nil && d.conn != nil {
+		if n, ok := openNote(d.conn.key(), c.Value, d.now()); ok && d.servesGrant(n.Grant) && tokenmgr.ValidateGrantName(n.Grant) == nil {
+			page.Connected, page.ConnectedVersion = n.Grant, strconv.FormatInt(n.Version, 10)
 		}
+		http.SetCookie(w, &http.Cookie{Name: noteCookie, Value: "", Path: "/", MaxAge: -1, HttpOnly: true, Secure: d.secure, SameSite: http.SameSiteLaxMode})
 	}
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	if err := dashboardPage.Execute(w, page); err != nil {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -15,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -366,11 +368,11 @@ func TestDashboardRows(t *testing.T) {
 			t.Fatal("an issued token appears in the dashboard or its JSON")
 		}
 	}
-	// The note after a login shows a served grant and a number, nothing
-	// a crafted link chose.
+	// The note after a login comes from its signed cookie only (see
+	// TestConnectedNoteIsSigned): a crafted link shows nothing.
 	for q, want := range map[string]string{
-		"?connected=dead&version=7":                      "Grant <b>dead</b> connected (version 7).",
-		"?connected=dead&version=7+visit+evil.example":   "Grant <b>dead</b> connected.",
+		"?connected=dead&version=7":                      "",
+		"?connected=dead&version=7+visit+evil.example":   "",
 		"?connected=visit-evil.example-to-fix&version=1": "",
 	} {
 		_, page := do(t, srv, request{path: "/" + q, header: operator})
@@ -479,6 +481,18 @@ func TestOpenAdminListenerRefusesOtherHosts(t *testing.T) {
 			}
 		}
 	}
+}
+
+// serveAs serves one request with header from a loopback client.
+func serveAs(h http.Handler, method, path string, header http.Header) *httptest.ResponseRecorder {
+	r := httptest.NewRequest(method, path, nil)
+	r.RemoteAddr = "127.0.0.1:40000"
+	for k, v := range header {
+		r.Header[k] = v
+	}
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, r)
+	return rec
 }
 
 func serve(h http.Handler, method, host, path string) *httptest.ResponseRecorder {
@@ -677,6 +691,7 @@ func TestDashboardRedisRefusesCredentials(t *testing.T) {
 	for _, grants := range [][]string{{"jira"}, nil} {
 		c := defaultRun()
 		c.creds.password = testPassword
+		c.redirectURL = "http://127.0.0.1:1/callback"
 		c.regs = []*registration{{name: "jira", grants: grants}}
 		o := w.options(tokenmgr.Strict)
 		o.Redis = redis.NewClient(&redis.Options{Addr: w.mr.Addr(), Password: "a-wrong-password"})
@@ -699,6 +714,10 @@ func TestDashboardRedisRefusesCredentials(t *testing.T) {
 		}
 		if len(d.Grants) != 1 || d.Grants[0].State != stateNoAccess || d.Grants[0].Connect || !strings.Contains(d.Grants[0].Reason, "refused the credentials") {
 			t.Errorf("--grant jira with a wrong password: rows %+v, want one %q row without Connect", d.Grants, stateNoAccess)
+		}
+		// /connect refuses to start or confirm a login it cannot check.
+		if rec := serveAs(rf.handler, http.MethodGet, "/connect/jira", operator); rec.Code != http.StatusServiceUnavailable || !strings.Contains(rec.Body.String(), "refused the credentials") {
+			t.Errorf("GET /connect/jira with a wrong password: %d %s, want 503 naming the credentials", rec.Code, rec.Body.String())
 		}
 	}
 }
@@ -746,5 +765,86 @@ func TestDashboardCorruptAndUntrustedText(t *testing.T) {
 	}
 	if n := d.Grants[2]; !strings.Contains(n.Reason, "invalid_grant") || !strings.Contains(n.Reason, "bytes cut]") || n.RotatedBy != "worker?[31m-7?" {
 		t.Errorf("the noisy row: reason %.80q..., rotated by %q", n.Reason, n.RotatedBy)
+	}
+}
+
+// The note after a login names the grant and version its callback signed,
+// once and for a minute; a cookie altered, signed with another key, or
+// stale, and a crafted link, show nothing.
+func TestConnectedNoteIsSigned(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	_, srv := dashboardServer(t, w, []string{"a", "b"}, nil)
+	jar, _ := cookiejar.New(nil)
+	browser := &http.Client{Jar: jar, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	send := func(target string, form url.Values) *http.Response {
+		t.Helper()
+		method := http.MethodGet
+		if form != nil {
+			method = http.MethodPost
+		}
+		req, _ := http.NewRequest(method, target, strings.NewReader(form.Encode()))
+		if form != nil {
+			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		}
+		req.SetBasicAuth("admin", testPassword)
+		resp, err := browser.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp
+	}
+	send(srv.URL+"/", nil)
+	u, _ := url.Parse(srv.URL)
+	var csrf string
+	for _, c := range jar.Cookies(u) {
+		if c.Name == csrfCookie {
+			csrf = c.Value
+		}
+	}
+	authorize := send(srv.URL+"/connect/a", url.Values{"csrf": {csrf}}).Header.Get("Location")
+	callback := send(authorize, nil).Header.Get("Location")
+	var note string
+	for _, c := range send(callback, nil).Cookies() {
+		if c.Name == noteCookie {
+			note = c.Value
+		}
+	}
+	if note == "" {
+		t.Fatal("the callback set no note cookie")
+	}
+	key := loginKey(credentials{password: testPassword}, srv.URL+"/callback") // as every replica derives it
+	other := loginKey(credentials{password: "another operator password"}, srv.URL+"/callback")
+	tag, payload, _ := strings.Cut(note, ".")
+	js, _ := base64.RawURLEncoding.DecodeString(payload)
+	altered := tag + "." + base64.RawURLEncoding.EncodeToString([]byte(strings.Replace(string(js), `"grant":"a"`, `"grant":"b"`, 1)))
+	page := func(cookie string) (string, *http.Response) {
+		h := http.Header{"Authorization": operator["Authorization"]}
+		if cookie != "" {
+			h.Set("Cookie", noteCookie+"="+cookie)
+		}
+		resp, body := do(t, srv, request{path: "/?connected=b&version=9", header: h})
+		return regexp.MustCompile(`Grant <b>.*?</b> connected[^<]*`).FindString(body), resp
+	}
+	for _, tc := range []struct{ name, cookie, want string }{
+		{"no cookie, a crafted link", "", ""},
+		{"the callback's cookie", note, "Grant <b>a</b> connected (version 1)."},
+		{"altered", altered, ""},
+		{"signed with another key", sealNote(other, connectedNote{Grant: "b", Version: 9, Until: w.clock.Now().Add(time.Minute)}), ""},
+		{"signed, for a grant not served here", sealNote(key, connectedNote{Grant: "elsewhere", Version: 9, Until: w.clock.Now().Add(time.Minute)}), ""},
+		{"signed, by another replica", sealNote(key, connectedNote{Grant: "b", Version: 9, Until: w.clock.Now().Add(time.Minute)}), "Grant <b>b</b> connected (version 9)."},
+	} {
+		got, resp := page(tc.cookie)
+		if got != tc.want {
+			t.Errorf("%s: the page says %q, want %q", tc.name, got, tc.want)
+		}
+		if tc.cookie != "" && !slices.ContainsFunc(resp.Cookies(), func(c *http.Cookie) bool { return c.Name == noteCookie && c.MaxAge < 0 }) {
+			t.Errorf("%s: the note cookie was not cleared", tc.name)
+		}
+	}
+	w.clock.Advance(2 * time.Minute)
+	if got, _ := page(note); got != "" {
+		t.Errorf("two minutes later the note still says %q", got)
 	}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -479,3 +480,66 @@ func TestConfigFile(t *testing.T) {
 var testKey = func() string { k, _ := tokenmgr.GenerateKey("k1"); return k.Encode() }()
 
 var singleHandler http.Handler
+
+// Someone who can write Redis (a worker with the old README ACL) cannot
+// complete a login of their own making: a pending state written directly
+// to Redis, or a genuine one rewritten for another grant, is refused at
+// /callback, and the grant is untouched.
+func TestConnectRefusesForgedState(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	rf, srv := dashboardServer(t, w, []string{"jira", "new"}, func(c *runConfig) { c.pkce = true })
+	if _, err := rf.m.Seed(t.Context(), "jira", w.idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	noRedirect := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	// callback drives the provider with state (as the attacker's browser
+	// would) and returns /callback's answer to a browser holding the
+	// state's cookie.
+	callback := func(state, verifier string) (int, string) {
+		t.Helper()
+		cfg := w.idp.OAuthConfig(oauth2.AuthStyleInParams)
+		cfg.RedirectURL = srv.URL + "/callback"
+		resp, err := noRedirect.Get(cfg.AuthCodeURL(state, oauth2.S256ChallengeOption(verifier)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		back, _ := url.Parse(resp.Header.Get("Location"))
+		r, body := do(t, srv, request{path: "/callback?" + back.RawQuery, header: http.Header{"Cookie": {stateCookieName(state) + "=" + state}}})
+		return r.StatusCode, body
+	}
+	verifier := oauth2.GenerateVerifier()
+	forged, _ := json.Marshal(pendingConnect{Grant: "jira", Verifier: verifier, Started: w.clock.Now(), Replace: true})
+	state := "attacker-chosen-state-0123456789"
+	w.mr.Set("tm:connect:"+state, string(forged))
+	if code, body := callback(state, verifier); code != http.StatusBadRequest || !strings.Contains(body, "not signed by this refresher") {
+		t.Errorf("a state written to Redis directly: %d %s, want 400 not signed", code, body)
+	}
+
+	// A genuine login for "new", its record rewritten to replace "jira".
+	page, _ := do(t, srv, request{path: "/", header: operator})
+	csrf := page.Cookies()[0].Value
+	resp, _ := do(t, srv, request{method: http.MethodPost, path: "/connect/new", form: url.Values{"csrf": {csrf}},
+		header: http.Header{"Authorization": operator["Authorization"], "Cookie": {csrfCookie + "=" + csrf}}})
+	authorize, _ := url.Parse(resp.Header.Get("Location"))
+	genuine := authorize.Query().Get("state")
+	stored, err := w.mr.Get("tm:connect:" + genuine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tag, js, _ := strings.Cut(stored, ".")
+	var p pendingConnect
+	_ = json.Unmarshal([]byte(js), &p)
+	p.Grant, p.Replace, p.Verifier = "jira", true, verifier
+	rewritten, _ := json.Marshal(p)
+	w.mr.Set("tm:connect:"+genuine, tag+"."+string(rewritten))
+	if code, body := callback(genuine, verifier); code != http.StatusBadRequest || !strings.Contains(body, "not signed by this refresher") {
+		t.Errorf("a signed state rewritten for another grant: %d %s, want 400 not signed", code, body)
+	}
+	if st, _ := rf.m.Status(t.Context(), "jira"); st.Version != 1 {
+		t.Errorf("the forged logins replaced the grant: version %d", st.Version)
+	}
+	if s := w.idp.Stats(); s.AuthCodeExchanges != 0 {
+		t.Errorf("%d code exchanges for forged logins, want 0", s.AuthCodeExchanges)
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -141,7 +142,8 @@ func newConnector(c *runConfig, runners []*runner, opts []tokenmgr.Options) *con
 		return nil
 	}
 	conn := &connector{pkce: c.pkce, stateTTL: c.stateTTL, routes: map[string]*route{}, secure: secureURL(c.redirectURL),
-		limiter: rate.NewLimiter(1, 10), rdb: opts[0].Redis, log: runners[0].m.Logger(), prefix: opts[0].KeyPrefix, now: clock(opts[0])}
+		limiter: rate.NewLimiter(1, 10), rdb: opts[0].Redis, log: runners[0].m.Logger(), prefix: opts[0].KeyPrefix, now: clock(opts[0]),
+		key: sync.OnceValue(func() []byte { return loginKey(c.creds, c.redirectURL) })}
 	if conn.prefix == "" {
 		conn.prefix = "tm"
 	}
