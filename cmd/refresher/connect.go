@@ -189,7 +189,7 @@ func (c *connector) handleConnect(w http.ResponseWriter, r *http.Request) {
 	// provider's redirect.
 	http.SetCookie(w, &http.Cookie{Name: stateCookieName(state), Value: state, Path: "/", MaxAge: int(c.stateTTL.Seconds()),
 		HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode})
-	c.log.Info("connect started", "grant", grant, "replace", replace)
+	c.log.Info("connect started", "grant", cli.Shown(grant), "replace", replace)
 	http.Redirect(w, r, rt.cfg.AuthCodeURL(state, opts...), http.StatusSeeOther)
 }
 
@@ -245,7 +245,7 @@ func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if e := q.Get("error"); e != "" {
-		c.log.Warn("provider refused consent", "grant", p.Grant, "error", cli.Shown(e))
+		c.log.Warn("provider refused consent", "grant", cli.Shown(p.Grant), "error", cli.Shown(e))
 		http.Error(w, "the provider answered "+cli.Shown(e), http.StatusBadRequest)
 		return
 	}
@@ -274,17 +274,17 @@ func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
 	tok, err := rt.cfg.Exchange(ctx, authCode, opts...)
 	if err != nil {
 		why := cli.Shown(tokenmgr.DescribeProviderError(err))
-		c.log.Error("code exchange failed", "grant", p.Grant, "err", why)
+		c.log.Error("code exchange failed", "grant", cli.Shown(p.Grant), "err", why)
 		http.Error(w, "code exchange failed: "+why, http.StatusBadGateway)
 		return
 	}
 	v, err := rt.store.Seed(ctx, p.Grant, tok, tokenmgr.SeedOptions{ConsentedAt: c.now()})
 	if err != nil {
-		c.log.Error("seeding the connected grant failed", "grant", p.Grant, logErr(err))
+		c.log.Error("seeding the connected grant failed", "grant", cli.Shown(p.Grant), logErr(err))
 		http.Error(w, "could not store the grant", http.StatusInternalServerError)
 		return
 	}
-	c.log.Info("grant connected", "grant", p.Grant, "version", v)
+	c.log.Info("grant connected", "grant", cli.Shown(p.Grant), "version", v)
 	// Back to the dashboard, which shows the grant healthy and, from the
 	// signed cookie only, the note that it was connected. Relative, so
 	// that it works behind a proxy that serves the refresher under a path.

@@ -23,6 +23,7 @@ import (
 	"github.com/redis/go-redis/v9"
 	"golang.org/x/oauth2"
 
+	"github.com/tokenmgr/tokenmgr/internal/testbin"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
@@ -541,5 +542,75 @@ func TestConnectRefusesForgedState(t *testing.T) {
 	}
 	if s := w.idp.Stats(); s.AuthCodeExchanges != 0 {
 		t.Errorf("%d code exchanges for forged logins, want 0", s.AuthCodeExchanges)
+	}
+}
+
+// Members of the schedule that cannot name a grant are parked at its end
+// with one log line each, before the dead grants' score, so that three of
+// them at the head of a batch of three do not keep a real grant from
+// being refreshed.
+func TestSchedulerParksInvalidNames(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	c := defaultRun()
+	c.batch, c.jitter = 3, 0
+	logs := &testbin.Buffer{}
+	o := w.options(tokenmgr.Strict)
+	o.Logger = slog.New(slog.NewTextHandler(logs, nil))
+	rf, err := newSingle(t.Context(), c, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = rf.m.Close(context.Background()) })
+	tok := w.idp.NewGrant("")
+	tok.Expiry = w.clock.Now().Add(time.Hour)
+	if _, err := rf.m.Seed(t.Context(), "real", tok, tokenmgr.SeedOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	invalid := []string{"{a}", "{b}", "{c}\x1b[2J"}
+	for _, m := range invalid {
+		w.mr.ZAdd("tm:due", float64(w.clock.Now().UnixMilli()), m) // due long before "real"
+	}
+	w.clock.Advance(55 * time.Minute)
+	for range 3 {
+		tickAndWait(t.Context(), rf.sched)
+	}
+	if st, _ := rf.m.Status(t.Context(), "real"); st.Version != 2 {
+		t.Errorf("real grant behind three invalid names: version %d, want 2 (refreshed)", st.Version)
+	}
+	for _, m := range invalid {
+		if score, _ := w.mr.ZScore("tm:due", m); int64(score) != invalidParked.UnixMilli() {
+			t.Errorf("%q is at %v in the schedule, want parked at %v", m, time.UnixMilli(int64(score)), invalidParked)
+		}
+	}
+	if n := strings.Count(logs.String(), "parked an invalid grant name"); n != len(invalid) || strings.Contains(logs.String(), "\x1b") {
+		t.Errorf("%d log lines for %d invalid names (want one each, no ESC):\n%s", n, len(invalid), logs.String())
+	}
+	if n, _ := rf.m.DeadGrants(t.Context()); n != 0 {
+		t.Errorf("the invalid names count as %d grants needing re-consent", n)
+	}
+}
+
+// After a worker's rotation that the ACL kept out of the schedule, the
+// refresher puts the grant at its new expiry.
+func TestSchedulerCorrectsStaleSchedule(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	rf := w.single(defaultRun(), tokenmgr.Strict)
+	tok := w.idp.NewGrant("")
+	tok.Expiry = w.clock.Now().Add(time.Hour)
+	if _, err := rf.m.Seed(t.Context(), "g", tok, tokenmgr.SeedOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	old, _ := w.mr.ZScore("tm:due", "g")
+	w.clock.Advance(30 * time.Minute)
+	worker := w.manager(tokenmgr.Strict)
+	if _, err := worker.Rotate(t.Context(), "g"); err != nil {
+		t.Fatal(err)
+	}
+	w.mr.ZAdd("tm:due", old, "g")     // the worker's ZADD refused, as the README's ACL does
+	w.clock.Advance(25 * time.Minute) // the old expiry is due, the new one is not
+	tickAndWait(t.Context(), rf.sched)
+	st, _ := rf.m.Status(t.Context(), "g")
+	if score, _ := w.mr.ZScore("tm:due", "g"); int64(score) != st.Expiry.UnixMilli() || st.Version != 2 {
+		t.Errorf("schedule at %v, version %d; want the new expiry %v and no refresh", time.UnixMilli(int64(score)), st.Version, st.Expiry)
 	}
 }
