@@ -77,6 +77,11 @@ type seedInput struct {
 	Scope        string `json:"scope"`
 }
 
+// maxSeedLifetime bounds an imported token's expiry: no provider issues
+// access tokens for longer, and beyond it seconds overflow a time.Duration
+// (expires_in 9223372037 wrapped to the year 1734).
+const maxSeedLifetime = 10 * 365 * 24 * time.Hour
+
 // parseSeed decodes a token JSON. Errors never quote the input: it holds
 // tokens.
 func parseSeed(r io.Reader, now time.Time) (*oauth2.Token, error) {
@@ -110,10 +115,13 @@ func parseSeed(r io.Reader, now time.Time) (*oauth2.Token, error) {
 		if t.Year() < 2000 {
 			return nil, fmt.Errorf("expiry %q is unset (a zero time); give the real expiry or expires_in", in.Expiry)
 		}
+		if t.After(now.Add(maxSeedLifetime)) {
+			return nil, fmt.Errorf("expiry %q is more than 10 years ahead", in.Expiry)
+		}
 		tok.Expiry = t
 	case in.ExpiresIn != nil:
-		if *in.ExpiresIn <= 0 {
-			return nil, errors.New("expires_in must be positive")
+		if *in.ExpiresIn <= 0 || *in.ExpiresIn > int64(maxSeedLifetime/time.Second) {
+			return nil, fmt.Errorf("expires_in %d: want 1 to %d seconds (10 years)", *in.ExpiresIn, int64(maxSeedLifetime/time.Second))
 		}
 		tok.Expiry = now.Add(time.Duration(*in.ExpiresIn) * time.Second)
 	default:
