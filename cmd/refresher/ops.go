@@ -10,6 +10,8 @@ import (
 	"log/slog"
 	"sort"
 	"strconv"
+	"strings"
+	"sync"
 	"text/tabwriter"
 	"time"
 
@@ -318,19 +320,27 @@ func cmdRewrap(ctx context.Context, args []string, env func(string) string, stdo
 	var c cli.Common
 	fs := newFlagSet("rewrap", stderr)
 	c.Register(fs, env)
-	acceptPlain := fs.Bool("accept-plaintext", false, "also encrypt values stored in plaintext (migrating a store written before encryption was on)")
+	acceptPlain := fs.Bool("accept-plaintext", false, "with --grant: also seal that grant's values stored in plaintext (migrating a store written before encryption was on); without --grant: list the grants and fields stored in plaintext, and seal nothing")
 	if err := parseArgs(fs, args); err != nil {
 		return err
 	}
 	if c.InsecurePlain {
 		return errors.New("rewrap needs the encryption keys, not --insecure-plaintext")
 	}
+	// Anyone who can write to Redis can store a plain: value; sealing it
+	// would launder their token into one that every worker trusts. So
+	// plaintext is sealed only for a grant the operator names, after
+	// seeing what was found.
+	finder := &plainFinder{}
+	var finderOpts tokenmgr.Options
 	store, done, err := openStore(ctx, &c, false, true, stderr, func(o *tokenmgr.Options) {
 		if kr, ok := o.Sealer.(*tokenmgr.Keyring); ok {
-			if *acceptPlain {
-				o.Sealer = kr.WithPlaintextReads()
+			finder.inner = kr.WithPlaintextReads()
+			if *acceptPlain && c.Grant != "" {
+				o.Sealer = finder.inner
 			}
-			fmt.Fprintf(stdout, "sealing under key %q: every process must already hold it\n", kr.ActiveKeyID())
+			finderOpts = *o
+			finderOpts.Sealer = finder
 		}
 	})
 	if err != nil {
@@ -339,14 +349,32 @@ func cmdRewrap(ctx context.Context, args []string, env func(string) string, stdo
 	defer done()
 	grants, err := grantsOf(ctx, store, c.Grant)
 	if err != nil {
-		return err
+		return fmt.Errorf("cannot list the grants: %s: %s", redisTrouble(err), cli.Shown(err.Error()))
 	}
+	if *acceptPlain {
+		found, err := findPlaintext(ctx, finderOpts, finder, grants, stdout)
+		if err != nil {
+			return err
+		}
+		if c.Grant == "" {
+			if len(found) == 0 {
+				fmt.Fprintln(stdout, "no values stored in plaintext")
+				return nil
+			}
+			fmt.Fprintf(stdout, "check that these are your tokens (anyone who can write to Redis could have put them there), then seal each grant with:\n")
+			for _, g := range found {
+				fmt.Fprintf(stdout, "  refresher rewrap --accept-plaintext --grant %s\n", g)
+			}
+			return fmt.Errorf("%d grants hold values in plaintext; nothing was written: name each with --grant to seal it", len(found))
+		}
+	}
+	fmt.Fprintf(stdout, "sealing under key %q: every process must already hold it\n", finder.inner.ActiveKeyID())
 	var errs []error
 	n := 0
 	for _, g := range grants {
 		wrote, err := store.Rewrap(ctx, g)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", g, err))
+			errs = append(errs, fmt.Errorf("%s: %s", cli.Shown(g), cli.Shown(err.Error())))
 			continue
 		}
 		if wrote {
@@ -355,6 +383,57 @@ func cmdRewrap(ctx context.Context, args []string, env func(string) string, stdo
 	}
 	fmt.Fprintf(stdout, "rewrapped %d of %d grants under the newest key\n", n, len(grants))
 	return errors.Join(errs...)
+}
+
+// plainFinder opens values like its keyring with plaintext reads, and
+// notes which fields of which grants were stored in plaintext.
+type plainFinder struct {
+	inner *tokenmgr.Keyring
+	mu    sync.Mutex
+	found map[string][]string // grant -> fields
+}
+
+func (f *plainFinder) Seal(grant, field string, plaintext []byte) (string, error) {
+	return f.inner.Seal(grant, field, plaintext)
+}
+
+func (f *plainFinder) Open(grant, field, stored string) ([]byte, error) {
+	if strings.HasPrefix(stored, "plain:") { // the README's stored form of a plaintext value
+		f.mu.Lock()
+		if f.found == nil {
+			f.found = map[string][]string{}
+		}
+		f.found[grant] = append(f.found[grant], field)
+		f.mu.Unlock()
+	}
+	return f.inner.Open(grant, field, stored)
+}
+
+// findPlaintext lists, for each of grants, the fields stored in plaintext,
+// with what the record says of its last writer, and returns those grants.
+func findPlaintext(ctx context.Context, o tokenmgr.Options, f *plainFinder, grants []string, stdout io.Writer) ([]string, error) {
+	a, err := tokenmgr.NewAdmin(o)
+	if err != nil {
+		return nil, err
+	}
+	var found []string
+	for _, g := range grants {
+		if err := a.Check(ctx, g); err != nil {
+			continue // not readable even so: plain rewrap reports it
+		}
+		f.mu.Lock()
+		fields := f.found[g]
+		f.mu.Unlock()
+		if len(fields) == 0 {
+			continue
+		}
+		found = append(found, g)
+		st, _ := a.Status(ctx, g)
+		st = shownStatus(st)
+		fmt.Fprintf(stdout, "grant %s (version %d, written %s by %s): %s stored in plaintext\n", cli.Shown(g), st.Version,
+			st.RotatedAt.UTC().Format(time.RFC3339), st.RotatedBy, strings.Join(fields, ", "))
+	}
+	return found, nil
 }
 
 // grantLister lists the grants in the schedule: *tokenmgr.Admin and

@@ -112,3 +112,43 @@ func TestStatusCorruptAndUntrustedText(t *testing.T) {
 		t.Errorf("status --json rows: %+v", sts)
 	}
 }
+
+// rewrap --accept-plaintext seals a plain: value only for a grant the
+// operator names: without --grant it lists what it found and writes
+// nothing, so a value someone slipped into Redis is not laundered.
+func TestRewrapAcceptPlaintextNeedsTheGrant(t *testing.T) {
+	mr := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	defer rdb.Close()
+	plain, _ := tokenmgr.NewAdmin(tokenmgr.Options{Redis: rdb, Logger: slog.New(slog.DiscardHandler)}) // before encryption was on
+	for _, g := range []string{"legacy", "injected"} {
+		if _, err := plain.Seed(t.Context(), g, &oauth2.Token{AccessToken: "at", RefreshToken: "rt", Expiry: time.Now().Add(time.Hour)}, tokenmgr.SeedOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seedDirect(t, rdb, testKey, "sealed")
+	env := map[string]string{"TOKENMGR_REDIS_URL": "redis://" + mr.Addr(), "TOKENMGR_ENCRYPTION_KEY": testKey}
+	stored := func(g string) string { return mr.HGet("tm:{"+g+"}:tok", "refresh_token") }
+
+	out, _, err := command(t, env, "", "rewrap", "--accept-plaintext")
+	if err == nil || !strings.Contains(err.Error(), "nothing was written") {
+		t.Errorf("rewrap --accept-plaintext without --grant: %v, want a refusal", err)
+	}
+	for _, want := range []string{"grant injected (version 1", "grant legacy (version 1", "access_token, refresh_token stored in plaintext", "refresher rewrap --accept-plaintext --grant legacy"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the listing lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "grant sealed") || !strings.HasPrefix(stored("legacy"), "plain:") || !strings.HasPrefix(stored("injected"), "plain:") {
+		t.Errorf("listing sealed something or listed a sealed grant:\n%s", out)
+	}
+
+	out, _, err = command(t, env, "", "rewrap", "--accept-plaintext", "--grant", "legacy")
+	if err != nil || !strings.Contains(out, "rewrapped 1 of 1") || !strings.HasPrefix(stored("legacy"), "enc:v1:k1:") || !strings.HasPrefix(stored("injected"), "plain:") {
+		t.Errorf("rewrap --accept-plaintext --grant legacy: %v\n%s\nlegacy %.10s, injected %.10s", err, out, stored("legacy"), stored("injected"))
+	}
+	// Without --accept-plaintext, a plaintext value is refused as before.
+	if _, _, err := command(t, env, "", "rewrap", "--grant", "injected"); err == nil || !strings.Contains(err.Error(), "plaintext") {
+		t.Errorf("rewrap --grant injected: %v, want the plaintext refused", err)
+	}
+}
