@@ -27,15 +27,8 @@ func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
 	return fs
 }
 
-func parseArgs(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q", fs.Args())
-	}
-	return nil
-}
+// parseArgs parses a subcommand's flags: see cli.Parse for the errors.
+func parseArgs(fs *flag.FlagSet, args []string) error { return cli.Parse(fs, args) }
 
 // openStore connects to Redis for the operator commands: a
 // tokenmgr.Admin, which reads and writes records without a client

@@ -23,6 +23,7 @@ import (
 	"github.com/redis/go-redis/v9"
 	"golang.org/x/oauth2"
 
+	"github.com/tokenmgr/tokenmgr/internal/cli"
 	"github.com/tokenmgr/tokenmgr/internal/testbin"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
@@ -475,6 +476,47 @@ func TestConfigFile(t *testing.T) {
 	}
 	if _, err := parseRunFlags([]string{"--config", good, "--redirect-url", "https://r.example/callback"}, getenv, io.Discard); err == nil || !strings.Contains(err.Error(), "needs the operator surface") {
 		t.Errorf("/connect without an admin password: %v", err)
+	}
+	// Every grant is checked, not only the first; a missing secret names
+	// the registration's variable; and none falls back to
+	// TOKENMGR_CLIENT_SECRET (another registration's secret, perhaps).
+	env["TOKENMGR_CLIENT_SECRET"] = "someone-elses-secret"
+	for body, want := range map[string]string{
+		`{"registrations": [{"name": "x", "provider": "atlassian", "client_id": "a", "client_secret_env": "JIRA_SECRET", "grants": ["good", "bad name"]}]}`: `registration x: grants: tokenmgr: invalid grant name "bad name"`,
+		`{"registrations": [{"name": "x", "provider": "atlassian", "client_id": "a", "client_secret_env": "NOPE", "grants": ["g"]}]}`:                       "registration x: no client secret: NOPE is unset or empty",
+		`{"registrations": [{"name": "x", "provider": "atlassian", "client_id": "a", "grants": ["g"]}]}`:                                                    "registration x: set client_secret_file or client_secret_env",
+	} {
+		_, err := parseRunFlags([]string{"--config", write(body)}, getenv, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), want) || strings.Contains(err.Error(), "TOKENMGR_CLIENT_SECRET") {
+			t.Errorf("config %s: %v, want %q and no word of TOKENMGR_CLIENT_SECRET", body, err, want)
+		}
+	}
+}
+
+// Exit status 0 for -h, 2 for a command line that does not parse, 1 for
+// any other error, as the README says.
+func TestExitStatus(t *testing.T) {
+	env := map[string]string{"TOKENMGR_REDIS_URL": "redis://127.0.0.1:1", "TOKENMGR_ENCRYPTION_KEY": testKey}
+	for _, tc := range []struct {
+		args []string
+		want int
+	}{
+		{[]string{"help"}, 0},
+		{[]string{"run", "-h"}, 0},
+		{[]string{"status", "--help"}, 0},
+		{nil, 2},
+		{[]string{"frobnicate"}, 2},
+		{[]string{"status", "--nope"}, 2},
+		{[]string{"run", "--tick", "often"}, 2},
+		{[]string{"status", "stray"}, 2},
+		{[]string{"status", "--grant", "bad grant"}, 1},
+		{[]string{"run", "--max-refresh-fraction", "0.9"}, 1},
+		{[]string{"seed", "--grant", "g", "--consented-at", "yesterday"}, 1},
+	} {
+		_, _, err := command(t, env, "", tc.args...)
+		if got := cli.Exit("refresher", err, io.Discard); got != tc.want {
+			t.Errorf("refresher %v: exit %d (%v), want %d", tc.args, got, err, tc.want)
+		}
 	}
 }
 

@@ -110,7 +110,8 @@ func (c *runConfig) parseConfig(raw []byte, env func(string) string) error {
 		}
 		if r.ClientSecretFile == "" && r.ClientSecretEnv == "" {
 			// Never fall back to TOKENMGR_CLIENT_SECRET: that may be another
-			// registration's secret, and would be sent to this provider.
+			// registration's secret, and would be sent to this provider
+			// (hence cli.NoSecretEnv below).
 			errs = append(errs, fmt.Errorf("registration %s: set client_secret_file or client_secret_env", name))
 		}
 		if r.HTTPTimeout != "" {
@@ -120,27 +121,29 @@ func (c *runConfig) parseConfig(raw []byte, env func(string) string) error {
 			}
 			cm.HTTPTimeout = d
 		}
-		secretEnv := r.ClientSecretEnv
-		cm.UseEnv(func(k string) string {
-			if k == cli.EnvClientSecret && secretEnv != "" {
-				return env(secretEnv)
-			}
-			return env(k)
-		})
+		cm.SecretEnv = r.ClientSecretEnv
+		if cm.SecretEnv == "" {
+			cm.SecretEnv = cli.NoSecretEnv
+		}
+		cm.UseEnv(env)
 		if len(r.Grants) == 0 {
 			errs = append(errs, fmt.Errorf("registration %s: no grants", name))
 			continue
 		}
 		for _, g := range r.Grants {
+			if err := tokenmgr.ValidateGrantName(g); err != nil {
+				errs = append(errs, fmt.Errorf("registration %s: grants: %w", name, err))
+			}
 			if o, dup := owner[g]; dup {
 				errs = append(errs, fmt.Errorf("grant %s is in registrations %s and %s", g, o, name))
 			}
 			owner[g] = name
 		}
-		cm.Grant = r.Grants[0]
+		cm.Grant = "unused" // the grants are checked above, each
 		if err := cm.Validate(); err != nil {
 			errs = append(errs, fmt.Errorf("registration %s: %w", name, err))
 		}
+		cm.Grant = ""
 		c.regs = append(c.regs, &registration{name: name, common: cm, scopes: r.Scopes, grants: r.Grants})
 	}
 	return errors.Join(errs...)
