@@ -181,7 +181,7 @@ func runWorker(ctx context.Context, c *config, log *slog.Logger, stdout io.Write
 			return err
 		}
 	}
-	rep := runLoad(ctx, loadSpec{client: m.Client(c.common.Grant), url: c.apiURL, concurrency: c.concurrency, duration: c.duration, requests: c.requests})
+	rep := runLoad(ctx, loadSpec{client: workerClient(m, c.common.Grant), url: c.apiURL, concurrency: c.concurrency, duration: c.duration, requests: c.requests, log: log})
 	st := m.Stats()
 	rep.UnauthorizedSeen, rep.UnauthorizedAfterRetry, rep.Refreshes = st.Unauthorized, st.UnauthorizedAfterRetry, st.Refreshes
 	if err := rep.write(stdout, c.report); err != nil {
