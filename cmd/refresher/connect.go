@@ -128,10 +128,16 @@ func (c *connector) handleConfirm(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// checkGrant answers 400 or 404 for a grant /connect cannot serve.
+// checkGrant answers 400 or 404 for a grant /connect cannot serve. A name
+// with control or format characters is refused too: the pages, the logs
+// and the note after the login would each show it altered.
 func (c *connector) checkGrant(w http.ResponseWriter, grant string) (*route, bool) {
 	if err := tokenmgr.ValidateGrantName(grant); err != nil {
 		http.Error(w, cli.Shown(err.Error()), http.StatusBadRequest)
+		return nil, false
+	}
+	if cli.Shown(grant) != grant {
+		http.Error(w, "grant names with control or format characters cannot be connected", http.StatusBadRequest)
 		return nil, false
 	}
 	rt := c.route(grant)

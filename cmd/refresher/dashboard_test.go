@@ -848,3 +848,15 @@ func TestConnectedNoteIsSigned(t *testing.T) {
 		t.Errorf("two minutes later the note still says %q", got)
 	}
 }
+
+// /connect refuses a grant name that the pages could only show altered.
+func TestConnectRefusesUnprintableNames(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	_, srv := dashboardServer(t, w, nil, nil) // every grant: any valid name routes
+	for _, name := range []string{"jira\x1b[2J", "jira\u202Eexe", "jira\x00"} {
+		resp, body := do(t, srv, request{path: "/connect/" + url.PathEscape(name), header: operator})
+		if resp.StatusCode != http.StatusBadRequest || strings.ContainsAny(body, "\x1b\u202E\x00") {
+			t.Errorf("GET /connect/%q: %d %q, want 400 without the name's characters", name, resp.StatusCode, body)
+		}
+	}
+}
