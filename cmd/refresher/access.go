@@ -13,6 +13,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/time/rate"
 )
@@ -99,6 +100,8 @@ type gate struct {
 	// client (--admin-trusted-proxies); without them all clients behind
 	// one proxy share its failure budget.
 	proxies []netip.Prefix
+	// now is the clock the failure budgets refill by (the Managers').
+	now func() time.Time
 
 	mu sync.Mutex
 	// sources limits wrong credentials per client address (an IPv6 /64
@@ -126,8 +129,8 @@ const (
 
 func newSource() *source { return &source{lim: rate.NewLimiter(1, failureBurst)} }
 
-func newGate(creds credentials, proxies []netip.Prefix) *gate {
-	return &gate{creds: creds, proxies: proxies, sources: map[string]*source{}, overflow: newSource()}
+func newGate(creds credentials, proxies []netip.Prefix, now func() time.Time) *gate {
+	return &gate{creds: creds, proxies: proxies, now: now, sources: map[string]*source{}, overflow: newSource()}
 }
 
 // open reports whether no credentials are set: the surface is on a
@@ -205,7 +208,7 @@ func (gt *gate) source(key string) *source {
 	}
 	if len(gt.sources) >= maxFailureSources {
 		for k, s := range gt.sources {
-			if s.lim.Tokens() >= failureBurst {
+			if s.lim.TokensAt(gt.now()) >= failureBurst {
 				delete(gt.sources, k)
 			}
 		}
@@ -237,10 +240,11 @@ func (gt *gate) wrap(h http.Handler) http.Handler {
 		}
 		src := gt.source(gt.clientKey(r))
 		src.mu.Lock()
-		throttled := src.lim.Tokens() < 1
+		now := gt.now()
+		throttled := src.lim.TokensAt(now) < 1
 		ok := !throttled && gt.allowed(r)
 		if !throttled && !ok {
-			src.lim.Allow()
+			src.lim.AllowN(now, 1)
 		}
 		src.mu.Unlock()
 		switch {

@@ -860,3 +860,18 @@ func TestConnectRefusesUnprintableNames(t *testing.T) {
 		}
 	}
 }
+
+// A throttled source's budget refills by the refresher's clock, not by how
+// long the test happened to take.
+func TestThrottleRefillsByTheClock(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	rf, _ := dashboardServer(t, w, nil, nil)
+	guessFrom(rf.handler, "192.0.2.1", "", 30)
+	if code := operatorFrom(rf.handler, "192.0.2.1", ""); code != http.StatusTooManyRequests {
+		t.Fatalf("after 30 wrong guesses: %d, want 429", code)
+	}
+	w.clock.Advance(2 * time.Second)
+	if code := operatorFrom(rf.handler, "192.0.2.1", ""); code != http.StatusOK {
+		t.Errorf("two seconds later (one failure allowed per second): %d, want 200", code)
+	}
+}

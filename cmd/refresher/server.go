@@ -186,7 +186,7 @@ func newOperatorSurface(c *runConfig, runners []*runner, opts []tokenmgr.Options
 	d := &dashboard{runners: runners, conn: newConnector(c, runners, opts), now: clock(opts[0]), secure: secureURL(c.redirectURL),
 		log: first.Logger(), holder: first.Holder(), overdue: c.jitter + 2*c.tick + time.Minute, warnAbsolute: c.warnAbsolute,
 		ping: func(ctx context.Context) error { return rdb.Ping(ctx).Err() }}
-	return operatorSurface(newGate(c.creds, c.trustedProxies), d)
+	return operatorSurface(newGate(c.creds, c.trustedProxies, d.now), d)
 }
 
 // operatorSurface is the operator's part of the refresher: the dashboard,
