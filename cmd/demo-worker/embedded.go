@@ -112,7 +112,7 @@ func runFleet(ctx context.Context, c *config, log *slog.Logger, stdout io.Writer
 			return nil, err
 		}
 		for _, m := range ms {
-			clients = append(clients, m.Client("demo"))
+			clients = append(clients, workerClient(m, "demo"))
 		}
 		stats = func() tokenmgr.Stats {
 			var s tokenmgr.Stats
@@ -162,10 +162,13 @@ func runFleet(ctx context.Context, c *config, log *slog.Logger, stdout io.Writer
 	cancel()
 	<-ticker
 
-	res.Failures = map[string]int64{}
+	res.Failures, res.Errors = map[string]int64{}, map[string]string{}
 	for _, r := range reports {
 		for k, n := range r.Failures {
 			res.Failures[k] += n
+			if res.Errors[k] == "" {
+				res.Errors[k] = r.Errors[k]
+			}
 		}
 		res.ReauthRequired = res.ReauthRequired || r.ReauthRequired
 		res.Seconds = max(res.Seconds, r.Seconds)

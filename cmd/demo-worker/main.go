@@ -25,18 +25,18 @@ import (
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
 	err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
-	switch {
-	case err == nil:
-	case errors.Is(err, flag.ErrHelp):
-		os.Exit(2)
-	case errors.Is(err, errFailures):
-		os.Exit(1)
-	default:
-		fmt.Fprintln(os.Stderr, "demo-worker:", err)
-		os.Exit(2)
+	stop()
+	os.Exit(exitStatus(err, os.Stderr))
+}
+
+// exitStatus is cli.Exit's, except that failed requests exit 1 without a
+// word: the report has said how many.
+func exitStatus(err error, stderr io.Writer) int {
+	if errors.Is(err, errFailures) {
+		return 1
 	}
+	return cli.Exit("demo-worker", err, stderr)
 }
 
 // errFailures makes the exit status non-zero when a request failed; the
@@ -78,11 +78,8 @@ func parseFlags(args []string, env func(string) string, stderr io.Writer) (*conf
 	fs.DurationVar(&c.accessTTL, "access-ttl", 2*time.Second, "embedded demo: access token lifetime")
 	fs.StringVar(&c.compare, "compare", "", "embedded demo: 'naive' also runs the fleet with a per-worker x/oauth2 token source")
 	fs.DurationVar(&c.stagger, "stagger", 2*time.Second, "embedded demo: workers start this far apart, as pods rolling out or scaling up, each deployed with the grant as it was first issued")
-	if err := fs.Parse(args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return nil, err
-	}
-	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	var errs []error
 	if c.concurrency < 1 {
@@ -184,7 +181,7 @@ func runWorker(ctx context.Context, c *config, log *slog.Logger, stdout io.Write
 			return err
 		}
 	}
-	rep := runLoad(ctx, loadSpec{client: m.Client(c.common.Grant), url: c.apiURL, concurrency: c.concurrency, duration: c.duration, requests: c.requests})
+	rep := runLoad(ctx, loadSpec{client: workerClient(m, c.common.Grant), url: c.apiURL, concurrency: c.concurrency, duration: c.duration, requests: c.requests, log: log})
 	st := m.Stats()
 	rep.UnauthorizedSeen, rep.UnauthorizedAfterRetry, rep.Refreshes = st.Unauthorized, st.UnauthorizedAfterRetry, st.Refreshes
 	if err := rep.write(stdout, c.report); err != nil {

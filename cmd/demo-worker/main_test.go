@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -207,6 +208,50 @@ func TestComposeCommands(t *testing.T) {
 		}
 		if c.embedded() {
 			t.Errorf("service %s would run the embedded demo, not a worker", name)
+		}
+	}
+}
+
+// Exit status 0 for -h, 2 for a command line that does not parse, 1 for
+// flags that parse but cannot work and for failed requests; the binary
+// too, since main is where the status is made.
+func TestExitStatus(t *testing.T) {
+	cases := []struct {
+		args []string
+		want int
+	}{
+		{[]string{"-h"}, 0},
+		{[]string{"--nope"}, 2},
+		{[]string{"--duration", "long"}, 2},
+		{[]string{"stray"}, 2},
+		{[]string{"--concurrency", "0"}, 1},
+		{[]string{"--report", "xml"}, 1},
+		{[]string{"--redis", "redis://127.0.0.1:1", "--grant", "g"}, 1},
+	}
+	for _, tc := range cases {
+		if got := exitStatus(run(t.Context(), tc.args, noEnv, io.Discard, io.Discard), io.Discard); got != tc.want {
+			t.Errorf("demo-worker %v: exit %d, want %d", tc.args, got, tc.want)
+		}
+	}
+	if got := exitStatus(fmt.Errorf("load: %w", errFailures), io.Discard); got != 1 {
+		t.Errorf("failed requests: exit %d, want 1", got)
+	}
+	bin, err := buildBinaries()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range cases {
+		cmd := exec.Command(filepath.Join(bin, "demo-worker"), tc.args...)
+		cmd.Env = []string{}
+		err := cmd.Run()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		if code != tc.want {
+			t.Errorf("the demo-worker binary %v: exit %d, want %d", tc.args, code, tc.want)
 		}
 	}
 }

@@ -37,13 +37,9 @@ import (
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr); err != nil {
-		if !errors.Is(err, flag.ErrHelp) {
-			fmt.Fprintln(os.Stderr, "fakeidp:", err)
-		}
-		os.Exit(2)
-	}
+	err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
+	stop()
+	os.Exit(cli.Exit("fakeidp", err, os.Stderr))
 }
 
 type config struct {
@@ -72,11 +68,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.BoolVar(&c.consentPage, "consent-page", false, "at /authorize, show an Allow/Deny page instead of consenting at once (for browser tests)")
 	fs.StringVar(&c.seedGrant, "seed-grant", "", "at start, create a grant and seed it into --seed-redis under this `name` (for demos)")
 	fs.StringVar(&c.seedRedis, "seed-redis", "", "Redis `URL` for --seed-grant")
-	if err := fs.Parse(args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return c, err
-	}
-	if fs.NArg() > 0 {
-		return c, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	if _, err := tokenmgrtest.ProfileByName(c.profile); err != nil {
 		return c, err

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/tokenmgr/tokenmgr/internal/cli"
 	"github.com/tokenmgr/tokenmgr/internal/compose"
 )
 
@@ -104,6 +105,28 @@ func TestConsentPageFlag(t *testing.T) {
 		h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, authorize, nil))
 		if rec.Code != tt.want {
 			t.Errorf("%v: GET /authorize got %d, want %d", tt.args, rec.Code, tt.want)
+		}
+	}
+}
+
+// Exit status 0 for -h, 2 for a command line that does not parse, 1 for
+// flags that parse but cannot work (main is cli.Exit of run).
+func TestExitStatus(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want int
+	}{
+		{[]string{"-h"}, 0},
+		{[]string{"--nope"}, 2},
+		{[]string{"--latency", "slow"}, 2},
+		{[]string{"extra"}, 2},
+		{[]string{"--profile", "google"}, 1},
+		{[]string{"--access-ttl", "500ms"}, 1},
+		{[]string{"--seed-grant", "g"}, 1},
+	} {
+		err := run(t.Context(), tc.args, func(string) string { return "" }, io.Discard, io.Discard)
+		if got := cli.Exit("fakeidp", err, io.Discard); got != tc.want {
+			t.Errorf("fakeidp %v: exit %d (%v), want %d", tc.args, got, err, tc.want)
 		}
 	}
 }

@@ -21,7 +21,7 @@ import (
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
-// The operator commands and the pod, exercised as a user runs them: real
+// The operator commands and "refresher run", exercised as a user runs them: real
 // binaries, a real redis-server, the fakeidp binary.
 
 var buildBinaries = sync.OnceValues(func() (string, error) { return testbin.Build("refresher", "fakeidp") })
@@ -155,8 +155,14 @@ func TestOperatorCommands(t *testing.T) {
 		t.Errorf("bad grant name: %d %q", code, errOut)
 	}
 	_, errOut, code = b.refresher("", "frobnicate")
-	if code != 1 || !strings.Contains(errOut, "unknown command") {
-		t.Errorf("unknown command: %d %q", code, errOut)
+	if code != 2 || !strings.Contains(errOut, "unknown command") {
+		t.Errorf("unknown command: %d %q, want 2 (usage)", code, errOut)
+	}
+	if _, errOut, code = b.refresher("", "status", "--nope"); code != 2 || !strings.Contains(errOut, "flag provided but not defined") {
+		t.Errorf("unknown flag: %d %q, want 2 (usage)", code, errOut)
+	}
+	if _, _, code = b.refresher("", "status", "-h"); code != 0 {
+		t.Errorf("status -h: %d, want 0", code)
 	}
 	out, _, _ = b.refresher("", "status", "--json")
 	if !strings.Contains(out, `"version": 2`) {

@@ -6,6 +6,7 @@ import (
 	"crypto/subtle"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"html/template"
 	"log/slog"
 	"net/http"
@@ -17,15 +18,17 @@ import (
 	"golang.org/x/oauth2"
 	"golang.org/x/time/rate"
 
+	"github.com/tokenmgr/tokenmgr/internal/cli"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
 // connector bootstraps grants with the authorization-code flow, on the
-// operator surface (behind adminAuth): GET /connect/{grant} shows what will
+// operator surface (behind gate): GET /connect/{grant} shows what will
 // happen; its form POSTs (with the CSRF token) to /connect/{grant}, which
 // sends the browser to the provider with a single-use, expiring state bound
-// to a cookie (and PKCE); GET /callback checks both, exchanges the code,
-// seeds the grant and returns to the dashboard.
+// to a cookie (and PKCE), kept in Redis signed with key; GET /callback
+// checks all three, exchanges the code, seeds the grant and returns to the
+// dashboard with a signed note.
 type connector struct {
 	routes   map[string]*route // grant -> its registration
 	fallback *route            // for grants of a registration that serves every grant
@@ -37,13 +40,16 @@ type connector struct {
 	secure   bool          // the callback is https: mark cookies Secure
 	limiter  *rate.Limiter // logins started, so a flood cannot fill Redis
 	now      func() time.Time
+	// key signs pending logins and the note after one (see signed.go);
+	// derived on first use, as a login is rare and the derivation slow.
+	key func() []byte
 }
 
 // route is what /connect needs of one registration.
 type route struct {
 	cfg        *oauth2.Config // with RedirectURL and Scopes
 	params     []oauth2.AuthCodeOption
-	admin      *tokenmgr.Manager
+	store      grantStore
 	httpClient *http.Client // carries the code exchange (timeouts)
 }
 
@@ -74,6 +80,25 @@ func (c *connector) route(grant string) *route {
 	return c.fallback
 }
 
+// status reads grant's status for /connect. A missing record counts only
+// when Redis answers a PING: refused credentials are not a grant to
+// connect.
+func (c *connector) status(ctx context.Context, rt *route, grant string) (tokenmgr.GrantStatus, error) {
+	st, err := rt.store.Status(ctx, grant)
+	if errors.Is(err, tokenmgr.ErrGrantNotFound) {
+		if perr := c.rdb.Ping(ctx).Err(); perr != nil {
+			return st, perr
+		}
+	}
+	return st, err
+}
+
+// unavailable answers 503 for a Redis call that failed, naming its class.
+func (c *connector) unavailable(w http.ResponseWriter, what string, err error) {
+	c.log.Warn("connect: "+what, logErr(err))
+	http.Error(w, what+": "+redisTrouble(err), http.StatusServiceUnavailable)
+}
+
 // confirmPage is GET /connect/{grant}: a form, so that a link or an image
 // on another site cannot start a login (state changes are POSTs).
 var confirmPage = template.Must(template.New("connect.html").Funcs(pageFuncs).ParseFS(webFS, "web/connect.html"))
@@ -87,20 +112,32 @@ func (c *connector) handleConfirm(w http.ResponseWriter, r *http.Request) {
 	data := struct {
 		Grant, Status, Reason, CSRF string
 		Healthy, Replace            bool
-	}{Grant: grant, Status: "not connected", CSRF: csrfToken(w, r, c.secure), Replace: r.URL.Query().Get("replace") == "1"}
-	if st, err := rt.admin.Status(r.Context(), grant); err == nil {
-		data.Status, data.Reason, data.Healthy = st.Status, st.Reason, st.Status == tokenmgr.StatusOK
+	}{Grant: grant, Status: "not connected", Replace: r.URL.Query().Get("replace") == "1"}
+	st, err := c.status(r.Context(), rt, grant)
+	switch {
+	case err == nil:
+		data.Status, data.Reason, data.Healthy = cli.Shown(st.Status), cli.Shown(st.Reason), st.Status == tokenmgr.StatusOK
+	case !errors.Is(err, tokenmgr.ErrGrantNotFound):
+		c.unavailable(w, "cannot read grant "+grant, err)
+		return
 	}
+	data.CSRF = csrfToken(w, r, c.secure)
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	if err := confirmPage.Execute(w, data); err != nil {
-		c.log.Error("connect page", "err", err)
+		c.log.Error("connect page", logErr(err))
 	}
 }
 
-// checkGrant answers 400 or 404 for a grant /connect cannot serve.
+// checkGrant answers 400 or 404 for a grant /connect cannot serve. A name
+// with control or format characters is refused too: the pages, the logs
+// and the note after the login would each show it altered.
 func (c *connector) checkGrant(w http.ResponseWriter, grant string) (*route, bool) {
 	if err := tokenmgr.ValidateGrantName(grant); err != nil {
-		http.Error(w, err.Error(), http.StatusBadRequest)
+		http.Error(w, cli.Shown(err.Error()), http.StatusBadRequest)
+		return nil, false
+	}
+	if cli.Shown(grant) != grant {
+		http.Error(w, "grant names with control or format characters cannot be connected", http.StatusBadRequest)
 		return nil, false
 	}
 	rt := c.route(grant)
@@ -128,8 +165,13 @@ func (c *connector) handleConnect(w http.ResponseWriter, r *http.Request) {
 	}
 	// Replacing a live grant is a deliberate act.
 	replace := r.PostFormValue("replace") == "1"
-	if st, err := rt.admin.Status(r.Context(), grant); err == nil && st.Status == tokenmgr.StatusOK && !replace {
+	st, err := c.status(r.Context(), rt, grant)
+	switch {
+	case err == nil && st.Status == tokenmgr.StatusOK && !replace:
 		http.Error(w, "grant "+grant+" is healthy; tick 'replace' (replace=1) to replace it with a new consent", http.StatusConflict)
+		return
+	case err != nil && !errors.Is(err, tokenmgr.ErrGrantNotFound):
+		c.unavailable(w, "cannot read grant "+grant, err)
 		return
 	}
 	b := make([]byte, 32)
@@ -142,8 +184,10 @@ func (c *connector) handleConnect(w http.ResponseWriter, r *http.Request) {
 		opts = append(opts, oauth2.S256ChallengeOption(p.Verifier))
 	}
 	js, _ := json.Marshal(p)
-	if err := c.rdb.Set(r.Context(), c.stateKey(state), js, c.stateTTL).Err(); err != nil {
-		http.Error(w, "cannot store the login state: Redis unavailable", http.StatusServiceUnavailable)
+	// Signed and bound to the state: a record someone else wrote to Redis,
+	// or one moved to another state, does not complete.
+	if err := c.rdb.Set(r.Context(), c.stateKey(state), sign(c.key(), domainState, state, string(js)), c.stateTTL).Err(); err != nil {
+		c.unavailable(w, "cannot store the login state", err)
 		return
 	}
 	// The state is also bound to this browser: a callback link lured into
@@ -151,8 +195,33 @@ func (c *connector) handleConnect(w http.ResponseWriter, r *http.Request) {
 	// provider's redirect.
 	http.SetCookie(w, &http.Cookie{Name: stateCookieName(state), Value: state, Path: "/", MaxAge: int(c.stateTTL.Seconds()),
 		HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode})
-	c.log.Info("connect started", "grant", grant, "replace", replace)
+	c.log.Info("connect started", "grant", cli.Shown(grant), "replace", replace)
 	http.Redirect(w, r, rt.cfg.AuthCodeURL(state, opts...), http.StatusSeeOther)
+}
+
+// pending reads and deletes (GETDEL: a state works once, whatever happens
+// next) the login of state, and checks its signature and age.
+func (c *connector) pending(ctx context.Context, state string) (pendingConnect, int, string, error) {
+	var p pendingConnect
+	raw, err := c.rdb.GetDel(ctx, c.stateKey(state)).Result()
+	switch {
+	case err == redis.Nil:
+		return p, http.StatusBadRequest, "unknown, expired or already used state: start again at /connect/{grant}", nil
+	case err != nil:
+		return p, http.StatusServiceUnavailable, "cannot read the login state: " + redisTrouble(err), err
+	}
+	js, err := verify(c.key(), domainState, state, raw)
+	if err != nil {
+		c.log.Warn("refused a login state this refresher did not sign: someone with write access to Redis may have forged it")
+		return p, http.StatusBadRequest, "login state not signed by this refresher: start again at /connect/{grant}", nil
+	}
+	if json.Unmarshal([]byte(js), &p) != nil || tokenmgr.ValidateGrantName(p.Grant) != nil {
+		return p, http.StatusBadRequest, "corrupt login state", nil
+	}
+	if !c.now().Before(p.Started.Add(c.stateTTL)) {
+		return p, http.StatusBadRequest, "expired login state: start again at /connect/{grant}", nil
+	}
+	return p, 0, "", nil
 }
 
 func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
@@ -168,19 +237,12 @@ func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	http.SetCookie(w, &http.Cookie{Name: stateCookieName(state), Value: "", Path: "/", MaxAge: -1, HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode})
-	// GETDEL: a state works once, whatever happens next.
-	js, err := c.rdb.GetDel(r.Context(), c.stateKey(state)).Bytes()
-	if err == redis.Nil {
-		http.Error(w, "unknown, expired or already used state: start again at /connect/{grant}", http.StatusBadRequest)
-		return
-	}
-	if err != nil {
-		http.Error(w, "cannot read the login state: Redis unavailable", http.StatusServiceUnavailable)
-		return
-	}
-	var p pendingConnect
-	if err := json.Unmarshal(js, &p); err != nil || tokenmgr.ValidateGrantName(p.Grant) != nil {
-		http.Error(w, "corrupt login state", http.StatusBadRequest)
+	p, code, msg, err := c.pending(r.Context(), state)
+	if code != 0 {
+		if err != nil {
+			c.log.Warn("connect: cannot read the login state", logErr(err))
+		}
+		http.Error(w, msg, code)
 		return
 	}
 	rt := c.route(p.Grant)
@@ -189,18 +251,23 @@ func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if e := q.Get("error"); e != "" {
-		c.log.Warn("provider refused consent", "grant", p.Grant, "error", e)
-		http.Error(w, "the provider answered "+e, http.StatusBadRequest)
+		c.log.Warn("provider refused consent", "grant", cli.Shown(p.Grant), "error", cli.Shown(e))
+		http.Error(w, "the provider answered "+cli.Shown(e), http.StatusBadRequest)
 		return
 	}
-	code := q.Get("code")
-	if code == "" {
+	authCode := q.Get("code")
+	if authCode == "" {
 		http.Error(w, "missing code", http.StatusBadRequest)
 		return
 	}
 	// The grant may have been seeded meanwhile: replace it only if asked.
-	if st, err := rt.admin.Status(r.Context(), p.Grant); err == nil && st.Status == tokenmgr.StatusOK && !p.Replace {
+	st, err := c.status(r.Context(), rt, p.Grant)
+	switch {
+	case err == nil && st.Status == tokenmgr.StatusOK && !p.Replace:
 		http.Error(w, "grant "+p.Grant+" became healthy meanwhile; start again and tick replace to replace it", http.StatusConflict)
+		return
+	case err != nil && !errors.Is(err, tokenmgr.ErrGrantNotFound):
+		c.unavailable(w, "cannot read grant "+p.Grant, err)
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
@@ -210,21 +277,25 @@ func (c *connector) handleCallback(w http.ResponseWriter, r *http.Request) {
 	if p.Verifier != "" {
 		opts = append(opts, oauth2.VerifierOption(p.Verifier))
 	}
-	tok, err := rt.cfg.Exchange(ctx, code, opts...)
+	tok, err := rt.cfg.Exchange(ctx, authCode, opts...)
 	if err != nil {
-		c.log.Error("code exchange failed", "grant", p.Grant, "err", tokenmgr.DescribeProviderError(err))
-		http.Error(w, "code exchange failed: "+tokenmgr.DescribeProviderError(err), http.StatusBadGateway)
+		why := cli.Shown(tokenmgr.DescribeProviderError(err))
+		c.log.Error("code exchange failed", "grant", cli.Shown(p.Grant), "err", why)
+		http.Error(w, "code exchange failed: "+why, http.StatusBadGateway)
 		return
 	}
-	v, err := rt.admin.Seed(ctx, p.Grant, tok, tokenmgr.SeedOptions{ConsentedAt: c.now()})
+	v, err := rt.store.Seed(ctx, p.Grant, tok, tokenmgr.SeedOptions{ConsentedAt: c.now()})
 	if err != nil {
-		c.log.Error("seeding the connected grant failed", "grant", p.Grant, "err", err)
+		c.log.Error("seeding the connected grant failed", "grant", cli.Shown(p.Grant), logErr(err))
 		http.Error(w, "could not store the grant", http.StatusInternalServerError)
 		return
 	}
-	c.log.Info("grant connected", "grant", p.Grant, "version", v)
-	// Back to the dashboard, which shows the grant healthy. Relative, so
+	c.log.Info("grant connected", "grant", cli.Shown(p.Grant), "version", v)
+	// Back to the dashboard, which shows the grant healthy and, from the
+	// signed cookie only, the note that it was connected. Relative, so
 	// that it works behind a proxy that serves the refresher under a path.
+	http.SetCookie(w, &http.Cookie{Name: noteCookie, Value: sealNote(c.key(), connectedNote{Grant: p.Grant, Version: v, Until: c.now().Add(time.Minute)}),
+		Path: "/", MaxAge: 60, HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode})
 	w.Header().Set("Location", "./?"+url.Values{"connected": {p.Grant}, "version": {strconv.FormatInt(v, 10)}}.Encode())
 	w.WriteHeader(http.StatusSeeOther)
 }

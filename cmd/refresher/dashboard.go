@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/tokenmgr/tokenmgr/internal/cli"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
@@ -25,7 +26,7 @@ var webFS embed.FS
 // a token: rows are built field by field from tokenmgr.GrantStatus, which
 // has none.
 type dashboard struct {
-	pods    []*pod
+	runners []*runner
 	conn    *connector // nil: /connect is off
 	now     func() time.Time
 	secure  bool // https: Secure cookies
@@ -34,6 +35,9 @@ type dashboard struct {
 	overdue time.Duration // past the refresher's due time by this much, a token is late
 	// warnAbsolute: the absolute expiry turns amber this far ahead.
 	warnAbsolute time.Duration
+	// ping asks Redis whether it answers at all, to tell a missing record
+	// from refused credentials.
+	ping func(context.Context) error
 }
 
 // Colour levels of a row or a countdown.
@@ -51,6 +55,7 @@ const (
 	stateReconsent    = "needs re-consent"
 	stateNotConnected = "not connected"
 	stateCorrupt      = "corrupt record"
+	stateNoAccess     = "no access to Redis" // credentials or ACL refused: not a missing grant
 	stateUnknown      = "unknown"
 )
 
@@ -97,19 +102,19 @@ type dashboardData struct {
 	Grants         []dashboardRow `json:"grants"`
 }
 
-// grantsToShow lists each grant with the pod that serves it: the grants
-// named in --grant or --config, and for a registration that serves every
-// grant, the rest of the schedule.
-func (d *dashboard) grantsToShow(ctx context.Context) ([]string, []*pod, error) {
-	owner := map[string]*pod{}
-	var everyGrant *pod
-	for _, p := range d.pods {
-		if p.reg.grants == nil {
-			everyGrant = p
+// grantsToShow lists each grant with the runner that serves it: the
+// grants named in --grant or --config, and for a registration that serves
+// every grant, the rest of the schedule.
+func (d *dashboard) grantsToShow(ctx context.Context) ([]string, []*runner, error) {
+	owner := map[string]*runner{}
+	var everyGrant *runner
+	for _, rn := range d.runners {
+		if rn.reg.grants == nil {
+			everyGrant = rn
 			continue
 		}
-		for _, g := range p.reg.grants {
-			owner[g] = p
+		for _, g := range rn.reg.grants {
+			owner[g] = rn
 		}
 	}
 	if everyGrant != nil {
@@ -128,49 +133,78 @@ func (d *dashboard) grantsToShow(ctx context.Context) ([]string, []*pod, error) 
 		names = append(names, g)
 	}
 	slices.Sort(names) // rows keep their place between updates
-	pods := make([]*pod, len(names))
+	runners := make([]*runner, len(names))
 	for i, g := range names {
-		pods[i] = owner[g]
+		runners[i] = owner[g]
 	}
-	return names, pods, nil
+	return names, runners, nil
 }
 
 func (d *dashboard) data(ctx context.Context) dashboardData {
 	now := d.now()
 	out := dashboardData{Now: now, Holder: d.holder, ConnectEnabled: d.conn != nil, Grants: []dashboardRow{}}
-	names, pods, err := d.grantsToShow(ctx)
+	names, runners, err := d.grantsToShow(ctx)
 	if err != nil {
-		d.log.Warn("dashboard: cannot list grants", "err", err)
-		out.Error = "cannot read the grant list from Redis: " + err.Error()
+		d.log.Warn("dashboard: cannot list grants", logErr(err))
+		out.Error = "cannot read the grant list: " + redisTrouble(err) + ": " + cli.Shown(err.Error())
 		return out
 	}
 	if len(names) == 0 {
 		return out
 	}
-	sts, errs := d.pods[0].m.Statuses(ctx, names)
+	sts, errs := d.runners[0].m.Statuses(ctx, names)
+	d.confirmMissing(ctx, errs)
 	for i, g := range names {
-		out.Grants = append(out.Grants, d.row(now, g, pods[i], sts[i], errs[i]))
+		if errs[i] == nil {
+			// Statuses decodes metadata only: decrypt too, so that a
+			// record sealed with another key is not shown as ok.
+			errs[i] = runners[i].store.Check(ctx, g)
+		}
+		out.Grants = append(out.Grants, d.row(now, g, runners[i], sts[i], errs[i]))
 	}
 	return out
 }
 
-// row turns a status into what the page shows, colours included.
-func (d *dashboard) row(now time.Time, grant string, p *pod, st tokenmgr.GrantStatus, err error) dashboardRow {
-	r := dashboardRow{Grant: grant, Registration: p.reg.name}
-	connectable := d.conn != nil && d.conn.route(grant) != nil
+// confirmMissing believes "no record" only when Redis answers a PING:
+// refused credentials must not read as grants that were never connected.
+func (d *dashboard) confirmMissing(ctx context.Context, errs []error) {
+	if !slices.ContainsFunc(errs, func(err error) bool { return errors.Is(err, tokenmgr.ErrGrantNotFound) }) {
+		return
+	}
+	perr := d.ping(ctx)
+	if perr == nil {
+		return
+	}
+	for i, err := range errs {
+		if errors.Is(err, tokenmgr.ErrGrantNotFound) {
+			errs[i] = perr
+		}
+	}
+}
+
+// row turns a status into what the page shows, colours included. Every
+// string read from Redis goes through cli.Shown.
+func (d *dashboard) row(now time.Time, grant string, rn *runner, st tokenmgr.GrantStatus, err error) dashboardRow {
+	r := dashboardRow{Grant: cli.Shown(grant), Registration: rn.reg.name}
+	// A name that Shown had to change (from the schedule) cannot be
+	// connected: the form would name another grant.
+	connectable := d.conn != nil && d.conn.route(grant) != nil && r.Grant == grant
 	var corrupt *tokenmgr.CorruptRecordError
 	switch {
 	case errors.Is(err, tokenmgr.ErrGrantNotFound):
 		r.State, r.Level, r.Reason = stateNotConnected, levelCrit, "no record in Redis: connect it, or import a token with 'refresher seed'"
 	case errors.As(err, &corrupt):
-		r.State, r.Level, r.Reason = stateCorrupt, levelCrit, err.Error()
+		r.State, r.Level, r.Reason = stateCorrupt, levelCrit, cli.Shown(err.Error())
+	case deniedByRedis(err):
+		r.State, r.Level, r.Reason = stateNoAccess, levelCrit, redisTrouble(err)+": "+cli.Shown(err.Error())
 	case err != nil:
-		r.State, r.Level, r.Reason = stateUnknown, levelWarn, "cannot read the record: "+err.Error()
+		r.State, r.Level, r.Reason = stateUnknown, levelWarn, "cannot read the record: "+cli.Shown(err.Error())
 	}
 	r.Connect = connectable && (r.State == stateNotConnected || r.State == stateCorrupt)
 	if err != nil {
 		return r
 	}
+	st = shownStatus(st)
 	r.Version, r.Reason, r.Expiry, r.RotatedAt, r.RotatedBy = st.Version, st.Reason, st.Expiry, st.RotatedAt, st.RotatedBy
 	r.RefreshesLastHour, r.IdleExpiry, r.AbsoluteExpiry = st.RefreshesLastHour, st.IdleExpiry, st.AbsoluteExpiry
 	r.IdleLevel = countdownLevel(now, st.IdleExpiry, idleWarn, idleCrit)
@@ -182,7 +216,7 @@ func (d *dashboard) row(now time.Time, grant string, p *pod, st tokenmgr.GrantSt
 	}
 	// The token is late once the refresher should have refreshed it.
 	r.ExpiryLevel = levelOK
-	switch due := p.m.RefreshDueAt(st); {
+	switch due := rn.m.RefreshDueAt(st); {
 	case st.Expiry.IsZero(): // the provider gave no expiry: nothing to be late with
 	case !now.Before(st.Expiry):
 		r.ExpiryLevel = levelCrit
@@ -204,11 +238,11 @@ func (d *dashboard) row(now time.Time, grant string, p *pod, st tokenmgr.GrantSt
 	return r
 }
 
-// servesGrant reports whether one of the pods serves grant (by name, or
-// as a registration that serves every grant).
+// servesGrant reports whether one of the runners serves grant (by name,
+// or as a registration that serves every grant).
 func (d *dashboard) servesGrant(grant string) bool {
-	for _, p := range d.pods {
-		if p.reg.grants == nil || slices.Contains(p.reg.grants, grant) {
+	for _, rn := range d.runners {
+		if rn.reg.grants == nil || slices.Contains(rn.reg.grants, grant) {
 			return true
 		}
 	}
@@ -265,13 +299,14 @@ func (d *dashboard) handlePage(w http.ResponseWriter, r *http.Request) {
 		dashboardData
 		CSRF, Connected, ConnectedVersion string
 	}{dashboardData: d.data(ctx), CSRF: csrfToken(w, r, d.secure)}
-	// After /callback: a grant name and a version, nothing else, so that
-	// a crafted link cannot put arbitrary text on the page.
-	if g := r.URL.Query().Get("connected"); tokenmgr.ValidateGrantName(g) == nil && d.servesGrant(g) {
-		page.Connected = g
-		if v, err := strconv.ParseInt(r.URL.Query().Get("version"), 10, 64); err == nil && v > 0 {
-			page.ConnectedVersion = strconv.FormatInt(v, 10)
+	// After /callback: its signed note, fresh and naming a served grant,
+	// shown once. Not the query: a crafted link must not put words on the
+	// page.
+	if c, err := r.Cookie(noteCookie); err == nil && d.conn != nil {
+		if n, ok := openNote(d.conn.key(), c.Value, d.now()); ok && d.servesGrant(n.Grant) && tokenmgr.ValidateGrantName(n.Grant) == nil {
+			page.Connected, page.ConnectedVersion = n.Grant, strconv.FormatInt(n.Version, 10)
 		}
+		http.SetCookie(w, &http.Cookie{Name: noteCookie, Value: "", Path: "/", MaxAge: -1, HttpOnly: true, Secure: d.secure, SameSite: http.SameSiteLaxMode})
 	}
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	if err := dashboardPage.Execute(w, page); err != nil {

@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/cookiejar"
@@ -14,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -21,17 +24,18 @@ import (
 
 	"golang.org/x/oauth2"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
 
-const testAdminPassword = "correct horse battery"
+const testPassword = "correct horse battery"
 
 // dashboardServer serves a one-registration refresher for grants, with
 // /connect on and admin credentials set; mod adjusts the flags first.
-func dashboardServer(t *testing.T, w *world, grants []string, mod func(*runConfig)) (*pod, *httptest.Server) {
+func dashboardServer(t *testing.T, w *world, grants []string, mod func(*runConfig)) (*single, *httptest.Server) {
 	c := defaultRun()
-	c.adminPassword = testAdminPassword
+	c.creds.password = testPassword
 	var h http.Handler
 	srv := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { h.ServeHTTP(rw, r) }))
 	t.Cleanup(srv.Close)
@@ -45,13 +49,13 @@ func dashboardServer(t *testing.T, w *world, grants []string, mod func(*runConfi
 	// A strict provider with Atlassian's limits, for the countdowns.
 	o.Provider.IdleExpiry, o.Provider.AbsoluteExpiry = 90*24*time.Hour, 365*24*time.Hour
 	o.Holder = "refresher-1"
-	pd, err := newPod(t.Context(), c, o)
+	rf, err := newSingle(t.Context(), c, o)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = pd.m.Close(context.Background()) })
-	h = pd.handler
-	return pd, srv
+	t.Cleanup(func() { _ = rf.m.Close(context.Background()) })
+	h = rf.handler
+	return rf, srv
 }
 
 type request struct {
@@ -88,12 +92,12 @@ func basic(user, pass string) http.Header {
 	return http.Header{"Authorization": r.Header["Authorization"]}
 }
 
-var operator = basic("admin", testAdminPassword)
+var operator = basic("admin", testPassword)
 
 // The operator surface is off unless an operator turns it on.
 func TestDashboardOffWithoutAdminConfig(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
-	_, srv := dashboardServer(t, w, nil, func(c *runConfig) { c.adminPassword, c.redirectURL = "", "" })
+	_, srv := dashboardServer(t, w, nil, func(c *runConfig) { c.creds.password, c.redirectURL = "", "" })
 	for _, path := range []string{"/", "/api/grants", "/connect/jira", "/callback?state=x", "/assets/dashboard.js"} {
 		if resp, _ := do(t, srv, request{path: path, header: operator}); resp.StatusCode != http.StatusNotFound {
 			t.Errorf("GET %s = %d with no admin configuration, want 404", path, resp.StatusCode)
@@ -107,7 +111,7 @@ func TestDashboardOffWithoutAdminConfig(t *testing.T) {
 func TestDashboardAccessControl(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
 	const token = "a-bearer-token-of-some-length"
-	withToken := func(c *runConfig) { c.adminToken = token }
+	withToken := func(c *runConfig) { c.creds.token = token }
 	for _, tc := range []struct {
 		name   string
 		header http.Header
@@ -115,12 +119,12 @@ func TestDashboardAccessControl(t *testing.T) {
 	}{
 		{"no credentials", nil, http.StatusUnauthorized},
 		{"wrong password", basic("admin", "wrong password!"), http.StatusUnauthorized},
-		{"wrong user", basic("root", testAdminPassword), http.StatusUnauthorized},
+		{"wrong user", basic("root", testPassword), http.StatusUnauthorized},
 		{"password", operator, http.StatusOK},
 		{"bearer token", http.Header{"Authorization": {"Bearer " + token}}, http.StatusOK},
 		{"token as basic-auth password", basic("admin", token), http.StatusOK},
 		{"wrong bearer token", http.Header{"Authorization": {"Bearer " + token + "x"}}, http.StatusUnauthorized},
-		{"password as bearer token", http.Header{"Authorization": {"Bearer " + testAdminPassword}}, http.StatusUnauthorized},
+		{"password as bearer token", http.Header{"Authorization": {"Bearer " + testPassword}}, http.StatusUnauthorized},
 	} {
 		_, srv := dashboardServer(t, w, nil, withToken) // its own failure budget
 		for _, path := range []string{"/", "/api/grants", "/assets/dashboard.js", "/connect/jira"} {
@@ -137,8 +141,8 @@ func TestDashboardAccessControl(t *testing.T) {
 // challenge is never withheld.
 func TestDashboardThrottlesGuessing(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
-	pd, _ := dashboardServer(t, w, nil, nil)
-	h := pd.handler
+	rf, _ := dashboardServer(t, w, nil, nil)
+	h := rf.handler
 	for i := range 30 {
 		if code := operatorFrom(h, "10.0.0.1", ""); code != http.StatusOK {
 			t.Fatalf("the operator's poll %d answered %d", i, code)
@@ -192,8 +196,8 @@ func operatorFrom(h http.Handler, addr, xff string) int { return sendFrom(h, add
 // client's own X-Forwarded-For means nothing unless a trusted proxy sent it.
 func TestThrottleSources(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
-	pd, _ := dashboardServer(t, w, nil, func(c *runConfig) { c.adminProxies = []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")} })
-	h := pd.handler
+	rf, _ := dashboardServer(t, w, nil, func(c *runConfig) { c.trustedProxies = []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")} })
+	h := rf.handler
 	throttled := 0
 	for i := range 30 {
 		throttled += guessFrom(h, fmt.Sprintf("2001:db8:0:1::%x", i+1), "", 1)
@@ -229,8 +233,8 @@ func TestThrottleSources(t *testing.T) {
 // throttled however many addresses join.
 func TestThrottleFullMap(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
-	pd, _ := dashboardServer(t, w, nil, nil)
-	h := pd.handler
+	rf, _ := dashboardServer(t, w, nil, nil)
+	h := rf.handler
 	if n := guessFrom(h, "192.0.2.1", "", 30); n < 15 {
 		t.Fatalf("guesser: %d of 30 throttled", n)
 	}
@@ -250,8 +254,8 @@ func TestThrottleFullMap(t *testing.T) {
 // token in the page or its JSON.
 func TestDashboardRows(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
-	pd, srv := dashboardServer(t, w, []string{"healthy", "dead", "busy", "never", "forever"}, nil)
-	m := pd.m
+	rf, srv := dashboardServer(t, w, []string{"healthy", "dead", "busy", "never", "forever"}, nil)
+	m := rf.m
 	ctx := t.Context()
 	for _, g := range []string{"healthy", "dead"} {
 		if _, err := m.Seed(ctx, g, w.idp.NewGrant("read:jira-work"), tokenmgr.SeedOptions{ConsentedAt: w.clock.Now().Add(-360 * 24 * time.Hour)}); err != nil {
@@ -364,11 +368,11 @@ func TestDashboardRows(t *testing.T) {
 			t.Fatal("an issued token appears in the dashboard or its JSON")
 		}
 	}
-	// The note after a login shows a served grant and a number, nothing
-	// a crafted link chose.
+	// The note after a login comes from its signed cookie only (see
+	// TestConnectedNoteIsSigned): a crafted link shows nothing.
 	for q, want := range map[string]string{
-		"?connected=dead&version=7":                      "Grant <b>dead</b> connected (version 7).",
-		"?connected=dead&version=7+visit+evil.example":   "Grant <b>dead</b> connected.",
+		"?connected=dead&version=7":                      "",
+		"?connected=dead&version=7+visit+evil.example":   "",
 		"?connected=visit-evil.example-to-fix&version=1": "",
 	} {
 		_, page := do(t, srv, request{path: "/" + q, header: operator})
@@ -460,11 +464,11 @@ func TestConnectRefusesCrossSiteRequests(t *testing.T) {
 // loopback names: a page whose DNS is rebound to 127.0.0.1 gets nothing.
 func TestOpenAdminListenerRefusesOtherHosts(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
-	pd, _ := dashboardServer(t, w, []string{"jira"}, func(c *runConfig) { c.adminPassword, c.adminListen = "", "127.0.0.1:0" })
-	if pd.admin == nil {
+	rf, _ := dashboardServer(t, w, []string{"jira"}, func(c *runConfig) { c.creds.password, c.operatorListen = "", "127.0.0.1:0" })
+	if rf.operator == nil {
 		t.Fatal("--admin-listen without credentials did not turn the surface on")
 	}
-	if rec := serve(pd.handler, http.MethodGet, "127.0.0.1:8080", "/"); rec.Code != http.StatusNotFound {
+	if rec := serve(rf.handler, http.MethodGet, "127.0.0.1:8080", "/"); rec.Code != http.StatusNotFound {
 		t.Errorf("--listen serves the dashboard (%d) although --admin-listen is set", rec.Code)
 	}
 	for host, want := range map[string]int{
@@ -472,11 +476,23 @@ func TestOpenAdminListenerRefusesOtherHosts(t *testing.T) {
 		"attacker.example:9090": http.StatusMisdirectedRequest, "10.0.0.5:9090": http.StatusMisdirectedRequest,
 	} {
 		for _, path := range []string{"/", "/api/grants", "/connect/jira"} {
-			if rec := serve(pd.admin, http.MethodGet, host, path); rec.Code != want {
+			if rec := serve(rf.operator, http.MethodGet, host, path); rec.Code != want {
 				t.Errorf("Host %s, GET %s: %d, want %d", host, path, rec.Code, want)
 			}
 		}
 	}
+}
+
+// serveAs serves one request with header from a loopback client.
+func serveAs(h http.Handler, method, path string, header http.Header) *httptest.ResponseRecorder {
+	r := httptest.NewRequest(method, path, nil)
+	r.RemoteAddr = "127.0.0.1:40000"
+	for k, v := range header {
+		r.Header[k] = v
+	}
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, r)
+	return rec
 }
 
 func serve(h http.Handler, method, host, path string) *httptest.ResponseRecorder {
@@ -531,8 +547,8 @@ func TestAdminFlags(t *testing.T) {
 			t.Errorf("%v: %v, want an error with %q", tc.args, err, tc.want)
 		case tc.want != "" && strings.Contains(err.Error(), "a-long-enough-secret"):
 			t.Errorf("%v: the error shows the secret", tc.args)
-		case err == nil && c.adminEnabled() != (len(tc.args) > 0):
-			t.Errorf("%v: operator surface on = %v", tc.args, c.adminEnabled())
+		case err == nil && c.operatorOn() != (len(tc.args) > 0):
+			t.Errorf("%v: operator surface on = %v", tc.args, c.operatorOn())
 		}
 	}
 }
@@ -572,7 +588,7 @@ func TestTwoLoginsAtOnce(t *testing.T) {
 			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 		}
 		if strings.HasPrefix(target, srv.URL) {
-			req.SetBasicAuth("admin", testAdminPassword)
+			req.SetBasicAuth("admin", testPassword)
 		}
 		resp, err := browser.Do(req)
 		if err != nil {
@@ -617,14 +633,14 @@ func TestDashboardUnderProxyPath(t *testing.T) {
 	var h http.Handler
 	proxy := httptest.NewServer(http.StripPrefix("/refresher", http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { h.ServeHTTP(rw, r) })))
 	defer proxy.Close()
-	pd, _ := dashboardServer(t, w, []string{"jira"}, func(c *runConfig) { c.redirectURL = proxy.URL + "/refresher/callback" })
-	h = pd.handler
+	rf, _ := dashboardServer(t, w, []string{"jira"}, func(c *runConfig) { c.redirectURL = proxy.URL + "/refresher/callback" })
+	h = rf.handler
 	jar, _ := cookiejar.New(nil)
 	var visited []string
 	browser := &http.Client{Jar: jar, CheckRedirect: func(req *http.Request, _ []*http.Request) error {
 		visited = append(visited, req.URL.String())
 		if strings.HasPrefix(req.URL.String(), proxy.URL) {
-			req.SetBasicAuth("admin", testAdminPassword)
+			req.SetBasicAuth("admin", testPassword)
 		}
 		return nil
 	}}
@@ -634,7 +650,7 @@ func TestDashboardUnderProxyPath(t *testing.T) {
 		if form != nil {
 			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 		}
-		req.SetBasicAuth("admin", testAdminPassword)
+		req.SetBasicAuth("admin", testPassword)
 		resp, err := browser.Do(req)
 		if err != nil {
 			t.Fatal(err)
@@ -662,7 +678,200 @@ func TestDashboardUnderProxyPath(t *testing.T) {
 	if got := resp.Request.URL; got.Path != "/refresher/" || got.Query().Get("connected") != "jira" || !strings.Contains(landing, "<b>jira</b> connected") {
 		t.Errorf("after consent the browser is at %s (visited %v); want the dashboard under /refresher/ saying jira connected", got, visited)
 	}
-	if st, err := pd.m.Status(t.Context(), "jira"); err != nil || st.Status != tokenmgr.StatusOK {
+	if st, err := rf.m.Status(t.Context(), "jira"); err != nil || st.Status != tokenmgr.StatusOK {
 		t.Errorf("grant after the login: %+v %v", st, err)
+	}
+}
+
+// A wrong Redis password shows as no access to Redis, never as grants
+// that are not connected (which would offer to replace them).
+func TestDashboardRedisRefusesCredentials(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	w.mr.RequireAuth("the-right-password")
+	for _, grants := range [][]string{{"jira"}, nil} {
+		c := defaultRun()
+		c.creds.password = testPassword
+		c.redirectURL = "http://127.0.0.1:1/callback"
+		c.regs = []*registration{{name: "jira", grants: grants}}
+		o := w.options(tokenmgr.Strict)
+		o.Redis = redis.NewClient(&redis.Options{Addr: w.mr.Addr(), Password: "a-wrong-password"})
+		t.Cleanup(func() { o.Redis.Close() })
+		rf, err := newSingle(t.Context(), c, o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = rf.m.Close(context.Background()) })
+		rec := sendFrom(rf.handler, "127.0.0.1", "", operator)
+		var d dashboardData
+		if err := json.Unmarshal(rec.Body.Bytes(), &d); err != nil {
+			t.Fatal(err)
+		}
+		if grants == nil {
+			if !strings.Contains(d.Error, "Redis refused the credentials") {
+				t.Errorf("every-grant registration with a wrong password: error %q, want the refused credentials", d.Error)
+			}
+			continue
+		}
+		if len(d.Grants) != 1 || d.Grants[0].State != stateNoAccess || d.Grants[0].Connect || !strings.Contains(d.Grants[0].Reason, "refused the credentials") {
+			t.Errorf("--grant jira with a wrong password: rows %+v, want one %q row without Connect", d.Grants, stateNoAccess)
+		}
+		// /connect refuses to start or confirm a login it cannot check.
+		if rec := serveAs(rf.handler, http.MethodGet, "/connect/jira", operator); rec.Code != http.StatusServiceUnavailable || !strings.Contains(rec.Body.String(), "refused the credentials") {
+			t.Errorf("GET /connect/jira with a wrong password: %d %s, want 503 naming the credentials", rec.Code, rec.Body.String())
+		}
+	}
+}
+
+// A record the refresher's key does not open is a corrupt row naming the
+// field, with Re-connect, not an ok row; text from Redis reaches the page
+// and its JSON without control characters and bounded.
+func TestDashboardCorruptAndUntrustedText(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	mine, _ := tokenmgr.GenerateKey("k1")
+	other, _ := tokenmgr.GenerateKey("k1") // the same id, other key material
+	w.sealer, _ = tokenmgr.NewKeyring(mine)
+	rf, srv := dashboardServer(t, w, []string{"fine", "foreign", "noisy"}, nil)
+	for _, g := range []string{"fine", "noisy"} {
+		if _, err := rf.m.Seed(t.Context(), g, w.idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	otherKeyring, _ := tokenmgr.NewKeyring(other)
+	rdb := redis.NewClient(&redis.Options{Addr: w.mr.Addr()})
+	t.Cleanup(func() { rdb.Close() })
+	elsewhere, _ := tokenmgr.NewAdmin(tokenmgr.Options{Redis: rdb, Sealer: otherKeyring, Now: w.clock.Now, Logger: slog.New(slog.DiscardHandler)})
+	if _, err := elsewhere.Seed(t.Context(), "foreign", w.idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	w.mr.HSet("tm:{noisy}:tok", "status", "reauth_required", "reason", "\x1b[2J\x1b]0;owned\x07\rinvalid_grant"+strings.Repeat("A", 1<<20),
+		"rotated_by", "worker\x1b[31m-7\u202E")
+
+	resp, body := do(t, srv, request{path: "/api/grants", header: operator})
+	var d dashboardData
+	if resp.StatusCode != http.StatusOK || json.Unmarshal([]byte(body), &d) != nil || len(d.Grants) != 3 {
+		t.Fatalf("/api/grants = %d, %d bytes", resp.StatusCode, len(body))
+	}
+	if f := d.Grants[1]; f.Grant != "foreign" || f.State != stateCorrupt || !strings.Contains(f.Reason, "field access_token") || !f.Connect {
+		t.Errorf("a record sealed with another key: %+v; want %q naming access_token, with Re-connect", f, stateCorrupt)
+	}
+	if d.Grants[0].State != stateOK {
+		t.Errorf("the fine row: %+v", d.Grants[0])
+	}
+	_, page := do(t, srv, request{path: "/", header: operator})
+	for what, text := range map[string]string{"/api/grants": body, "the page": page} {
+		if strings.ContainsAny(text, "\x1b\x07\r\u202E") || len(text) > 16<<10 {
+			t.Errorf("%s: %d bytes, control characters %v", what, len(text), strings.ContainsAny(text, "\x1b\x07\r\u202E"))
+		}
+	}
+	if n := d.Grants[2]; !strings.Contains(n.Reason, "invalid_grant") || !strings.Contains(n.Reason, "bytes cut]") || n.RotatedBy != "worker?[31m-7?" {
+		t.Errorf("the noisy row: reason %.80q..., rotated by %q", n.Reason, n.RotatedBy)
+	}
+}
+
+// The note after a login names the grant and version its callback signed,
+// once and for a minute; a cookie altered, signed with another key, or
+// stale, and a crafted link, show nothing.
+func TestConnectedNoteIsSigned(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	_, srv := dashboardServer(t, w, []string{"a", "b"}, nil)
+	jar, _ := cookiejar.New(nil)
+	browser := &http.Client{Jar: jar, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	send := func(target string, form url.Values) *http.Response {
+		t.Helper()
+		method := http.MethodGet
+		if form != nil {
+			method = http.MethodPost
+		}
+		req, _ := http.NewRequest(method, target, strings.NewReader(form.Encode()))
+		if form != nil {
+			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		}
+		req.SetBasicAuth("admin", testPassword)
+		resp, err := browser.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp
+	}
+	send(srv.URL+"/", nil)
+	u, _ := url.Parse(srv.URL)
+	var csrf string
+	for _, c := range jar.Cookies(u) {
+		if c.Name == csrfCookie {
+			csrf = c.Value
+		}
+	}
+	authorize := send(srv.URL+"/connect/a", url.Values{"csrf": {csrf}}).Header.Get("Location")
+	callback := send(authorize, nil).Header.Get("Location")
+	var note string
+	for _, c := range send(callback, nil).Cookies() {
+		if c.Name == noteCookie {
+			note = c.Value
+		}
+	}
+	if note == "" {
+		t.Fatal("the callback set no note cookie")
+	}
+	key := loginKey(credentials{password: testPassword}, srv.URL+"/callback") // as every replica derives it
+	other := loginKey(credentials{password: "another operator password"}, srv.URL+"/callback")
+	tag, payload, _ := strings.Cut(note, ".")
+	js, _ := base64.RawURLEncoding.DecodeString(payload)
+	altered := tag + "." + base64.RawURLEncoding.EncodeToString([]byte(strings.Replace(string(js), `"grant":"a"`, `"grant":"b"`, 1)))
+	page := func(cookie string) (string, *http.Response) {
+		h := http.Header{"Authorization": operator["Authorization"]}
+		if cookie != "" {
+			h.Set("Cookie", noteCookie+"="+cookie)
+		}
+		resp, body := do(t, srv, request{path: "/?connected=b&version=9", header: h})
+		return regexp.MustCompile(`Grant <b>.*?</b> connected[^<]*`).FindString(body), resp
+	}
+	for _, tc := range []struct{ name, cookie, want string }{
+		{"no cookie, a crafted link", "", ""},
+		{"the callback's cookie", note, "Grant <b>a</b> connected (version 1)."},
+		{"altered", altered, ""},
+		{"signed with another key", sealNote(other, connectedNote{Grant: "b", Version: 9, Until: w.clock.Now().Add(time.Minute)}), ""},
+		{"signed, for a grant not served here", sealNote(key, connectedNote{Grant: "elsewhere", Version: 9, Until: w.clock.Now().Add(time.Minute)}), ""},
+		{"signed, by another replica", sealNote(key, connectedNote{Grant: "b", Version: 9, Until: w.clock.Now().Add(time.Minute)}), "Grant <b>b</b> connected (version 9)."},
+	} {
+		got, resp := page(tc.cookie)
+		if got != tc.want {
+			t.Errorf("%s: the page says %q, want %q", tc.name, got, tc.want)
+		}
+		if tc.cookie != "" && !slices.ContainsFunc(resp.Cookies(), func(c *http.Cookie) bool { return c.Name == noteCookie && c.MaxAge < 0 }) {
+			t.Errorf("%s: the note cookie was not cleared", tc.name)
+		}
+	}
+	w.clock.Advance(2 * time.Minute)
+	if got, _ := page(note); got != "" {
+		t.Errorf("two minutes later the note still says %q", got)
+	}
+}
+
+// /connect refuses a grant name that the pages could only show altered.
+func TestConnectRefusesUnprintableNames(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	_, srv := dashboardServer(t, w, nil, nil) // every grant: any valid name routes
+	for _, name := range []string{"jira\x1b[2J", "jira\u202Eexe", "jira\x00"} {
+		resp, body := do(t, srv, request{path: "/connect/" + url.PathEscape(name), header: operator})
+		if resp.StatusCode != http.StatusBadRequest || strings.ContainsAny(body, "\x1b\u202E\x00") {
+			t.Errorf("GET /connect/%q: %d %q, want 400 without the name's characters", name, resp.StatusCode, body)
+		}
+	}
+}
+
+// A throttled source's budget refills by the refresher's clock, not by how
+// long the test happened to take.
+func TestThrottleRefillsByTheClock(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	rf, _ := dashboardServer(t, w, nil, nil)
+	guessFrom(rf.handler, "192.0.2.1", "", 30)
+	if code := operatorFrom(rf.handler, "192.0.2.1", ""); code != http.StatusTooManyRequests {
+		t.Fatalf("after 30 wrong guesses: %d, want 429", code)
+	}
+	w.clock.Advance(2 * time.Second)
+	if code := operatorFrom(rf.handler, "192.0.2.1", ""); code != http.StatusOK {
+		t.Errorf("two seconds later (one failure allowed per second): %d, want 200", code)
 	}
 }

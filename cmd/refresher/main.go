@@ -14,27 +14,20 @@ package main
 
 import (
 	"context"
-	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/tokenmgr/tokenmgr/internal/cli"
 )
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
 	err := run(ctx, os.Args[1:], os.Getenv, os.Stdin, os.Stdout, os.Stderr)
-	switch {
-	case err == nil:
-	case errors.Is(err, flag.ErrHelp):
-		os.Exit(2)
-	default:
-		fmt.Fprintln(os.Stderr, "refresher:", err)
-		os.Exit(1)
-	}
+	stop()
+	os.Exit(cli.Exit("refresher", err, os.Stderr))
 }
 
 const usage = `usage: refresher COMMAND [flags]
@@ -53,7 +46,7 @@ Run 'refresher COMMAND -h' for the flags of a command.
 func run(ctx context.Context, args []string, env func(string) string, stdin io.Reader, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
-		return errors.New("no command")
+		return cli.Usagef("no command")
 	}
 	switch args[0] {
 	case "run":
@@ -71,5 +64,5 @@ func run(ctx context.Context, args []string, env func(string) string, stdin io.R
 		return nil
 	}
 	fmt.Fprint(stderr, usage)
-	return fmt.Errorf("unknown command %q", args[0])
+	return cli.Usagef("unknown command %q", args[0])
 }

@@ -56,16 +56,14 @@ func (mt *metrics) addManager(reg *prometheus.Registry, name string, m *tokenmgr
 	stat("tokenmgr_restores_total", "Records restored after Redis lost them.", func(s tokenmgr.Stats) int64 { return s.Restores })
 }
 
-// addAdmin exports the count of grants that need re-consent.
-func (mt *metrics) addAdmin(reg *prometheus.Registry, admin interface {
-	DeadGrants(context.Context) (int64, error)
-}) {
+// addReauthGauge exports the count of grants that need re-consent.
+func (mt *metrics) addReauthGauge(reg *prometheus.Registry, store grantStore) {
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "tokenmgr_grants_reauth_required", Help: "Grants that need re-consent.",
 	}, func() float64 {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
-		n, err := admin.DeadGrants(ctx)
+		n, err := store.DeadGrants(ctx)
 		if err != nil {
 			return -1
 		}

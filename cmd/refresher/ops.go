@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"text/tabwriter"
 	"time"
 
@@ -26,18 +27,14 @@ func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
 	return fs
 }
 
-func parseArgs(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q", fs.Args())
-	}
-	return nil
-}
+// parseArgs parses a subcommand's flags: see cli.Parse for the errors.
+func parseArgs(fs *flag.FlagSet, args []string) error { return cli.Parse(fs, args) }
 
-// openAdmin connects to Redis for the operator commands.
-func openAdmin(c *cli.Common, needGrant, needKey bool, stderr io.Writer, adjust ...func(*tokenmgr.Options)) (*tokenmgr.Admin, func(), error) {
+// openStore connects to Redis for the operator commands: a
+// tokenmgr.Admin, which reads and writes records without a client
+// registration. Redis must answer a PING first, so that refused
+// credentials are reported as such, not as a missing grant.
+func openStore(ctx context.Context, c *cli.Common, needGrant, needKey bool, stderr io.Writer, adjust ...func(*tokenmgr.Options)) (*tokenmgr.Admin, func(), error) {
 	if err := c.ValidateStore(needGrant, needKey); err != nil {
 		return nil, nil, err
 	}
@@ -53,6 +50,11 @@ func openAdmin(c *cli.Common, needGrant, needKey bool, stderr io.Writer, adjust 
 	}
 	o.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	a, err := tokenmgr.NewAdmin(o)
+	if err == nil {
+		if perr := o.Redis.Ping(ctx).Err(); perr != nil {
+			err = fmt.Errorf("%s: %s", redisTrouble(perr), cli.Shown(perr.Error()))
+		}
+	}
 	if err != nil {
 		cli.CloseClients(o)
 		return nil, nil, err
@@ -69,6 +71,11 @@ type seedInput struct {
 	ExpiresIn    *int64 `json:"expires_in"`
 	Scope        string `json:"scope"`
 }
+
+// maxSeedLifetime bounds an imported token's expiry: no provider issues
+// access tokens for longer, and beyond it seconds overflow a time.Duration
+// (expires_in 9223372037 wrapped to the year 1734).
+const maxSeedLifetime = 10 * 365 * 24 * time.Hour
 
 // parseSeed decodes a token JSON. Errors never quote the input: it holds
 // tokens.
@@ -103,10 +110,13 @@ func parseSeed(r io.Reader, now time.Time) (*oauth2.Token, error) {
 		if t.Year() < 2000 {
 			return nil, fmt.Errorf("expiry %q is unset (a zero time); give the real expiry or expires_in", in.Expiry)
 		}
+		if t.After(now.Add(maxSeedLifetime)) {
+			return nil, fmt.Errorf("expiry %q is more than 10 years ahead", in.Expiry)
+		}
 		tok.Expiry = t
 	case in.ExpiresIn != nil:
-		if *in.ExpiresIn <= 0 {
-			return nil, errors.New("expires_in must be positive")
+		if *in.ExpiresIn <= 0 || *in.ExpiresIn > int64(maxSeedLifetime/time.Second) {
+			return nil, fmt.Errorf("expires_in %d: want 1 to %d seconds (10 years)", *in.ExpiresIn, int64(maxSeedLifetime/time.Second))
 		}
 		tok.Expiry = now.Add(time.Duration(*in.ExpiresIn) * time.Second)
 	default:
@@ -134,7 +144,7 @@ func cmdSeed(ctx context.Context, args []string, env func(string) string, stdin 
 		}
 		so.ConsentedAt = t
 	}
-	admin, done, err := openAdmin(&c, true, true, stderr)
+	store, done, err := openStore(ctx, &c, true, true, stderr)
 	if err != nil {
 		return err
 	}
@@ -143,7 +153,7 @@ func cmdSeed(ctx context.Context, args []string, env func(string) string, stdin 
 	if err != nil {
 		return err
 	}
-	v, err := admin.Seed(ctx, c.Grant, tok, so)
+	v, err := store.Seed(ctx, c.Grant, tok, so)
 	if err != nil {
 		return err
 	}
@@ -159,42 +169,41 @@ func cmdStatus(ctx context.Context, args []string, env func(string) string, stdo
 	if err := parseArgs(fs, args); err != nil {
 		return err
 	}
-	admin, done, err := openAdmin(&c, false, false, stderr)
+	store, done, err := openStore(ctx, &c, false, false, stderr)
 	if err != nil {
 		return err
 	}
 	defer done()
-	grants, err := grantsOf(ctx, admin, c.Grant)
+	grants, err := grantsOf(ctx, store, c.Grant)
 	if err != nil {
-		return err
+		return fmt.Errorf("cannot list the grants: %s: %s", redisTrouble(err), cli.Shown(err.Error()))
 	}
-	var out []tokenmgr.GrantStatus
+	out := []tokenmgr.GrantStatus{}
 	var errs []error
+	corrupt := 0
 	haveKey := c.KeyFile != "" || env(cli.EnvEncryptionKey) != ""
 	for _, g := range grants {
-		st, err := admin.Status(ctx, g)
-		var corrupt *tokenmgr.CorruptRecordError
-		if errors.As(err, &corrupt) {
-			out = append(out, tokenmgr.GrantStatus{Grant: g, Status: "corrupt", Reason: err.Error()})
-			continue
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", g, err))
-			continue
-		}
-		if haveKey {
+		st, err := store.Status(ctx, g)
+		if err == nil && haveKey {
 			// With the key at hand, also decrypt: a damaged token field
 			// shows here, not first in a worker.
-			if err := admin.Check(ctx, g); err != nil {
-				st.Status, st.Reason = "corrupt", err.Error()
-			}
+			err = store.Check(ctx, g)
 		}
-		out = append(out, st)
+		var bad *tokenmgr.CorruptRecordError
+		switch {
+		case errors.As(err, &bad):
+			st.Grant, st.Status, st.Reason = g, "corrupt", err.Error()
+			corrupt++
+		case deniedByRedis(err):
+			errs = append(errs, fmt.Errorf("%s: %s: %s", cli.Shown(g), redisTrouble(err), cli.Shown(err.Error())))
+			continue
+		case err != nil:
+			errs = append(errs, fmt.Errorf("%s: %s", cli.Shown(g), cli.Shown(err.Error())))
+			continue
+		}
+		out = append(out, shownStatus(st))
 	}
 	if *asJSON {
-		if out == nil {
-			out = []tokenmgr.GrantStatus{}
-		}
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		if err := enc.Encode(out); err != nil {
@@ -203,9 +212,24 @@ func cmdStatus(ctx context.Context, args []string, env func(string) string, stdo
 	} else {
 		printStatus(stdout, out, time.Now())
 	}
+	if corrupt > 0 {
+		// Scripts and cron jobs see it in the exit status, not only people
+		// reading the table.
+		errs = append(errs, fmt.Errorf("%d of %d grants have a corrupt record: see their status and reason", corrupt, len(grants)))
+	}
 	return errors.Join(errs...)
 }
 
+// shownStatus bounds and cleans the strings of st that came from Redis:
+// anyone who can write a record chooses them.
+func shownStatus(st tokenmgr.GrantStatus) tokenmgr.GrantStatus {
+	for _, f := range []*string{&st.Grant, &st.Status, &st.Reason, &st.TokenType, &st.Scope, &st.RotatedBy, &st.RefreshHolder} {
+		*f = cli.Shown(*f)
+	}
+	return st
+}
+
+// printStatus prints the table of sts, which shownStatus has cleaned.
 func printStatus(w io.Writer, sts []tokenmgr.GrantStatus, now time.Time) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "GRANT\tVERSION\tSTATUS\tEXPIRES IN\tROTATED\tBY\tREFRESHES\tLAST HOUR\tIDLE EXPIRY IN\tABSOLUTE EXPIRY IN\tREASON")
@@ -218,7 +242,7 @@ func printStatus(w io.Writer, sts []tokenmgr.GrantStatus, now time.Time) {
 			lastHour = "?"
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", s.Grant, s.Version, status, until(s.Expiry, now),
-			ago(s.RotatedAt, now), s.RotatedBy, s.RefreshCount, lastHour, until(s.IdleExpiry, now), until(s.AbsoluteExpiry, now), oneLine(s.Reason))
+			ago(s.RotatedAt, now), s.RotatedBy, s.RefreshCount, lastHour, until(s.IdleExpiry, now), until(s.AbsoluteExpiry, now), s.Reason)
 	}
 	tw.Flush()
 }
@@ -251,8 +275,6 @@ func roundDur(d time.Duration) string {
 		return d.Round(time.Second).String()
 	}
 }
-
-func oneLine(s string) string { return strings.ReplaceAll(s, "\n", " ") }
 
 func cmdRotate(ctx context.Context, args []string, env func(string) string, stdout, stderr io.Writer) error {
 	var c cli.Common
@@ -291,35 +313,61 @@ func cmdRewrap(ctx context.Context, args []string, env func(string) string, stdo
 	var c cli.Common
 	fs := newFlagSet("rewrap", stderr)
 	c.Register(fs, env)
-	acceptPlain := fs.Bool("accept-plaintext", false, "also encrypt values stored in plaintext (migrating a store written before encryption was on)")
+	acceptPlain := fs.Bool("accept-plaintext", false, "with --grant: also seal that grant's values stored in plaintext (migrating a store written before encryption was on); without --grant: list the grants and fields stored in plaintext, and seal nothing")
 	if err := parseArgs(fs, args); err != nil {
 		return err
 	}
 	if c.InsecurePlain {
 		return errors.New("rewrap needs the encryption keys, not --insecure-plaintext")
 	}
-	admin, done, err := openAdmin(&c, false, true, stderr, func(o *tokenmgr.Options) {
+	// Anyone who can write to Redis can store a plain: value; sealing it
+	// would launder their token into one that every worker trusts. So
+	// plaintext is sealed only for a grant the operator names, after
+	// seeing what was found.
+	finder := &plainFinder{}
+	var finderOpts tokenmgr.Options
+	store, done, err := openStore(ctx, &c, false, true, stderr, func(o *tokenmgr.Options) {
 		if kr, ok := o.Sealer.(*tokenmgr.Keyring); ok {
-			if *acceptPlain {
-				o.Sealer = kr.WithPlaintextReads()
+			finder.inner = kr.WithPlaintextReads()
+			if *acceptPlain && c.Grant != "" {
+				o.Sealer = finder.inner
 			}
-			fmt.Fprintf(stdout, "sealing under key %q: every process must already hold it\n", kr.ActiveKeyID())
+			finderOpts = *o
+			finderOpts.Sealer = finder
 		}
 	})
 	if err != nil {
 		return err
 	}
 	defer done()
-	grants, err := grantsOf(ctx, admin, c.Grant)
+	grants, err := grantsOf(ctx, store, c.Grant)
 	if err != nil {
-		return err
+		return fmt.Errorf("cannot list the grants: %s: %s", redisTrouble(err), cli.Shown(err.Error()))
 	}
+	if *acceptPlain {
+		found, err := findPlaintext(ctx, finderOpts, finder, grants, stdout)
+		if err != nil {
+			return err
+		}
+		if c.Grant == "" {
+			if len(found) == 0 {
+				fmt.Fprintln(stdout, "no values stored in plaintext")
+				return nil
+			}
+			fmt.Fprintf(stdout, "check that these are your tokens (anyone who can write to Redis could have put them there), then seal each grant with:\n")
+			for _, g := range found {
+				fmt.Fprintf(stdout, "  refresher rewrap --accept-plaintext --grant %s\n", g)
+			}
+			return fmt.Errorf("%d grants hold values in plaintext; nothing was written: name each with --grant to seal it", len(found))
+		}
+	}
+	fmt.Fprintf(stdout, "sealing under key %q: every process must already hold it\n", finder.inner.ActiveKeyID())
 	var errs []error
 	n := 0
 	for _, g := range grants {
-		wrote, err := admin.Rewrap(ctx, g)
+		wrote, err := store.Rewrap(ctx, g)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", g, err))
+			errs = append(errs, fmt.Errorf("%s: %s", cli.Shown(g), cli.Shown(err.Error())))
 			continue
 		}
 		if wrote {
@@ -330,12 +378,69 @@ func cmdRewrap(ctx context.Context, args []string, env func(string) string, stdo
 	return errors.Join(errs...)
 }
 
+// plainFinder opens values like its keyring with plaintext reads, and
+// notes which fields of which grants were stored in plaintext.
+type plainFinder struct {
+	inner *tokenmgr.Keyring
+	mu    sync.Mutex
+	found map[string][]string // grant -> fields
+}
+
+func (f *plainFinder) Seal(grant, field string, plaintext []byte) (string, error) {
+	return f.inner.Seal(grant, field, plaintext)
+}
+
+func (f *plainFinder) Open(grant, field, stored string) ([]byte, error) {
+	if strings.HasPrefix(stored, "plain:") { // the README's stored form of a plaintext value
+		f.mu.Lock()
+		if f.found == nil {
+			f.found = map[string][]string{}
+		}
+		f.found[grant] = append(f.found[grant], field)
+		f.mu.Unlock()
+	}
+	return f.inner.Open(grant, field, stored)
+}
+
+// findPlaintext lists, for each of grants, the fields stored in plaintext,
+// with what the record says of its last writer, and returns those grants.
+func findPlaintext(ctx context.Context, o tokenmgr.Options, f *plainFinder, grants []string, stdout io.Writer) ([]string, error) {
+	a, err := tokenmgr.NewAdmin(o)
+	if err != nil {
+		return nil, err
+	}
+	var found []string
+	for _, g := range grants {
+		if err := a.Check(ctx, g); err != nil {
+			continue // not readable even so: plain rewrap reports it
+		}
+		f.mu.Lock()
+		fields := f.found[g]
+		f.mu.Unlock()
+		if len(fields) == 0 {
+			continue
+		}
+		found = append(found, g)
+		st, _ := a.Status(ctx, g)
+		st = shownStatus(st)
+		fmt.Fprintf(stdout, "grant %s (version %d, written %s by %s): %s stored in plaintext\n", cli.Shown(g), st.Version,
+			st.RotatedAt.UTC().Format(time.RFC3339), st.RotatedBy, strings.Join(fields, ", "))
+	}
+	return found, nil
+}
+
+// grantLister lists the grants in the schedule: *tokenmgr.Admin and
+// *tokenmgr.Manager.
+type grantLister interface {
+	Grants(ctx context.Context) ([]string, error)
+}
+
 // grantsOf is the one --grant, or every grant in the schedule, sorted.
-func grantsOf(ctx context.Context, admin *tokenmgr.Admin, grant string) ([]string, error) {
+func grantsOf(ctx context.Context, store grantLister, grant string) ([]string, error) {
 	if grant != "" {
 		return []string{grant}, nil
 	}
-	grants, err := admin.Grants(ctx)
+	grants, err := store.Grants(ctx)
 	sort.Strings(grants)
 	return grants, err
 }

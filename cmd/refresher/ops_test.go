@@ -16,6 +16,9 @@ func FuzzParseSeed(f *testing.F) {
 	f.Add(`{"access_token":"a","refresh_token":"r","expiry":"2026-01-01T00:00:00Z","scope":"x"}`)
 	f.Add(`{"access_token":1}`)
 	f.Add(`<html>`)
+	f.Add(`{"access_token":"a","refresh_token":"r","expires_in":9223372037}`)
+	f.Add(`{"access_token":"a","refresh_token":"r","expires_in":315360001}`)
+	f.Add(`{"access_token":"a","refresh_token":"r","expiry":"9999-12-31T23:59:59Z"}`)
 	now := time.Unix(1_800_000_000, 0)
 	f.Fuzz(func(t *testing.T, in string) {
 		tok, err := parseSeed(strings.NewReader(in), now)
@@ -28,7 +31,28 @@ func FuzzParseSeed(f *testing.F) {
 		if tok.AccessToken == "" || tok.RefreshToken == "" || tok.Expiry.IsZero() {
 			t.Fatalf("accepted an incomplete token")
 		}
+		if tok.Expiry.Year() < 2000 || tok.Expiry.After(now.Add(maxSeedLifetime)) {
+			t.Fatalf("accepted expiry %v, outside 2000..now+10 years", tok.Expiry)
+		}
 	})
+}
+
+// Out-of-range lifetimes are refused with a message saying the range,
+// not stored as a date the decoder then calls corrupt.
+func TestParseSeedBounds(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	for in, want := range map[string]string{
+		`{"access_token":"a","refresh_token":"r","expires_in":9223372037}`:         "want 1 to 315360000 seconds",
+		`{"access_token":"a","refresh_token":"r","expires_in":0}`:                  "want 1 to 315360000 seconds",
+		`{"access_token":"a","refresh_token":"r","expiry":"9999-12-31T23:59:59Z"}`: "more than 10 years ahead",
+		`{"access_token":"a","refresh_token":"r","expires_in":315360000}`:          "",
+		`{"access_token":"a","refresh_token":"r","expiry":"2020-01-01T00:00:00Z"}`: "", // expired: the fleet refreshes at once
+	} {
+		_, err := parseSeed(strings.NewReader(in), now)
+		if (want == "") != (err == nil) || err != nil && !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want %q", in, err, want)
+		}
+	}
 }
 
 // docker-compose.yml cannot run here: check that its refresher command

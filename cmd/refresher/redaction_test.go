@@ -29,11 +29,11 @@ func TestNoTokenInLogsErrorsOrMetrics(t *testing.T) {
 		o.Logger, o.Sealer = debug, keyring
 		return o
 	}
-	pd, err := newPod(t.Context(), defaultRun(), opts())
+	rf, err := newSingle(t.Context(), defaultRun(), opts())
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = pd.m.Close(context.Background()) })
+	t.Cleanup(func() { _ = rf.m.Close(context.Background()) })
 	var workers []*tokenmgr.Manager
 	for range 3 {
 		m, err := tokenmgr.New(t.Context(), opts())
@@ -46,14 +46,14 @@ func TestNoTokenInLogsErrorsOrMetrics(t *testing.T) {
 	for i := range 3 {
 		tok := w.idp.NewGrant("read:jira-work")
 		tok.Expiry = w.clock.Now().Add(time.Hour)
-		if _, err := pd.m.Seed(t.Context(), fmt.Sprintf("g%d", i), tok, tokenmgr.SeedOptions{}); err != nil {
+		if _, err := rf.m.Seed(t.Context(), fmt.Sprintf("g%d", i), tok, tokenmgr.SeedOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	dead := w.idp.NewGrant("")
 	dead.RefreshToken = "fake-rt-unknown-to-the-idp-" + strings.Repeat("x", 20)
 	dead.Expiry = w.clock.Now().Add(time.Hour)
-	if _, err := pd.m.Seed(t.Context(), "dead", dead, tokenmgr.SeedOptions{}); err != nil {
+	if _, err := rf.m.Seed(t.Context(), "dead", dead, tokenmgr.SeedOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	var errs []string
@@ -64,7 +64,7 @@ func TestNoTokenInLogsErrorsOrMetrics(t *testing.T) {
 		case 110:
 			w.idp.DropResponses(1)
 		}
-		tickAndWait(t.Context(), pd.sched)
+		tickAndWait(t.Context(), rf.sched)
 		for _, m := range workers {
 			for _, g := range []string{"g0", "g1", "g2", "dead"} {
 				tok, err := m.Token(t.Context(), g)
@@ -78,7 +78,7 @@ func TestNoTokenInLogsErrorsOrMetrics(t *testing.T) {
 		w.clock.Advance(time.Minute)
 	}
 	rec := httptest.NewRecorder()
-	pd.handler.ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	rf.handler.ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
 	metrics, _ := io.ReadAll(rec.Body)
 	if !strings.Contains(string(metrics), "tokenmgr_refresher_refreshes_total") {
 		t.Fatalf("no metrics page")

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -22,15 +23,18 @@ import (
 	"github.com/redis/go-redis/v9"
 	"golang.org/x/oauth2"
 
+	"github.com/tokenmgr/tokenmgr/internal/cli"
+	"github.com/tokenmgr/tokenmgr/internal/testbin"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
 
 type world struct {
-	t     *testing.T
-	mr    *miniredis.Miniredis
-	clock *tokenmgrtest.Clock
-	idp   *tokenmgrtest.Server
+	t      *testing.T
+	mr     *miniredis.Miniredis
+	clock  *tokenmgrtest.Clock
+	idp    *tokenmgrtest.Server
+	sealer tokenmgr.Sealer // nil: plaintext
 }
 
 func newWorld(t *testing.T, profile tokenmgrtest.Profile) *world {
@@ -44,7 +48,7 @@ func (w *world) options(p tokenmgr.Provider) tokenmgr.Options {
 	rdb := redis.NewClient(&redis.Options{Addr: w.mr.Addr()})
 	w.t.Cleanup(func() { rdb.Close() })
 	p.HTTPTimeout = 2 * time.Second
-	return tokenmgr.Options{Redis: rdb, OAuth2: w.idp.OAuthConfig(oauth2.AuthStyleInParams), Provider: p,
+	return tokenmgr.Options{Redis: rdb, OAuth2: w.idp.OAuthConfig(oauth2.AuthStyleInParams), Provider: p, Sealer: w.sealer,
 		Now: w.clock.Now, Logger: slog.New(slog.DiscardHandler), PollInterval: 50 * time.Millisecond, LockRetry: 10 * time.Millisecond}
 }
 
@@ -52,13 +56,38 @@ func defaultRun() *runConfig {
 	return &runConfig{refreshBefore: 10 * time.Minute, maxFraction: 0.4, jitter: 2 * time.Minute, tick: time.Second, concurrency: 4, rate: 1000, batch: 1000, stateTTL: 10 * time.Minute, warnAbsolute: 30 * 24 * time.Hour}
 }
 
-func (w *world) pod(c *runConfig, p tokenmgr.Provider) *pod {
-	pd, err := newPod(w.t.Context(), c, w.options(p))
+// single is a one-registration refresher built from c's flags: its runner
+// and the server's handlers.
+type single struct {
+	*runner
+	handler  http.Handler // what --listen serves
+	operator http.Handler // the operator surface (nil: off)
+}
+
+// newSingle builds a one-registration server from c's flags, serving
+// c.common.Grant or, when it is empty, every grant in the schedule.
+func newSingle(ctx context.Context, c *runConfig, o tokenmgr.Options) (*single, error) {
+	if len(c.regs) == 0 {
+		reg := &registration{name: "default", common: c.common, scopes: c.scopes}
+		if c.common.Grant != "" {
+			reg.grants = []string{c.common.Grant}
+		}
+		c.regs = []*registration{reg}
+	}
+	s, err := newServer(ctx, c, []tokenmgr.Options{o})
+	if err != nil {
+		return nil, err
+	}
+	return &single{runner: s.runners[0], handler: s.handler, operator: s.operator}, nil
+}
+
+func (w *world) single(c *runConfig, p tokenmgr.Provider) *single {
+	rf, err := newSingle(w.t.Context(), c, w.options(p))
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	w.t.Cleanup(func() { _ = pd.m.Close(context.Background()) })
-	return pd
+	w.t.Cleanup(func() { _ = rf.m.Close(context.Background()) })
+	return rf
 }
 
 // tickAndWait runs one tick of each scheduler and waits for its refreshes.
@@ -76,26 +105,26 @@ func tickAndWait(ctx context.Context, ss ...*scheduler) {
 func TestSchedulerRefreshesDueGrantsOnceWithJitter(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
 	c := defaultRun()
-	pd := w.pod(c, tokenmgr.Strict)
+	rf := w.single(c, tokenmgr.Strict)
 	const n = 30
 	expiry := map[string]time.Time{}
 	for i := range n {
 		g := fmt.Sprintf("grant-%02d", i)
 		tok := w.idp.NewGrant("")
 		tok.Expiry = w.clock.Now().Add(time.Hour)
-		if _, err := pd.m.Seed(t.Context(), g, tok, tokenmgr.SeedOptions{}); err != nil {
+		if _, err := rf.m.Seed(t.Context(), g, tok, tokenmgr.SeedOptions{}); err != nil {
 			t.Fatal(err)
 		}
 		expiry[g] = tok.Expiry
 	}
 	refreshedAt := map[string]time.Time{}
 	for step := 0; step < 60*6; step++ { // one hour in 10s steps
-		tickAndWait(t.Context(), pd.sched)
+		tickAndWait(t.Context(), rf.sched)
 		for g := range expiry {
 			if _, done := refreshedAt[g]; done {
 				continue
 			}
-			st, err := pd.m.Status(t.Context(), g)
+			st, err := rf.m.Status(t.Context(), g)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -132,18 +161,18 @@ func TestSchedulerRefreshesDueGrantsOnceWithJitter(t *testing.T) {
 // lifetime, so its idle expiry always lies ~90 days ahead.
 func TestSchedulerKeepsIdleGrantAlive(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Atlassian)
-	pd := w.pod(defaultRun(), tokenmgr.Atlassian)
+	rf := w.single(defaultRun(), tokenmgr.Atlassian)
 	tok := w.idp.NewGrant("")
 	tok.Expiry = w.clock.Now().Add(time.Hour)
-	if _, err := pd.m.Seed(t.Context(), "idle", tok, tokenmgr.SeedOptions{}); err != nil {
+	if _, err := rf.m.Seed(t.Context(), "idle", tok, tokenmgr.SeedOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	start := w.clock.Now()
 	for w.clock.Now().Sub(start) < 3*24*time.Hour {
-		tickAndWait(t.Context(), pd.sched)
+		tickAndWait(t.Context(), rf.sched)
 		w.clock.Advance(5 * time.Minute)
 	}
-	st, err := pd.m.Status(t.Context(), "idle")
+	st, err := rf.m.Status(t.Context(), "idle")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -171,27 +200,27 @@ func TestSchedulerHonoursRetryAfter(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
 	c := defaultRun()
 	c.jitter = 0
-	pd := w.pod(c, tokenmgr.Strict)
+	rf := w.single(c, tokenmgr.Strict)
 	tok := w.idp.NewGrant("")
 	tok.Expiry = w.clock.Now().Add(time.Hour)
-	if _, err := pd.m.Seed(t.Context(), "g", tok, tokenmgr.SeedOptions{}); err != nil {
+	if _, err := rf.m.Seed(t.Context(), "g", tok, tokenmgr.SeedOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	w.clock.Advance(55 * time.Minute) // due
 	w.idp.Fail429(1, 45*time.Second)
-	tickAndWait(t.Context(), pd.sched)
+	tickAndWait(t.Context(), rf.sched)
 	if s := w.idp.Stats(); s.Injected429 != 1 {
 		t.Fatalf("IdP %+v, want one 429", s)
 	}
 	for range 8 { // 40s: inside Retry-After
 		w.clock.Advance(5 * time.Second)
-		tickAndWait(t.Context(), pd.sched)
+		tickAndWait(t.Context(), rf.sched)
 	}
 	if s := w.idp.Stats(); s.RefreshOK+s.RefreshFailed+s.Injected429 != 1 {
 		t.Fatalf("the provider was called again inside Retry-After: %+v", s)
 	}
 	w.clock.Advance(10 * time.Second)
-	tickAndWait(t.Context(), pd.sched)
+	tickAndWait(t.Context(), rf.sched)
 	if s := w.idp.Stats(); s.RefreshOK != 1 {
 		t.Errorf("not refreshed after Retry-After: %+v", s)
 	}
@@ -202,7 +231,7 @@ func TestSchedulerHonoursRetryAfter(t *testing.T) {
 func TestTwoReplicasAndWorkers(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
 	c := defaultRun()
-	a, b := w.pod(c, tokenmgr.Strict), w.pod(c, tokenmgr.Strict)
+	a, b := w.single(c, tokenmgr.Strict), w.single(c, tokenmgr.Strict)
 	const grants = 5
 	for i := range grants {
 		tok := w.idp.NewGrant("")
@@ -259,18 +288,18 @@ func TestConnectFlow(t *testing.T) {
 	c := defaultRun()
 	c.pkce = true
 	c.common.Provider = "atlassian"
-	c.adminPassword = "correct horse battery"
-	srv := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { podHandler.ServeHTTP(rw, r) }))
+	c.creds.password = "correct horse battery"
+	srv := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { singleHandler.ServeHTTP(rw, r) }))
 	defer srv.Close()
 	c.redirectURL = srv.URL + "/callback"
 	o := w.options(tokenmgr.Atlassian)
 	o.OAuth2.Endpoint.AuthURL = w.idp.AuthURL()
-	pd, err := newPod(t.Context(), c, o)
+	rf, err := newSingle(t.Context(), c, o)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer pd.m.Close(context.Background())
-	podHandler = pd.handler
+	defer rf.m.Close(context.Background())
+	singleHandler = rf.handler
 
 	var lastCallback string
 	jar, _ := cookiejar.New(nil)
@@ -329,16 +358,16 @@ func TestConnectFlow(t *testing.T) {
 	}
 	// The browser holds a CSRF cookie (the page set it), but the form's
 	// token is not it.
-	if code, _ := get("/connect/jira-prod", c.adminPassword); code != http.StatusOK {
+	if code, _ := get("/connect/jira-prod", c.creds.password); code != http.StatusOK {
 		t.Fatalf("connect page: %d", code)
 	}
 	if u, _ := url.Parse(srv.URL); len(jar.Cookies(u)) == 0 {
 		t.Fatal("the connect page set no CSRF cookie")
 	}
-	if code, _ := send(http.MethodPost, "/connect/jira-prod", c.adminPassword, url.Values{"csrf": {"guessed"}}); code != http.StatusForbidden {
+	if code, _ := send(http.MethodPost, "/connect/jira-prod", c.creds.password, url.Values{"csrf": {"guessed"}}); code != http.StatusForbidden {
 		t.Errorf("connect with a wrong CSRF token: %d, want 403", code)
 	}
-	code, body := connect("jira-prod", c.adminPassword, false)
+	code, body := connect("jira-prod", c.creds.password, false)
 	if code != http.StatusOK || !strings.Contains(body, "<b>jira-prod</b> connected") {
 		t.Fatalf("connect flow ended with %d: %s", code, body)
 	}
@@ -376,10 +405,10 @@ func TestConnectFlow(t *testing.T) {
 		t.Errorf("replay changed the grant: version %d", st.Version)
 	}
 	// A healthy grant is replaced only on purpose.
-	if code, _ := connect("jira-prod", c.adminPassword, false); code != http.StatusConflict {
+	if code, _ := connect("jira-prod", c.creds.password, false); code != http.StatusConflict {
 		t.Errorf("connect over a healthy grant: %d, want 409", code)
 	}
-	if code, _ := connect("jira-prod", c.adminPassword, true); code != http.StatusOK {
+	if code, _ := connect("jira-prod", c.creds.password, true); code != http.StatusOK {
 		t.Errorf("connect with replace=1: %d", code)
 	}
 	if st, _ := m.Status(t.Context(), "jira-prod"); st.Version != 2 {
@@ -393,18 +422,18 @@ func TestSchedulerOnlyItsGrants(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
 	c := defaultRun()
 	c.common.Grant = "mine"
-	pd := w.pod(c, tokenmgr.Strict)
+	rf := w.single(c, tokenmgr.Strict)
 	for _, g := range []string{"mine", "theirs"} {
 		tok := w.idp.NewGrant("")
 		tok.Expiry = w.clock.Now().Add(time.Hour)
-		if _, err := pd.m.Seed(t.Context(), g, tok, tokenmgr.SeedOptions{}); err != nil {
+		if _, err := rf.m.Seed(t.Context(), g, tok, tokenmgr.SeedOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	w.clock.Advance(55 * time.Minute)
-	tickAndWait(t.Context(), pd.sched)
-	mine, _ := pd.m.Status(t.Context(), "mine")
-	theirs, _ := pd.m.Status(t.Context(), "theirs")
+	tickAndWait(t.Context(), rf.sched)
+	mine, _ := rf.m.Status(t.Context(), "mine")
+	theirs, _ := rf.m.Status(t.Context(), "theirs")
 	if mine.Version != 2 || theirs.Version != 1 {
 		t.Errorf("versions mine=%d theirs=%d, want 2 and 1", mine.Version, theirs.Version)
 	}
@@ -448,8 +477,182 @@ func TestConfigFile(t *testing.T) {
 	if _, err := parseRunFlags([]string{"--config", good, "--redirect-url", "https://r.example/callback"}, getenv, io.Discard); err == nil || !strings.Contains(err.Error(), "needs the operator surface") {
 		t.Errorf("/connect without an admin password: %v", err)
 	}
+	// Every grant is checked, not only the first; a missing secret names
+	// the registration's variable; and none falls back to
+	// TOKENMGR_CLIENT_SECRET (another registration's secret, perhaps).
+	env["TOKENMGR_CLIENT_SECRET"] = "someone-elses-secret"
+	for body, want := range map[string]string{
+		`{"registrations": [{"name": "x", "provider": "atlassian", "client_id": "a", "client_secret_env": "JIRA_SECRET", "grants": ["good", "bad name"]}]}`: `registration x: grants: tokenmgr: invalid grant name "bad name"`,
+		`{"registrations": [{"name": "x", "provider": "atlassian", "client_id": "a", "client_secret_env": "NOPE", "grants": ["g"]}]}`:                       "registration x: no client secret: NOPE is unset or empty",
+		`{"registrations": [{"name": "x", "provider": "atlassian", "client_id": "a", "grants": ["g"]}]}`:                                                    "registration x: set client_secret_file or client_secret_env",
+	} {
+		_, err := parseRunFlags([]string{"--config", write(body)}, getenv, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), want) || strings.Contains(err.Error(), "TOKENMGR_CLIENT_SECRET") {
+			t.Errorf("config %s: %v, want %q and no word of TOKENMGR_CLIENT_SECRET", body, err, want)
+		}
+	}
+}
+
+// Exit status 0 for -h, 2 for a command line that does not parse, 1 for
+// any other error, as the README says.
+func TestExitStatus(t *testing.T) {
+	env := map[string]string{"TOKENMGR_REDIS_URL": "redis://127.0.0.1:1", "TOKENMGR_ENCRYPTION_KEY": testKey}
+	for _, tc := range []struct {
+		args []string
+		want int
+	}{
+		{[]string{"help"}, 0},
+		{[]string{"run", "-h"}, 0},
+		{[]string{"status", "--help"}, 0},
+		{nil, 2},
+		{[]string{"frobnicate"}, 2},
+		{[]string{"status", "--nope"}, 2},
+		{[]string{"run", "--tick", "often"}, 2},
+		{[]string{"status", "stray"}, 2},
+		{[]string{"status", "--grant", "bad grant"}, 1},
+		{[]string{"run", "--max-refresh-fraction", "0.9"}, 1},
+		{[]string{"seed", "--grant", "g", "--consented-at", "yesterday"}, 1},
+	} {
+		_, _, err := command(t, env, "", tc.args...)
+		if got := cli.Exit("refresher", err, io.Discard); got != tc.want {
+			t.Errorf("refresher %v: exit %d (%v), want %d", tc.args, got, err, tc.want)
+		}
+	}
 }
 
 var testKey = func() string { k, _ := tokenmgr.GenerateKey("k1"); return k.Encode() }()
 
-var podHandler http.Handler
+var singleHandler http.Handler
+
+// Someone who can write Redis (a worker with the old README ACL) cannot
+// complete a login of their own making: a pending state written directly
+// to Redis, or a genuine one rewritten for another grant, is refused at
+// /callback, and the grant is untouched.
+func TestConnectRefusesForgedState(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	rf, srv := dashboardServer(t, w, []string{"jira", "new"}, func(c *runConfig) { c.pkce = true })
+	if _, err := rf.m.Seed(t.Context(), "jira", w.idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	noRedirect := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	// callback drives the provider with state (as the attacker's browser
+	// would) and returns /callback's answer to a browser holding the
+	// state's cookie.
+	callback := func(state, verifier string) (int, string) {
+		t.Helper()
+		cfg := w.idp.OAuthConfig(oauth2.AuthStyleInParams)
+		cfg.RedirectURL = srv.URL + "/callback"
+		resp, err := noRedirect.Get(cfg.AuthCodeURL(state, oauth2.S256ChallengeOption(verifier)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		back, _ := url.Parse(resp.Header.Get("Location"))
+		r, body := do(t, srv, request{path: "/callback?" + back.RawQuery, header: http.Header{"Cookie": {stateCookieName(state) + "=" + state}}})
+		return r.StatusCode, body
+	}
+	verifier := oauth2.GenerateVerifier()
+	forged, _ := json.Marshal(pendingConnect{Grant: "jira", Verifier: verifier, Started: w.clock.Now(), Replace: true})
+	state := "attacker-chosen-state-0123456789"
+	w.mr.Set("tm:connect:"+state, string(forged))
+	if code, body := callback(state, verifier); code != http.StatusBadRequest || !strings.Contains(body, "not signed by this refresher") {
+		t.Errorf("a state written to Redis directly: %d %s, want 400 not signed", code, body)
+	}
+
+	// A genuine login for "new", its record rewritten to replace "jira".
+	page, _ := do(t, srv, request{path: "/", header: operator})
+	csrf := page.Cookies()[0].Value
+	resp, _ := do(t, srv, request{method: http.MethodPost, path: "/connect/new", form: url.Values{"csrf": {csrf}},
+		header: http.Header{"Authorization": operator["Authorization"], "Cookie": {csrfCookie + "=" + csrf}}})
+	authorize, _ := url.Parse(resp.Header.Get("Location"))
+	genuine := authorize.Query().Get("state")
+	stored, err := w.mr.Get("tm:connect:" + genuine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tag, js, _ := strings.Cut(stored, ".")
+	var p pendingConnect
+	_ = json.Unmarshal([]byte(js), &p)
+	p.Grant, p.Replace, p.Verifier = "jira", true, verifier
+	rewritten, _ := json.Marshal(p)
+	w.mr.Set("tm:connect:"+genuine, tag+"."+string(rewritten))
+	if code, body := callback(genuine, verifier); code != http.StatusBadRequest || !strings.Contains(body, "not signed by this refresher") {
+		t.Errorf("a signed state rewritten for another grant: %d %s, want 400 not signed", code, body)
+	}
+	if st, _ := rf.m.Status(t.Context(), "jira"); st.Version != 1 {
+		t.Errorf("the forged logins replaced the grant: version %d", st.Version)
+	}
+	if s := w.idp.Stats(); s.AuthCodeExchanges != 0 {
+		t.Errorf("%d code exchanges for forged logins, want 0", s.AuthCodeExchanges)
+	}
+}
+
+// Members of the schedule that cannot name a grant are parked at its end
+// with one log line each, before the dead grants' score, so that three of
+// them at the head of a batch of three do not keep a real grant from
+// being refreshed.
+func TestSchedulerParksInvalidNames(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	c := defaultRun()
+	c.batch, c.jitter = 3, 0
+	logs := &testbin.Buffer{}
+	o := w.options(tokenmgr.Strict)
+	o.Logger = slog.New(slog.NewTextHandler(logs, nil))
+	rf, err := newSingle(t.Context(), c, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = rf.m.Close(context.Background()) })
+	tok := w.idp.NewGrant("")
+	tok.Expiry = w.clock.Now().Add(time.Hour)
+	if _, err := rf.m.Seed(t.Context(), "real", tok, tokenmgr.SeedOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	invalid := []string{"{a}", "{b}", "{c}\x1b[2J"}
+	for _, m := range invalid {
+		w.mr.ZAdd("tm:due", float64(w.clock.Now().UnixMilli()), m) // due long before "real"
+	}
+	w.clock.Advance(55 * time.Minute)
+	for range 3 {
+		tickAndWait(t.Context(), rf.sched)
+	}
+	if st, _ := rf.m.Status(t.Context(), "real"); st.Version != 2 {
+		t.Errorf("real grant behind three invalid names: version %d, want 2 (refreshed)", st.Version)
+	}
+	for _, m := range invalid {
+		if score, _ := w.mr.ZScore("tm:due", m); int64(score) != invalidParked.UnixMilli() {
+			t.Errorf("%q is at %v in the schedule, want parked at %v", m, time.UnixMilli(int64(score)), invalidParked)
+		}
+	}
+	if n := strings.Count(logs.String(), "parked an invalid grant name"); n != len(invalid) || strings.Contains(logs.String(), "\x1b") {
+		t.Errorf("%d log lines for %d invalid names (want one each, no ESC):\n%s", n, len(invalid), logs.String())
+	}
+	if n, _ := rf.m.DeadGrants(t.Context()); n != 0 {
+		t.Errorf("the invalid names count as %d grants needing re-consent", n)
+	}
+}
+
+// After a worker's rotation that the ACL kept out of the schedule, the
+// refresher puts the grant at its new expiry.
+func TestSchedulerCorrectsStaleSchedule(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	rf := w.single(defaultRun(), tokenmgr.Strict)
+	tok := w.idp.NewGrant("")
+	tok.Expiry = w.clock.Now().Add(time.Hour)
+	if _, err := rf.m.Seed(t.Context(), "g", tok, tokenmgr.SeedOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	old, _ := w.mr.ZScore("tm:due", "g")
+	w.clock.Advance(30 * time.Minute)
+	worker := w.manager(tokenmgr.Strict)
+	if _, err := worker.Rotate(t.Context(), "g"); err != nil {
+		t.Fatal(err)
+	}
+	w.mr.ZAdd("tm:due", old, "g")     // the worker's ZADD refused, as the README's ACL does
+	w.clock.Advance(25 * time.Minute) // the old expiry is due, the new one is not
+	tickAndWait(t.Context(), rf.sched)
+	st, _ := rf.m.Status(t.Context(), "g")
+	if score, _ := w.mr.ZScore("tm:due", "g"); int64(score) != st.Expiry.UnixMilli() || st.Version != 2 {
+		t.Errorf("schedule at %v, version %d; want the new expiry %v and no refresh", time.UnixMilli(int64(score)), st.Version, st.Expiry)
+	}
+}

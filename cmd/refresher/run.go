@@ -12,44 +12,39 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
-	"slices"
 	"strings"
 	"sync"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"golang.org/x/oauth2"
-	"golang.org/x/time/rate"
 
 	"github.com/tokenmgr/tokenmgr/internal/cli"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
 type runConfig struct {
-	common         cli.Common
-	config         string
-	regs           []*registration
-	listen         string
-	refreshBefore  time.Duration
-	maxFraction    float64
-	jitter         time.Duration
-	tick           time.Duration
-	concurrency    int
-	rate           float64
-	batch          int64
-	redirectURL    string
-	scopes         string
-	pkce           bool
-	stateTTL       time.Duration
-	warnAbsolute   time.Duration
-	logLevel       string
-	adminListen    string
-	adminPassFile  string
-	adminPassword  string
-	adminTokenFile string
-	adminToken     string
-	adminProxies   []netip.Prefix
+	common        cli.Common
+	config        string
+	regs          []*registration
+	listen        string
+	refreshBefore time.Duration
+	maxFraction   float64
+	jitter        time.Duration
+	tick          time.Duration
+	concurrency   int
+	rate          float64
+	batch         int64
+	redirectURL   string
+	scopes        string
+	pkce          bool
+	stateTTL      time.Duration
+	warnAbsolute  time.Duration
+	logLevel      string
+	// operatorListen is --admin-listen: a separate listener for the
+	// operator surface.
+	operatorListen string
+	passwordFile   string // --admin-password-file
+	tokenFile      string // --admin-token-file
+	creds          credentials
+	trustedProxies []netip.Prefix // --admin-trusted-proxies
 }
 
 // registration is one client registration and the grants it refreshes.
@@ -115,7 +110,8 @@ func (c *runConfig) parseConfig(raw []byte, env func(string) string) error {
 		}
 		if r.ClientSecretFile == "" && r.ClientSecretEnv == "" {
 			// Never fall back to TOKENMGR_CLIENT_SECRET: that may be another
-			// registration's secret, and would be sent to this provider.
+			// registration's secret, and would be sent to this provider
+			// (hence cli.NoSecretEnv below).
 			errs = append(errs, fmt.Errorf("registration %s: set client_secret_file or client_secret_env", name))
 		}
 		if r.HTTPTimeout != "" {
@@ -125,27 +121,29 @@ func (c *runConfig) parseConfig(raw []byte, env func(string) string) error {
 			}
 			cm.HTTPTimeout = d
 		}
-		secretEnv := r.ClientSecretEnv
-		cm.UseEnv(func(k string) string {
-			if k == cli.EnvClientSecret && secretEnv != "" {
-				return env(secretEnv)
-			}
-			return env(k)
-		})
+		cm.SecretEnv = r.ClientSecretEnv
+		if cm.SecretEnv == "" {
+			cm.SecretEnv = cli.NoSecretEnv
+		}
+		cm.UseEnv(env)
 		if len(r.Grants) == 0 {
 			errs = append(errs, fmt.Errorf("registration %s: no grants", name))
 			continue
 		}
 		for _, g := range r.Grants {
+			if err := tokenmgr.ValidateGrantName(g); err != nil {
+				errs = append(errs, fmt.Errorf("registration %s: grants: %w", name, err))
+			}
 			if o, dup := owner[g]; dup {
 				errs = append(errs, fmt.Errorf("grant %s is in registrations %s and %s", g, o, name))
 			}
 			owner[g] = name
 		}
-		cm.Grant = r.Grants[0]
+		cm.Grant = "unused" // the grants are checked above, each
 		if err := cm.Validate(); err != nil {
 			errs = append(errs, fmt.Errorf("registration %s: %w", name, err))
 		}
+		cm.Grant = ""
 		c.regs = append(c.regs, &registration{name: name, common: cm, scopes: r.Scopes, grants: r.Grants})
 	}
 	return errors.Join(errs...)
@@ -156,8 +154,8 @@ func parseRunFlags(args []string, env func(string) string, stderr io.Writer) (*r
 	fs := newFlagSet("run", stderr)
 	c.common.Register(fs, env)
 	fs.StringVar(&c.listen, "listen", "127.0.0.1:8080", "`address` for /healthz, /readyz and /metrics (and the operator surface when admin credentials are set and --admin-listen is not)")
-	fs.StringVar(&c.adminListen, "admin-listen", "", "`address` of a separate listener for the operator surface: the dashboard at /, /api/grants, /connect/{grant}, /callback. Without admin credentials it must be loopback (reach it with kubectl port-forward)")
-	fs.DurationVar(&c.refreshBefore, "refresh-before", 10*time.Minute, "refresh this long before a token expires (capped at 20% of its lifetime); keep it above the workers' RefreshBefore (5m by default) so they never wait")
+	fs.StringVar(&c.operatorListen, "admin-listen", "", "`address` of a separate listener for the operator surface: the dashboard at /, /api/grants, /connect/{grant}, /callback. Without admin credentials it must be loopback (reach it with kubectl port-forward)")
+	fs.DurationVar(&c.refreshBefore, "refresh-before", 10*time.Minute, "refresh this long before a token expires (capped at --max-refresh-fraction of its lifetime); keep it above the workers' RefreshBefore (5m by default) so they never wait")
 	fs.Float64Var(&c.maxFraction, "max-refresh-fraction", 0.4, "cap of --refresh-before as a fraction of a token's lifetime; above the workers' (0.2 by default), so short-lived tokens are refreshed by the refresher first")
 	fs.DurationVar(&c.jitter, "jitter", time.Minute, "delay each grant's refresh by a stable random part of this, so grants with equal expiries spread out; keep it below --refresh-before minus the workers' margin")
 	fs.DurationVar(&c.tick, "tick", time.Second, "how often the schedule is read")
@@ -171,18 +169,18 @@ func parseRunFlags(args []string, env func(string) string, stderr io.Writer) (*r
 	fs.DurationVar(&c.warnAbsolute, "warn-absolute", 30*24*time.Hour, "warn when a grant's absolute expiry is closer than this")
 	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&c.config, "config", "", "JSON `file` of client registrations, each with its grants (see README); without it, the flags describe one registration, serving --grant or, if unset, every grant in the schedule")
-	fs.StringVar(&c.adminPassFile, "admin-password-file", "", "`file` with the operator password (HTTP basic auth, user admin) for the dashboard and /connect (else env "+envAdminPassword+"); setting it turns the operator surface on")
+	fs.StringVar(&c.passwordFile, "admin-password-file", "", "`file` with the operator password (HTTP basic auth, user admin) for the dashboard and /connect (else env "+envPassword+"); setting it turns the operator surface on")
 	fs.Func("admin-trusted-proxies", "comma-separated `CIDRs` of reverse proxies in front of the operator surface: their X-Forwarded-For names the client whose failed logins are throttled (else every client behind a proxy shares its budget)", func(v string) error {
 		for _, f := range strings.Split(v, ",") {
 			p, err := netip.ParsePrefix(strings.TrimSpace(f))
 			if err != nil {
 				return fmt.Errorf("want CIDRs such as 10.0.0.0/8: %w", err)
 			}
-			c.adminProxies = append(c.adminProxies, p.Masked())
+			c.trustedProxies = append(c.trustedProxies, p.Masked())
 		}
 		return nil
 	})
-	fs.StringVar(&c.adminTokenFile, "admin-token-file", "", "`file` with an operator bearer token for the dashboard, /api/grants and /connect (else env "+envAdminToken+"); browsers may send it as user admin's basic-auth password")
+	fs.StringVar(&c.tokenFile, "admin-token-file", "", "`file` with an operator bearer token for the dashboard, /api/grants and /connect (else env "+envToken+"); browsers may send it as user admin's basic-auth password")
 	if err := parseArgs(fs, args); err != nil {
 		return nil, err
 	}
@@ -234,13 +232,13 @@ func parseRunFlags(args []string, env func(string) string, stderr io.Writer) (*r
 		}
 	}
 	var err error
-	if c.adminPassword, err = adminSecret(c.adminPassFile, envAdminPassword, env); err != nil {
+	if c.creds.password, err = readSecret(c.passwordFile, envPassword, env); err != nil {
 		errs = append(errs, fmt.Errorf("--admin-password-file: %w", err))
 	}
-	if c.adminToken, err = adminSecret(c.adminTokenFile, envAdminToken, env); err != nil {
+	if c.creds.token, err = readSecret(c.tokenFile, envToken, env); err != nil {
 		errs = append(errs, fmt.Errorf("--admin-token-file: %w", err))
 	}
-	errs = append(errs, c.validateAdmin()...)
+	errs = append(errs, c.validateOperator()...)
 	return c, errors.Join(errs...)
 }
 
@@ -275,21 +273,19 @@ func cmdRun(ctx context.Context, args []string, env func(string) string, stdout,
 	if err != nil {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
-		for _, p := range srv.pods {
-			_ = p.m.Close(cctx)
-		}
+		closeRunners(cctx, srv.runners)
 		return err
 	}
 	if c.common.InsecurePlain {
 		log.Error("--insecure-plaintext: tokens are stored in Redis UNENCRYPTED; anyone who can read Redis can use the grants")
 	}
-	log.Info("refresher running", "listen", c.listen, "admin_listen", c.adminListen, "dashboard", srv.admin != nil, "registrations", len(c.regs), "refresh_before", c.refreshBefore, "jitter", c.jitter)
+	log.Info("refresher running", "listen", c.listen, "admin_listen", c.operatorListen, "dashboard", srv.operator != nil, "registrations", len(c.regs), "refresh_before", c.refreshBefore, "jitter", c.jitter)
 
 	// SIGTERM ends ctx: no new work; refreshes in flight finish and are
 	// written; then the lease is released and held pairs flushed by Close.
 	var wg sync.WaitGroup
-	for _, p := range srv.pods {
-		wg.Go(func() { p.sched.loop(ctx, c.tick) })
+	for _, rn := range srv.runners {
+		wg.Go(func() { rn.sched.loop(ctx, c.tick) })
 	}
 	wg.Wait()
 	log.Info("shutting down: in-flight refreshes finished")
@@ -299,8 +295,8 @@ func cmdRun(ctx context.Context, args []string, env func(string) string, stdout,
 		_ = hs.Shutdown(sctx)
 	}
 	var errs []error
-	for _, p := range srv.pods {
-		errs = append(errs, p.m.Close(sctx))
+	for _, rn := range srv.runners {
+		errs = append(errs, rn.m.Close(sctx))
 	}
 	if err := errors.Join(errs...); err != nil {
 		return err
@@ -315,18 +311,18 @@ func listen(c *runConfig, srv *server, stdout io.Writer, log *slog.Logger) ([]*h
 	type endpoint struct {
 		addr, what string
 		h          http.Handler
-		admin      bool // the separate operator listener
+		operator   bool // the separate operator listener
 	}
 	eps := []endpoint{{c.listen, "listening on", srv.handler, false}}
-	if c.adminListen != "" {
-		eps = append(eps, endpoint{c.adminListen, "operator dashboard on", srv.admin, true})
-	} else if srv.admin != nil {
+	if c.operatorListen != "" {
+		eps = append(eps, endpoint{c.operatorListen, "operator dashboard on", srv.operator, true})
+	} else if srv.operator != nil {
 		eps[0].what = "listening (operator dashboard at /) on"
 	}
 	var servers []*http.Server
 	for _, ep := range eps {
 		ln, err := net.Listen("tcp", ep.addr)
-		if err == nil && ep.admin && c.adminPassword == "" && c.adminToken == "" {
+		if err == nil && ep.operator && c.creds.none() {
 			// The flag was checked, but a name such as localhost resolves
 			// at listen time: check what was bound.
 			if tcp, ok := ln.Addr().(*net.TCPAddr); !ok || !tcp.IP.IsLoopback() {
@@ -350,152 +346,4 @@ func listen(c *runConfig, srv *server, stdout io.Writer, log *slog.Logger) ([]*h
 		servers = append(servers, hs)
 	}
 	return servers, nil
-}
-
-// pod is one registration at work: its Manager and scheduler.
-type pod struct {
-	reg     *registration
-	m       *tokenmgr.Manager
-	sched   *scheduler
-	handler http.Handler // the server's, for tests that build one pod
-	admin   http.Handler // its operator surface (nil: off)
-}
-
-// server is every pod and the HTTP handlers they share.
-type server struct {
-	pods    []*pod
-	handler http.Handler // health, readiness, metrics; the operator surface too without --admin-listen
-	admin   http.Handler // the operator surface (nil: off)
-}
-
-// newPod builds a one-registration server from c's flags (tests).
-func newPod(ctx context.Context, c *runConfig, o tokenmgr.Options) (*pod, error) {
-	if len(c.regs) == 0 {
-		reg := &registration{name: "default", common: c.common, scopes: c.scopes}
-		if c.common.Grant != "" {
-			reg.grants = []string{c.common.Grant}
-		}
-		c.regs = []*registration{reg}
-	}
-	s, err := newServer(ctx, c, []tokenmgr.Options{o})
-	if err != nil {
-		return nil, err
-	}
-	p := s.pods[0]
-	p.handler, p.admin = s.handler, s.admin
-	return p, nil
-}
-
-// newServer starts a Manager and a scheduler per registration (opts[i]
-// for c.regs[i]) and builds the HTTP handler.
-func newServer(ctx context.Context, c *runConfig, opts []tokenmgr.Options) (*server, error) {
-	reg := prometheus.NewRegistry()
-	mt := newMetrics(reg)
-	srv := &server{}
-	secure := strings.HasPrefix(c.redirectURL, "https://")
-	conn := &connector{pkce: c.pkce, stateTTL: c.stateTTL, routes: map[string]*route{}, secure: secure, limiter: rate.NewLimiter(1, 10)}
-	for i, r := range c.regs {
-		o := opts[i]
-		o.RefreshBefore = c.refreshBefore
-		o.MaxRefreshFraction = c.maxFraction
-		m, err := tokenmgr.New(ctx, o)
-		if err != nil {
-			for _, p := range srv.pods {
-				_ = p.m.Close(ctx)
-			}
-			return nil, fmt.Errorf("registration %s: %w", r.name, err)
-		}
-		now := o.Now
-		if now == nil {
-			now = time.Now
-		}
-		mt.addManager(reg, r.name, m)
-		s := &scheduler{
-			m: m, now: now, margin: c.refreshBefore, jitter: c.jitter, batch: c.batch,
-			sem: make(chan struct{}, c.concurrency), limiter: rate.NewLimiter(rate.Limit(c.rate), 1),
-			log: m.Logger(), metrics: mt, warnAbsolute: c.warnAbsolute, period: c.tick, holder: m.Holder(),
-			notBefore: map[string]time.Time{}, running: map[string]bool{},
-		}
-		if r.grants != nil {
-			s.only = map[string]bool{}
-			for _, g := range r.grants {
-				s.only[g] = true
-			}
-		}
-		srv.pods = append(srv.pods, &pod{reg: r, m: m, sched: s})
-		if i == 0 {
-			mt.addAdmin(reg, m)
-			conn.rdb, conn.log = o.Redis, m.Logger()
-			conn.prefix = o.KeyPrefix
-			if conn.prefix == "" {
-				conn.prefix = "tm"
-			}
-		}
-		if c.redirectURL != "" {
-			cfg := *o.OAuth2
-			cfg.RedirectURL = c.redirectURL
-			cfg.Scopes = strings.Fields(r.scopes)
-			rt := &route{cfg: &cfg, admin: m, httpClient: &http.Client{Timeout: o.Provider.HTTPTimeout}}
-			if r.common.Provider == "atlassian" {
-				rt.params = append(rt.params, oauth2.SetAuthURLParam("audience", "api.atlassian.com"), oauth2.SetAuthURLParam("prompt", "consent"))
-				if !slices.Contains(cfg.Scopes, "offline_access") {
-					cfg.Scopes = append(cfg.Scopes, "offline_access")
-				}
-			}
-			if r.grants == nil {
-				conn.fallback = rt
-			}
-			for _, g := range r.grants {
-				conn.routes[g] = rt
-			}
-		}
-	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		pctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
-		defer cancel()
-		if err := opts[0].Redis.Ping(pctx).Err(); err != nil {
-			http.Error(w, "redis unreachable", http.StatusServiceUnavailable)
-			return
-		}
-		fmt.Fprintln(w, "ok")
-	})
-	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	if c.adminEnabled() {
-		now := opts[0].Now
-		if now == nil {
-			now = time.Now
-		}
-		conn.now = now
-		d := &dashboard{pods: srv.pods, now: now, secure: secure, log: srv.pods[0].m.Logger(), holder: srv.pods[0].m.Holder(),
-			overdue: c.jitter + 2*c.tick + time.Minute, warnAbsolute: c.warnAbsolute}
-		if c.redirectURL != "" {
-			d.conn = conn
-		}
-		srv.admin = adminSurface(newAdminAuth(c.adminPassword, c.adminToken, c.adminProxies), d)
-		if c.adminListen == "" {
-			mux.Handle("/", srv.admin)
-		}
-	}
-	srv.handler = mux
-	return srv, nil
-}
-
-// adminSurface is the operator's part of the refresher: the dashboard, its
-// JSON and /connect behind the credentials, /callback behind the login
-// state. Cross-origin state changes are refused before anything else.
-func adminSurface(auth *adminAuth, d *dashboard) http.Handler {
-	am := http.NewServeMux()
-	am.Handle("GET /{$}", auth.wrap(http.HandlerFunc(d.handlePage)))
-	am.Handle("GET /api/grants", auth.wrap(http.HandlerFunc(d.handleJSON)))
-	am.Handle("GET /assets/", auth.wrap(assets()))
-	if d.conn != nil {
-		am.Handle("GET /connect/{grant}", auth.wrap(http.HandlerFunc(d.conn.handleConfirm)))
-		am.Handle("POST /connect/{grant}", auth.wrap(http.HandlerFunc(d.conn.handleConnect)))
-		// The provider's redirect: the single-use state and its cookie
-		// prove the login was started here by an operator.
-		am.HandleFunc("GET /callback", d.conn.handleCallback)
-	}
-	return securityHeaders(auth.checkHost(http.NewCrossOriginProtection().Handler(am)))
 }

@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/time/rate"
 
+	"github.com/tokenmgr/tokenmgr/internal/cli"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
@@ -58,6 +59,12 @@ type scheduler struct {
 // wait in the schedule.
 var parkedUntil = time.Unix(1<<35, 0)
 
+// invalidParked is where members of the schedule that cannot name a grant
+// wait: at its end, but before parkedUntil, so that
+// tokenmgr_grants_reauth_required (the members at parkedUntil and later)
+// does not count them.
+var invalidParked = parkedUntil.Add(-24 * time.Hour)
+
 // jitterFor is a stable offset in [0, bound) for one version of a grant:
 // replicas agree on it, and it spreads many grants with equal expiries.
 // bound is --jitter, capped at half the grant's refresh margin, so that
@@ -79,11 +86,17 @@ func (s *scheduler) tick(ctx context.Context) int {
 	now := s.now()
 	due, err := s.m.DueGrants(ctx, now.Add(s.margin), s.batch)
 	if err != nil {
-		s.log.Warn("could not read the schedule", "err", err)
+		s.log.Warn("could not read the schedule", logErr(err))
 		return 0
 	}
 	started := 0
 	for _, d := range due {
+		if err := tokenmgr.ValidateGrantName(d.Grant); err != nil {
+			// No refresher can serve it, and left at the head it would
+			// take a place of every batch.
+			s.parkInvalid(ctx, d.Grant, err)
+			continue
+		}
 		if s.only != nil && !s.only[d.Grant] {
 			continue
 		}
@@ -107,10 +120,20 @@ func (s *scheduler) tick(ctx context.Context) int {
 		go func() {
 			defer s.wg.Done()
 			defer func() { <-s.sem }()
-			s.done(d.Grant, s.process(ctx, d.Grant))
+			s.done(d.Grant, s.process(ctx, d))
 		}()
 	}
 	return started
+}
+
+// parkInvalid moves a member that is not a grant name to the end of the
+// schedule, with one log line.
+func (s *scheduler) parkInvalid(ctx context.Context, member string, invalid error) {
+	if err := s.m.Postpone(ctx, member, invalidParked); err != nil {
+		s.log.Warn("could not park an invalid name in the schedule", "member", cli.Shown(member), logErr(err))
+		return
+	}
+	s.log.Warn("parked an invalid grant name at the end of the schedule (remove it with ZREM)", "member", cli.Shown(member), logErr(invalid))
 }
 
 func (s *scheduler) done(grant string, notBefore time.Time) {
@@ -126,24 +149,29 @@ func (s *scheduler) done(grant string, notBefore time.Time) {
 
 // process looks at one candidate: refreshes it if due (with its jitter),
 // and returns when to look at it again (zero: at the next tick).
-func (s *scheduler) process(ctx context.Context, grant string) time.Time {
+func (s *scheduler) process(ctx context.Context, d tokenmgr.ScheduledGrant) time.Time {
+	grant := d.Grant
+	name := cli.Shown(grant) // for logs: valid names may still hold control characters
 	st, err := s.m.Status(ctx, grant)
 	if err != nil {
 		if errors.Is(err, tokenmgr.ErrGrantNotFound) {
 			// Scheduled but no record: park it so it cannot crowd the
 			// head of the schedule; a seed puts it back.
-			s.log.Warn("scheduled grant has no record; parked until it is seeded", "grant", grant)
+			s.log.Warn("scheduled grant has no record; parked until it is seeded", "grant", name)
 			s.metrics.outcome("not_found")
 			if err := s.m.Postpone(ctx, grant, parkedUntil); err != nil {
 				return s.now().Add(time.Minute)
 			}
 			return time.Time{}
 		}
-		s.log.Warn("could not read grant", "grant", grant, "err", err)
+		s.log.Warn("could not read grant", "grant", name, logErr(err))
 		s.metrics.outcome("error")
 		return s.now().Add(5 * time.Second)
 	}
 	s.metrics.observe(st)
+	if st.Status == tokenmgr.StatusOK {
+		s.correct(ctx, d, st)
+	}
 	if st.Status != tokenmgr.StatusOK {
 		if err := s.m.Postpone(ctx, grant, parkedUntil); err != nil { // normally parked already
 			return s.now().Add(time.Minute)
@@ -152,7 +180,7 @@ func (s *scheduler) process(ctx context.Context, grant string) time.Time {
 	}
 	if left := st.AbsoluteExpiry.Sub(s.now()); !st.AbsoluteExpiry.IsZero() && left < s.warnAbsolute {
 		s.log.Warn("grant reaches its absolute expiry soon; re-consent before then or the fleet stops",
-			"grant", grant, "absolute_expiry", st.AbsoluteExpiry, "days_left", int(left.Hours()/24))
+			"grant", name, "absolute_expiry", st.AbsoluteExpiry, "days_left", int(left.Hours()/24))
 	}
 	if st.RetryAt.After(s.now()) {
 		// The fleet backs off (a 429 or 5xx seen by anyone): wait it out.
@@ -181,7 +209,7 @@ func (s *scheduler) process(ctx context.Context, grant string) time.Time {
 			return time.Time{}
 		}
 		s.metrics.outcome("refreshed")
-		s.log.Info("grant pre-rotated", "grant", grant, "version", after.Version, "expiry", after.Expiry)
+		s.log.Info("grant pre-rotated", "grant", name, "version", after.Version, "expiry", after.Expiry)
 		return time.Time{}
 	case err == nil && after.RetryAt.After(s.now()):
 		s.metrics.outcome("backing_off")
@@ -195,7 +223,7 @@ func (s *scheduler) process(ctx context.Context, grant string) time.Time {
 		return next
 	case errors.Is(err, tokenmgr.ErrReauthRequired):
 		s.metrics.outcome("reauth_required")
-		s.log.Error("grant needs re-consent", "grant", grant, "err", err)
+		s.log.Error("grant needs re-consent", "grant", name, logErr(err))
 		return time.Time{}
 	case errors.As(err, &re):
 		if re.Config {
@@ -204,12 +232,29 @@ func (s *scheduler) process(ctx context.Context, grant string) time.Time {
 			s.metrics.outcome("transient_error")
 		}
 		wait := max(re.RetryAfter, time.Second)
-		s.log.Warn("refresh failed; postponed", "grant", grant, "retry_in", wait, "err", err)
+		s.log.Warn("refresh failed; postponed", "grant", name, "retry_in", wait, logErr(err))
 		return s.now().Add(wait)
 	default:
 		s.metrics.outcome("error")
-		s.log.Warn("refresh failed", "grant", grant, "err", err)
+		s.log.Warn("refresh failed", "grant", name, logErr(err))
 		return s.now().Add(5 * time.Second)
+	}
+}
+
+// correct moves a grant whose place in the schedule is not its token's
+// expiry: workers may not write the schedule (the README's ACL), so after
+// a worker's rotation it holds the old expiry, and the grant would come
+// back every tick until the new token is due.
+func (s *scheduler) correct(ctx context.Context, d tokenmgr.ScheduledGrant, st tokenmgr.GrantStatus) {
+	want := st.Expiry
+	if want.IsZero() {
+		want = parkedUntil
+	}
+	if d.Expiry.UnixMilli() == want.UnixMilli() {
+		return
+	}
+	if err := s.m.Postpone(ctx, d.Grant, want); err != nil {
+		s.log.Warn("could not correct the grant's place in the schedule", "grant", cli.Shown(d.Grant), logErr(err))
 	}
 }
 

@@ -29,6 +29,9 @@ const (
 	EnvRedisCAFile   = "TOKENMGR_REDIS_CA_FILE"
 )
 
+// NoSecretEnv as Common.SecretEnv reads no variable for the client secret.
+const NoSecretEnv = "-"
+
 // Atlassian endpoints, for --provider atlassian.
 const (
 	AtlassianTokenURL = "https://auth.atlassian.com/oauth/token"
@@ -51,6 +54,11 @@ type Common struct {
 	KeyFile          string
 	InsecurePlain    bool
 	RedisCAFile      string
+	// SecretEnv names the environment variable that holds the client
+	// secret when there is no ClientSecretFile: EnvClientSecret unless a
+	// --config registration names its own (client_secret_env), or
+	// NoSecretEnv for one that names none (its caller reports that).
+	SecretEnv string
 
 	clientSecret string // from the environment or the file, never a flag value
 	keyring      *tokenmgr.Keyring
@@ -148,6 +156,10 @@ func (c *Common) Validate() error {
 	if _, err := c.authStyle(); err != nil {
 		errs = append(errs, err)
 	}
+	secretEnv := c.SecretEnv
+	if secretEnv == "" {
+		secretEnv = EnvClientSecret
+	}
 	switch {
 	case c.ClientSecretFile != "":
 		b, err := os.ReadFile(c.ClientSecretFile)
@@ -155,10 +167,14 @@ func (c *Common) Validate() error {
 			errs = append(errs, fmt.Errorf("--client-secret-file: %w", err))
 		}
 		c.clientSecret = strings.TrimSpace(string(b))
-	case c.env != nil:
-		c.clientSecret = c.env(EnvClientSecret)
+	case c.env != nil && secretEnv != NoSecretEnv:
+		c.clientSecret = c.env(secretEnv)
 	}
-	if c.clientSecret == "" && len(errs) == 0 {
+	switch {
+	case c.clientSecret != "" || len(errs) > 0 || secretEnv == NoSecretEnv:
+	case c.SecretEnv != "":
+		errs = append(errs, fmt.Errorf("no client secret: %s is unset or empty", c.SecretEnv))
+	default:
 		errs = append(errs, errors.New("no client secret: set "+EnvClientSecret+" or --client-secret-file"))
 	}
 	if err := c.loadKeyring(); err != nil {

@@ -1,7 +1,9 @@
 package cli
 
 import (
+	"errors"
 	"flag"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -99,5 +101,28 @@ func TestPlaintextOptOut(t *testing.T) {
 	c, err := parse(t, env, "--grant", "g", "--insecure-plaintext")
 	if err != nil || c.sealer() != nil {
 		t.Errorf("opt-out: %v", err)
+	}
+}
+
+func TestExit(t *testing.T) {
+	fs := flag.NewFlagSet("x", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.Int("n", 0, "")
+	for _, tc := range []struct {
+		err  error
+		want int
+	}{
+		{nil, 0},
+		{Parse(fs, []string{"-h"}), 0},
+		{Parse(fs, []string{"--nope"}), 2},
+		{Parse(fs, []string{"-n", "many"}), 2},
+		{Parse(fs, []string{"stray"}), 2},
+		{Usagef("unknown command %q", "frobnicate"), 2},
+		{fmt.Errorf("config: %w", Usagef("wrapped")), 2},
+		{errors.New("--grant: invalid grant name"), 1},
+	} {
+		if got := Exit("x", tc.err, io.Discard); got != tc.want {
+			t.Errorf("Exit(%v) = %d, want %d", tc.err, got, tc.want)
+		}
 	}
 }

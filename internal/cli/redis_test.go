@@ -8,11 +8,13 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"fmt"
 	"log/slog"
 	"math/big"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -212,12 +214,15 @@ func TestACLRulesBeforeRotationsSet(t *testing.T) {
 func TestReadmeACLRules(t *testing.T) {
 	srv := redisserver.Start(t)
 	admin := loadACLRules(t, srv, nil)
+	admin.Do(t.Context(), "acl", "log", "reset")
 	idp := tokenmgrtest.NewServer(tokenmgrtest.Config{Profile: tokenmgrtest.Strict, AuthStyle: oauth2.AuthStyleInParams})
 	defer idp.Close()
 	key, _ := tokenmgr.GenerateKey("k1")
 	kr, _ := tokenmgr.NewKeyring(key)
 	manager := func(user string) (*tokenmgr.Manager, *redis.Client) {
-		rdb, err := NewRedis("redis://" + user + ":" + user + "-password@" + srv.Addr() + "/0")
+		// A database other than 0 and a client name: SELECT and CLIENT
+		// SETNAME are part of the traffic checked below.
+		rdb, err := NewRedis("redis://" + user + ":" + user + "-password@" + srv.Addr() + "/2?client_name=tm-" + user)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -251,6 +256,15 @@ func TestReadmeACLRules(t *testing.T) {
 	if _, errs := refresher.Statuses(t.Context(), []string{"jira"}); errs[0] != nil {
 		t.Fatalf("refresher Statuses (the dashboard): %v", errs[0])
 	}
+	if _, err := refresher.Grants(t.Context()); err != nil {
+		t.Fatalf("refresher Grants: %v", err)
+	}
+	if err := refresher.Postpone(t.Context(), "jira", time.Now().Add(time.Hour)); err != nil {
+		t.Fatalf("refresher Postpone: %v", err)
+	}
+	if _, err := worker.Status(t.Context(), "jira"); err != nil {
+		t.Fatalf("worker Status: %v", err)
+	}
 	if err := rrdb.Set(t.Context(), "tm:connect:x", "1", time.Minute).Err(); err != nil {
 		t.Fatalf("refresher connect state: %v", err)
 	}
@@ -275,6 +289,129 @@ func TestReadmeACLRules(t *testing.T) {
 	} {
 		if err := c.rdb.Do(t.Context(), c.cmd...).Err(); err == nil || !strings.Contains(err.Error(), "NOPERM") {
 			t.Errorf("%v allowed: %v", c.cmd, err)
+		}
+	}
+	// Everything the clients sent above was allowed, but for the refusals
+	// the README names. (The commands the loop above sends on purpose are
+	// left out.)
+	for _, e := range aclLog(t, admin) {
+		if e["username"] == "worker" && e["reason"] == "key" && e["object"] == "tm:due" {
+			continue // the worker's schedule write after its rotation
+		}
+		if e["context"] == "toplevel" && e["reason"] != "auth" && slices.ContainsFunc(refusedOnPurpose, func(cmd string) bool { return e["object"] == cmd }) {
+			continue
+		}
+		t.Errorf("Redis refused the clients' own traffic: %v", e)
+	}
+	checkACL(t, admin)
+}
+
+// refusedOnPurpose are the ACL LOG objects of the commands TestReadmeACLRules
+// sends to see them refused.
+var refusedOnPurpose = []string{"other:secret", "keys", "flushall", "config|get", "zrange", "acl|list"}
+
+// aclLog returns Redis's ACL LOG entries as maps.
+func aclLog(t *testing.T, admin *redis.Client) []map[string]string {
+	t.Helper()
+	raw, err := admin.Do(t.Context(), "acl", "log").Slice()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []map[string]string
+	for _, r := range raw {
+		e := map[string]string{}
+		switch r := r.(type) {
+		case map[any]any: // RESP3
+			for k, v := range r {
+				e[fmt.Sprint(k)] = fmt.Sprint(v)
+			}
+		case []any: // RESP2: key, value, ...
+			for i := 0; i+1 < len(r); i += 2 {
+				e[fmt.Sprint(r[i])] = fmt.Sprint(r[i+1])
+			}
+		}
+		out = append(out, e)
+	}
+	return out
+}
+
+// aclRules is what each README user may and may not do, one command a
+// line: when the library sends a new command (WAIT, SPUBLISH, a heartbeat
+// key...), add its line here and its rule to the README.
+var aclRules = []struct {
+	user    string
+	allowed bool
+	cmd     string
+}{
+	// The connection.
+	{"worker", true, "HELLO 3"},
+	{"worker", true, "PING"},
+	{"worker", true, "SELECT 2"},
+	{"worker", true, "CLIENT SETNAME tm-worker"},
+	{"worker", false, "CLIENT KILL ID 1"},
+	{"worker", false, "CLIENT KILL TYPE pubsub"},
+	{"worker", false, "CLIENT PAUSE 10000"},
+	{"worker", false, "CLIENT LIST"},
+	{"worker", false, "CLIENT NO-EVICT on"},
+	{"worker", false, "CLIENT TRACKING on"},
+	{"refresher", false, "CLIENT KILL ID 1"},
+	{"refresher", false, "CLIENT PAUSE 10000"},
+	{"refresher", false, "CLIENT LIST"},
+	// A grant's keys.
+	{"worker", true, "HGETALL tm:{jira}:tok"},
+	{"worker", true, "HGET tm:{jira}:tok v"},
+	{"worker", true, "EVALSHA 0123456789abcdef0123456789abcdef01234567 3 tm:{jira}:tok tm:{jira}:intent tm:{jira}:rotations"},
+	{"worker", true, "SET tm:{jira}:lock holder NX PX 30000"},
+	{"worker", true, "EXISTS tm:{jira}:lock"},
+	{"worker", true, "ZCOUNT tm:{jira}:rotations 0 +inf"},
+	{"worker", true, "PUBLISH tm:rotated jira"},
+	{"worker", true, "SUBSCRIBE tm:rotated"},
+	{"refresher", true, "HGETALL tm:{jira}:tok"},
+	{"refresher", true, "EVALSHA 0123456789abcdef0123456789abcdef01234567 2 tm:{jira}:tok tm:{jira}:intent"},
+	// The schedule and the pending logins: the refresher's alone.
+	{"worker", false, "ZADD tm:due 1 jira"},
+	{"worker", false, "ZRANGE tm:due 0 -1"},
+	{"worker", false, "SET tm:connect:x y"},
+	{"worker", false, "GET tm:connect:x"},
+	{"worker", false, "EVAL return(1) 1 tm:connect:x"},
+	{"refresher", true, "ZADD tm:due 1 jira"},
+	{"refresher", true, "ZRANGE tm:due 0 -1 BYSCORE LIMIT 0 10"},
+	{"refresher", true, "ZCOUNT tm:due 0 +inf"},
+	{"refresher", true, "SET tm:connect:x y EX 600"},
+	{"refresher", true, "GETDEL tm:connect:x"},
+	// Nothing else.
+	{"worker", false, "GET other:secret"},
+	{"worker", false, "PUBLISH other x"},
+	{"worker", false, "SUBSCRIBE other"},
+	{"worker", false, "KEYS *"},
+	{"worker", false, "SCAN 0"},
+	{"worker", false, "FLUSHALL"},
+	{"worker", false, "CONFIG GET *"},
+	{"worker", false, "MONITOR"},
+	{"worker", false, "SCRIPT FLUSH"},
+	{"refresher", false, "GET other:secret"},
+	{"refresher", false, "KEYS *"},
+	{"refresher", false, "FLUSHALL"},
+	{"refresher", false, "ACL LIST"},
+	{"refresher", false, "DEBUG SLEEP 0"},
+}
+
+// checkACL runs each of aclRules through ACL DRYRUN (Redis 7.0+), which
+// answers OK or says why not.
+func checkACL(t *testing.T, admin *redis.Client) {
+	t.Helper()
+	for _, r := range aclRules {
+		args := []any{"acl", "dryrun", r.user}
+		for _, f := range strings.Fields(r.cmd) {
+			args = append(args, f)
+		}
+		res, err := admin.Do(t.Context(), args...).Text()
+		if err != nil {
+			t.Errorf("ACL DRYRUN %s %s: %v", r.user, r.cmd, err)
+			continue
+		}
+		if allowed := res == "OK"; allowed != r.allowed {
+			t.Errorf("%s: %s: allowed %v (%s), want %v", r.user, r.cmd, allowed, res, r.allowed)
 		}
 	}
 }

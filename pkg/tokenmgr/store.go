@@ -85,7 +85,9 @@ const rotationWindow = time.Hour
 var parked = time.Unix(1<<35, 0)
 
 func newStore(rdb redis.UniversalClient, prefix string, s Sealer) *store {
-	return &store{rdb: rdb, sealer: s, channel: prefix + ":rotated", due: prefix + ":due", refreshers: prefix + ":refreshers", prefix: prefix}
+	// The refreshers' hash sits in the grants' key pattern (tm:{*}:*), which
+	// the README's worker ACL allows: workers read it.
+	return &store{rdb: rdb, sealer: s, channel: prefix + ":rotated", due: prefix + ":due", refreshers: prefix + ":{refreshers}:live", prefix: prefix}
 }
 
 var errMissing = errors.New("record missing")

@@ -13,26 +13,36 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/time/rate"
 )
 
 // The operator surface (dashboard, its JSON and /connect) is off unless
-// an operator asks for it: admin credentials, or a separate admin listener.
-// Whoever reaches /connect can replace a grant with another consent, so
-// without credentials the admin listener must be loopback (reached with
-// kubectl port-forward or an SSH tunnel).
+// an operator asks for it: credentials, or a separate operator listener
+// (--admin-listen). Whoever reaches /connect can replace a grant with
+// another consent, so without credentials that listener must be loopback
+// (reached with kubectl port-forward or an SSH tunnel).
 const (
-	envAdminPassword = "TOKENMGR_ADMIN_PASSWORD"
-	envAdminToken    = "TOKENMGR_ADMIN_TOKEN"
-	minAdminSecret   = 12
-	csrfCookie       = "tokenmgr_csrf"
-	csrfField        = "csrf"
+	envPassword  = "TOKENMGR_ADMIN_PASSWORD"
+	envToken     = "TOKENMGR_ADMIN_TOKEN"
+	minSecretLen = 12
+	csrfCookie   = "tokenmgr_csrf"
+	csrfField    = "csrf"
 )
 
-// adminSecret reads a credential from file, else from the environment.
+// credentials are the operator's: HTTP basic auth as user admin with the
+// password, or the bearer token. Either may be empty.
+type credentials struct {
+	password, token string
+}
+
+// none reports whether no credentials are set.
+func (c credentials) none() bool { return c.password == "" && c.token == "" }
+
+// readSecret reads a credential from file, else from the environment.
 // What it returns is the trimmed secret; errors never contain it.
-func adminSecret(file, envName string, env func(string) string) (string, error) {
+func readSecret(file, envName string, env func(string) string) (string, error) {
 	if file == "" {
 		return strings.TrimSpace(env(envName)), nil
 	}
@@ -50,45 +60,48 @@ func isLoopback(addr string) bool {
 	return err == nil && loopbackHost(host)
 }
 
-// validateAdmin checks the operator surface's flags: credential lengths,
-// and that an admin listener without credentials is loopback.
-func (c *runConfig) validateAdmin() []error {
+// validateOperator checks the operator surface's flags: credential lengths,
+// and that an operator listener without credentials is loopback.
+func (c *runConfig) validateOperator() []error {
 	var errs []error
 	for _, s := range []struct{ name, val string }{
-		{"admin password (--admin-password-file or " + envAdminPassword + ")", c.adminPassword},
-		{"admin token (--admin-token-file or " + envAdminToken + ")", c.adminToken},
+		{"admin password (--admin-password-file or " + envPassword + ")", c.creds.password},
+		{"admin token (--admin-token-file or " + envToken + ")", c.creds.token},
 	} {
-		if s.val != "" && len(s.val) < minAdminSecret {
-			errs = append(errs, fmt.Errorf("the %s must have %d+ characters", s.name, minAdminSecret))
+		if s.val != "" && len(s.val) < minSecretLen {
+			errs = append(errs, fmt.Errorf("the %s must have %d+ characters", s.name, minSecretLen))
 		}
 	}
-	creds := c.adminPassword != "" || c.adminToken != ""
-	if c.adminListen != "" {
-		if c.adminListen == c.listen {
+	creds := !c.creds.none()
+	if c.operatorListen != "" {
+		if c.operatorListen == c.listen {
 			errs = append(errs, errors.New("--admin-listen must differ from --listen (leave it unset to serve the dashboard on --listen behind credentials)"))
 		}
-		if !creds && !isLoopback(c.adminListen) {
-			errs = append(errs, fmt.Errorf("--admin-listen %s: without admin credentials it must be a loopback address (127.0.0.1:PORT, [::1]:PORT, localhost:PORT); set --admin-password-file or --admin-token-file to serve it elsewhere", c.adminListen))
+		if !creds && !isLoopback(c.operatorListen) {
+			errs = append(errs, fmt.Errorf("--admin-listen %s: without admin credentials it must be a loopback address (127.0.0.1:PORT, [::1]:PORT, localhost:PORT); set --admin-password-file or --admin-token-file to serve it elsewhere", c.operatorListen))
 		}
 	}
-	if c.redirectURL != "" && !c.adminEnabled() {
-		errs = append(errs, errors.New("/connect (enabled by --redirect-url) needs the operator surface: set --admin-password-file, --admin-token-file ("+envAdminPassword+", "+envAdminToken+") or a loopback --admin-listen; anyone who can open /connect can replace a grant"))
+	if c.redirectURL != "" && !c.operatorOn() {
+		errs = append(errs, errors.New("/connect (enabled by --redirect-url) needs the operator surface: set --admin-password-file, --admin-token-file ("+envPassword+", "+envToken+") or a loopback --admin-listen; anyone who can open /connect can replace a grant"))
 	}
 	return errs
 }
 
-// adminEnabled reports whether the dashboard and /connect are served.
-func (c *runConfig) adminEnabled() bool {
-	return c.adminListen != "" || c.adminPassword != "" || c.adminToken != ""
+// operatorOn reports whether the dashboard and /connect are served.
+func (c *runConfig) operatorOn() bool {
+	return c.operatorListen != "" || c.creds.password != "" || c.creds.token != ""
 }
 
-// adminAuth guards the operator surface.
-type adminAuth struct {
-	password, token string // either may be empty; both empty: no credentials (loopback listener)
+// gate guards the operator surface: it checks the credentials and
+// throttles wrong guesses.
+type gate struct {
+	creds credentials // none: the surface is on a loopback listener
 	// proxies are the reverse proxies whose X-Forwarded-For names the
 	// client (--admin-trusted-proxies); without them all clients behind
 	// one proxy share its failure budget.
 	proxies []netip.Prefix
+	// now is the clock the failure budgets refill by (the Managers').
+	now func() time.Time
 
 	mu sync.Mutex
 	// sources limits wrong credentials per client address (an IPv6 /64
@@ -116,13 +129,13 @@ const (
 
 func newSource() *source { return &source{lim: rate.NewLimiter(1, failureBurst)} }
 
-func newAdminAuth(password, token string, proxies []netip.Prefix) *adminAuth {
-	return &adminAuth{password: password, token: token, proxies: proxies, sources: map[string]*source{}, overflow: newSource()}
+func newGate(creds credentials, proxies []netip.Prefix, now func() time.Time) *gate {
+	return &gate{creds: creds, proxies: proxies, now: now, sources: map[string]*source{}, overflow: newSource()}
 }
 
 // open reports whether no credentials are set: the surface is on a
 // loopback listener and the network is the access control.
-func (a *adminAuth) open() bool { return a.password == "" && a.token == "" }
+func (gt *gate) open() bool { return gt.creds.none() }
 
 // equal compares digests, so neither the time taken nor an early length
 // mismatch tells anything about the secret.
@@ -134,30 +147,30 @@ func equal(got, want string) bool {
 // allowed accepts "Authorization: Bearer TOKEN", or basic auth as user
 // admin with the password or the token (browsers can send basic auth but
 // not bearer tokens).
-func (a *adminAuth) allowed(r *http.Request) bool {
-	if a.open() {
+func (gt *gate) allowed(r *http.Request) bool {
+	if gt.open() {
 		return true
 	}
-	if h := r.Header.Get("Authorization"); a.token != "" && len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
-		return equal(h[7:], a.token)
+	if h := r.Header.Get("Authorization"); gt.creds.token != "" && len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
+		return equal(h[7:], gt.creds.token)
 	}
 	user, pass, ok := r.BasicAuth()
 	if !ok || !equal(user, "admin") {
 		return false
 	}
-	return (a.password != "" && equal(pass, a.password)) || (a.token != "" && equal(pass, a.token))
+	return (gt.creds.password != "" && equal(pass, gt.creds.password)) || (gt.creds.token != "" && equal(pass, gt.creds.token))
 }
 
 // clientKey names the request's source for the failure budget: the peer
 // address or, from a trusted proxy, the nearest untrusted address in
 // X-Forwarded-For; IPv6 by /64, which one client usually holds whole.
-func (a *adminAuth) clientKey(r *http.Request) string {
+func (gt *gate) clientKey(r *http.Request) string {
 	ip, err := netip.ParseAddrPort(r.RemoteAddr)
 	if err != nil {
 		return r.RemoteAddr
 	}
 	addr := ip.Addr().Unmap()
-	if a.trusted(addr) {
+	if gt.trusted(addr) {
 		hops := strings.Split(strings.Join(r.Header.Values("X-Forwarded-For"), ","), ",")
 		for i := len(hops) - 1; i >= 0; i-- {
 			hop, err := netip.ParseAddr(strings.TrimSpace(hops[i]))
@@ -165,7 +178,7 @@ func (a *adminAuth) clientKey(r *http.Request) string {
 				break // unparsable: keep the last address a trusted proxy gave
 			}
 			addr = hop.Unmap()
-			if !a.trusted(addr) {
+			if !gt.trusted(addr) {
 				break
 			}
 		}
@@ -177,8 +190,8 @@ func (a *adminAuth) clientKey(r *http.Request) string {
 	return addr.String()
 }
 
-func (a *adminAuth) trusted(addr netip.Addr) bool {
-	for _, p := range a.proxies {
+func (gt *gate) trusted(addr netip.Addr) bool {
+	for _, p := range gt.proxies {
 		if p.Contains(addr) {
 			return true
 		}
@@ -187,33 +200,33 @@ func (a *adminAuth) trusted(addr netip.Addr) bool {
 }
 
 // source returns key's failure budget.
-func (a *adminAuth) source(key string) *source {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if s := a.sources[key]; s != nil {
+func (gt *gate) source(key string) *source {
+	gt.mu.Lock()
+	defer gt.mu.Unlock()
+	if s := gt.sources[key]; s != nil {
 		return s
 	}
-	if len(a.sources) >= maxFailureSources {
-		for k, s := range a.sources {
-			if s.lim.Tokens() >= failureBurst {
-				delete(a.sources, k)
+	if len(gt.sources) >= maxFailureSources {
+		for k, s := range gt.sources {
+			if s.lim.TokensAt(gt.now()) >= failureBurst {
+				delete(gt.sources, k)
 			}
 		}
-		if len(a.sources) >= maxFailureSources {
-			return a.overflow
+		if len(gt.sources) >= maxFailureSources {
+			return gt.overflow
 		}
 	}
 	s := newSource()
-	a.sources[key] = s
+	gt.sources[key] = s
 	return s
 }
 
 // wrap serves h to operators only. A request without credentials gets the
 // login challenge; wrong credentials count against their source, which is
 // refused, right credentials included, once it has guessed too often.
-func (a *adminAuth) wrap(h http.Handler) http.Handler {
+func (gt *gate) wrap(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if a.open() {
+		if gt.open() {
 			h.ServeHTTP(w, r)
 			return
 		}
@@ -225,12 +238,13 @@ func (a *adminAuth) wrap(h http.Handler) http.Handler {
 			challenge()
 			return
 		}
-		src := a.source(a.clientKey(r))
+		src := gt.source(gt.clientKey(r))
 		src.mu.Lock()
-		throttled := src.lim.Tokens() < 1
-		ok := !throttled && a.allowed(r)
+		now := gt.now()
+		throttled := src.lim.TokensAt(now) < 1
+		ok := !throttled && gt.allowed(r)
 		if !throttled && !ok {
-			src.lim.Allow()
+			src.lim.AllowN(now, 1)
 		}
 		src.mu.Unlock()
 		switch {
@@ -262,8 +276,8 @@ func loopbackHost(host string) bool {
 // name: a page on attacker.example whose DNS is rebound to 127.0.0.1 is
 // same-origin with itself, and would otherwise read the dashboard and post
 // its forms.
-func (a *adminAuth) checkHost(h http.Handler) http.Handler {
-	if !a.open() {
+func (gt *gate) checkHost(h http.Handler) http.Handler {
+	if !gt.open() {
 		return h
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
