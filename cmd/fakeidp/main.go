@@ -223,7 +223,7 @@ func run(ctx context.Context, args []string, env func(string) string, stdout, st
 // keys in TOKENMGR_ENCRYPTION_KEY when set, retrying while Redis starts
 // (docker-compose starts services together).
 func seedGrant(ctx context.Context, idp *tokenmgrtest.IdP, c config, keys string, log *slog.Logger) error {
-	o := tokenmgr.Options{Logger: log}
+	o := tokenmgr.Options{Logger: log, AllowPlaintext: keys == ""} // the fake IdP's own demo: in clear without a key
 	if c.profile == "atlassian" {
 		o.Provider = tokenmgr.Atlassian // the idle and absolute expiry countdowns
 	}

@@ -396,7 +396,10 @@ func (f *plainFinder) Open(grant, field, stored string) ([]byte, error) {
 		if f.found == nil {
 			f.found = map[string][]string{}
 		}
-		f.found[grant] = append(f.found[grant], field)
+		// The library seals a token value for its field and record
+		// ("access_token@FAMILY/VERSION"); the operator knows the field.
+		name, _, _ := strings.Cut(field, "@")
+		f.found[grant] = append(f.found[grant], name)
 		f.mu.Unlock()
 	}
 	return f.inner.Open(grant, field, stored)

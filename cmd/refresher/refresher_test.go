@@ -48,7 +48,7 @@ func (w *world) options(p tokenmgr.Provider) tokenmgr.Options {
 	rdb := redis.NewClient(&redis.Options{Addr: w.mr.Addr()})
 	w.t.Cleanup(func() { rdb.Close() })
 	p.HTTPTimeout = 2 * time.Second
-	return tokenmgr.Options{Redis: rdb, OAuth2: w.idp.OAuthConfig(oauth2.AuthStyleInParams), Provider: p, Sealer: w.sealer,
+	return tokenmgr.Options{Redis: rdb, OAuth2: w.idp.OAuthConfig(oauth2.AuthStyleInParams), Provider: p, Sealer: w.sealer, AllowPlaintext: w.sealer == nil,
 		Now: w.clock.Now, Logger: slog.New(slog.DiscardHandler), PollInterval: 50 * time.Millisecond, LockRetry: 10 * time.Millisecond}
 }
 

@@ -120,7 +120,7 @@ func TestRewrapAcceptPlaintextNeedsTheGrant(t *testing.T) {
 	mr := miniredis.RunT(t)
 	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr()})
 	defer rdb.Close()
-	plain, _ := tokenmgr.NewAdmin(tokenmgr.Options{Redis: rdb, Logger: slog.New(slog.DiscardHandler)}) // before encryption was on
+	plain, _ := tokenmgr.NewAdmin(tokenmgr.Options{Redis: rdb, AllowPlaintext: true, Logger: slog.New(slog.DiscardHandler)}) // before encryption was on
 	for _, g := range []string{"legacy", "injected"} {
 		if _, err := plain.Seed(t.Context(), g, &oauth2.Token{AccessToken: "at", RefreshToken: "rt", Expiry: time.Now().Add(time.Hour)}, tokenmgr.SeedOptions{}); err != nil {
 			t.Fatal(err)

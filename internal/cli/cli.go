@@ -251,7 +251,7 @@ func (c *Common) AdminOptions() (tokenmgr.Options, error) {
 		return tokenmgr.Options{}, fmt.Errorf("--redis: %w", err)
 	}
 	p, _ := c.profile()
-	return tokenmgr.Options{Redis: rdb, Provider: p, Sealer: c.sealer()}, nil
+	return tokenmgr.Options{Redis: rdb, Provider: p, Sealer: c.sealer(), AllowPlaintext: c.InsecurePlain}, nil
 }
 
 // OAuth2Config is the client registration from the flags.
@@ -271,7 +271,7 @@ func (c *Common) Options() (tokenmgr.Options, error) {
 	if err != nil {
 		return tokenmgr.Options{}, fmt.Errorf("--redis: %w", err)
 	}
-	o := tokenmgr.Options{Redis: rdb, OAuth2: c.OAuth2Config(), Sealer: c.sealer()}
+	o := tokenmgr.Options{Redis: rdb, OAuth2: c.OAuth2Config(), Sealer: c.sealer(), AllowPlaintext: c.InsecurePlain}
 	o.Provider, _ = c.profile()
 	if c.LockRedisURLs != "" {
 		for _, u := range strings.Split(c.LockRedisURLs, ",") {

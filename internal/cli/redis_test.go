@@ -153,7 +153,7 @@ func TestACLRulesBeforeRotationsSet(t *testing.T) {
 			t.Fatal(err)
 		}
 		m, err := tokenmgr.New(t.Context(), tokenmgr.Options{Redis: rdb, OAuth2: idp.OAuthConfig(oauth2.AuthStyleInParams), Provider: tokenmgr.Strict,
-			Logger: slog.New(slog.NewTextHandler(logs, nil))})
+			AllowPlaintext: true, Logger: slog.New(slog.NewTextHandler(logs, nil))})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/oauth2"
@@ -17,10 +18,16 @@ type core struct {
 	opts  Options
 	log   *slog.Logger
 	store *store
+	// scheduleDenied: the schedule refused this user's write once; it is
+	// logged once, not per rotation.
+	scheduleDenied *atomic.Bool
+	// plainRefused: there is no Sealer and AllowPlaintext is not set, so
+	// nothing writes tokens (an Admin still reads metadata).
+	plainRefused bool
 }
 
 func newCore(o Options) core {
-	c := core{opts: o, log: o.Logger.With("component", "tokenmgr", "holder", o.Holder), store: newStore(o.Redis, o.KeyPrefix, o.Sealer)}
+	c := core{opts: o, log: o.Logger.With("component", "tokenmgr", "holder", o.Holder), store: newStore(o.Redis, o.KeyPrefix, o.Sealer), scheduleDenied: new(atomic.Bool)}
 	if o.MinReplicas > 0 {
 		timeout := o.ReplicaTimeout
 		if timeout == 0 {
@@ -42,18 +49,26 @@ type Admin struct {
 }
 
 // NewAdmin builds an Admin. It uses Options.Redis (required), Provider (for
-// the expiry countdowns written by Seed), KeyPrefix, Sealer, Holder, Now and
-// Logger, and ignores the rest.
+// the expiry countdowns written by Seed), KeyPrefix, Sealer (needed to seed,
+// check or rewrap tokens; not to read metadata), AllowPlaintext, Holder, Now,
+// MinReplicas, ReplicaTimeout and Logger, and ignores the rest.
 func NewAdmin(o Options) (*Admin, error) {
 	o, errs := o.withStoreDefaults()
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("tokenmgr: invalid options: %w", errors.Join(errs...))
 	}
+	a := &Admin{newCore(o)}
 	if o.Sealer == nil {
-		o.Sealer = plaintext{}
+		// Reads of metadata need no key; writing tokens in clear needs
+		// AllowPlaintext.
+		a.store.sealer = plaintext{}
+		a.plainRefused = !o.AllowPlaintext
 	}
-	return &Admin{newCore(o)}, nil
+	return a, nil
 }
+
+// maxSeedAhead bounds a seeded token's expiry.
+const maxSeedAhead = 10 * 365 * 24 * time.Hour
 
 // SeedOptions qualify an imported pair.
 type SeedOptions struct {
@@ -84,7 +99,21 @@ func (c *core) seed(ctx context.Context, grant string, tok *oauth2.Token, so See
 	if tok.RefreshToken == "" {
 		return nil, errors.New("tokenmgr: seed: the token has no refresh_token; the grant could not be refreshed")
 	}
+	if c.plainRefused {
+		return nil, errors.New("tokenmgr: seed: no Options.Sealer: set a *tokenmgr.Keyring, or AllowPlaintext to store the tokens in clear")
+	}
+	if err := checkAccessToken(tok.AccessToken); err != nil {
+		return nil, fmt.Errorf("tokenmgr: seed: access_token: %w", err)
+	}
+	if tok.TokenType != "" {
+		if err := checkTokenType(tok.TokenType); err != nil {
+			return nil, fmt.Errorf("tokenmgr: seed: %w", err)
+		}
+	}
 	now := c.opts.Now()
+	if !tok.Expiry.IsZero() && (tok.Expiry.UnixMilli() <= 0 || tok.Expiry.After(now.Add(maxSeedAhead))) {
+		return nil, fmt.Errorf("tokenmgr: seed: expiry %s is out of range (after 1970, at most %s ahead)", tok.Expiry.UTC().Format(time.RFC3339), maxSeedAhead)
+	}
 	if so.ConsentedAt.IsZero() {
 		so.ConsentedAt = now
 	}
@@ -172,7 +201,7 @@ func (c *core) statuses(ctx context.Context, grants []string) ([]GrantStatus, []
 	}
 	metas, merrs := c.store.readMeta(ctx, valid, c.opts.Now())
 	for j, i := range at {
-		if errs[i] = merrs[j]; errs[i] != nil {
+		if errs[i] = storeErr(grants[i], "read status", merrs[j]); errs[i] != nil {
 			continue
 		}
 		rec, meta := metas[j].rec, metas[j]
@@ -197,24 +226,55 @@ type ScheduledGrant struct {
 // DueGrants returns up to limit grants whose access token expires before
 // t, soonest first, from the schedule (tm:due): no scan of the keyspace.
 func (a *Admin) DueGrants(ctx context.Context, t time.Time, limit int64) ([]ScheduledGrant, error) {
-	return a.store.dueGrants(ctx, t, limit)
+	return a.dueGrants(ctx, t, limit)
+}
+
+func (c *core) dueGrants(ctx context.Context, t time.Time, limit int64) ([]ScheduledGrant, error) {
+	due, err := c.store.dueGrants(ctx, t, limit)
+	return due, storeErr("", "read the schedule", err)
 }
 
 // DeadGrants counts the grants that need re-consent (parked at the end of
 // the schedule), without reading their records.
 func (a *Admin) DeadGrants(ctx context.Context) (int64, error) {
-	return a.store.countParked(ctx)
+	return a.deadGrants(ctx)
+}
+
+func (c *core) deadGrants(ctx context.Context) (int64, error) {
+	n, err := c.store.countParked(ctx)
+	return n, storeErr("", "count dead grants", err)
 }
 
 // Grants lists every grant in the schedule (tm:due), soonest expiry first.
 func (a *Admin) Grants(ctx context.Context) ([]string, error) {
-	return a.store.scheduledGrants(ctx)
+	return a.scheduled(ctx)
+}
+
+func (c *core) scheduled(ctx context.Context) ([]string, error) {
+	gs, err := c.store.scheduledGrants(ctx)
+	return gs, storeErr("", "read the schedule", err)
 }
 
 // Postpone moves grant's place in the schedule to t, e.g. after a provider
 // asked to retry later. The next rotation puts it back at its expiry.
 func (a *Admin) Postpone(ctx context.Context, grant string, t time.Time) error {
-	return a.store.schedule(ctx, grant, t)
+	return a.postpone(ctx, grant, t)
+}
+
+func (c *core) postpone(ctx context.Context, grant string, t time.Time) error {
+	return storeErr(grant, "write the schedule", c.store.schedule(ctx, grant, t))
+}
+
+// storeErr wraps a Redis error in a *StoreError; the package's own errors
+// (not found, corrupt) and nil pass through.
+func storeErr(grant, op string, err error) error {
+	var nf *NotFoundError
+	var corrupt *CorruptRecordError
+	var se *StoreError
+	if err == nil || errors.As(err, &nf) || errors.As(err, &corrupt) || errors.As(err, &se) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	return &StoreError{Grant: grant, Op: op, Err: err}
 }
 
 // schedule records when rec's token expires, for the refresher. A dead
@@ -225,6 +285,14 @@ func (c *core) schedule(ctx context.Context, grant string, rec *record) {
 		at = parked
 	}
 	if err := c.store.schedule(ctx, grant, at); err != nil {
+		if redisDenied(err) {
+			// The README's worker ACL keeps workers out of the schedule;
+			// the refresher moves the grant when it next reads it.
+			if !c.scheduleDenied.Swap(true) {
+				c.log.Info("this Redis user may not write the refresh schedule (tm:due); the refresher keeps it", "grant", grant)
+			}
+			return
+		}
 		c.log.Warn("could not update the refresh schedule", "grant", grant, "err", err)
 	}
 }
@@ -248,7 +316,7 @@ func (a *Admin) Rewrap(ctx context.Context, grant string) (bool, error) {
 			return false, &NotFoundError{Grant: grant}
 		}
 		if err != nil {
-			return false, err
+			return false, storeErr(grant, "read", err)
 		}
 		if rec.Status != StatusOK {
 			return false, nil // a dead grant's tokens are not used again
@@ -261,11 +329,11 @@ func (a *Admin) Rewrap(ctx context.Context, grant string) (bool, error) {
 		if strings.HasPrefix(sealedAccess, current) && strings.HasPrefix(sealedRefresh, current) {
 			return false, nil // already under the active key
 		}
-		at, err := kr.Seal(grant, fAccess, []byte(rec.AccessToken))
+		at, err := kr.Seal(grant, boundField(fAccess, rec.Family, rec.V), []byte(rec.AccessToken))
 		if err != nil {
 			return false, err
 		}
-		rt, err := kr.Seal(grant, fRefresh, []byte(rec.RefreshToken))
+		rt, err := kr.Seal(grant, boundField(fRefresh, rec.Family, rec.V), []byte(rec.RefreshToken))
 		if err != nil {
 			return false, err
 		}
@@ -284,5 +352,5 @@ func (a *Admin) Check(ctx context.Context, grant string) error {
 	if errors.Is(err, errMissing) {
 		return &NotFoundError{Grant: grant}
 	}
-	return err
+	return storeErr(grant, "read", err)
 }

@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -134,7 +135,6 @@ func TestProviderTimesClamped(t *testing.T) {
 		status                 int
 		wantTTL, wantRetry     time.Duration
 	}{
-		{"expires_in 1", `{"access_token":"a","token_type":"Bearer","expires_in":1,"refresh_token":"r2"}`, "", 200, minAccessTTL, 0},
 		{"expires_in negative", `{"access_token":"a","token_type":"Bearer","expires_in":-60,"refresh_token":"r2"}`, "", 200, minAccessTTL, 0},
 		{"expires_in ten years", `{"access_token":"a","token_type":"Bearer","expires_in":315360000,"refresh_token":"r2"}`, "", 200, maxAccessTTL, 0},
 		{"Retry-After ten years", `{"error":"temporarily_unavailable"}`, "315360000", 503, 0, maxRetryAfter},
@@ -177,5 +177,128 @@ func TestProviderTimesClamped(t *testing.T) {
 				t.Errorf("the clamp was not logged")
 			}
 		})
+	}
+}
+
+// scriptedIdP answers each refresh with the next of answers (the last one
+// repeats), and records the refresh tokens presented.
+type scriptedIdP struct {
+	srv       *httptest.Server
+	mu        sync.Mutex
+	answers   []string
+	presented []string
+}
+
+func newScriptedIdP(t *testing.T, answers ...string) *scriptedIdP {
+	s := &scriptedIdP{answers: answers}
+	s.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_ = r.ParseForm()
+		s.mu.Lock()
+		s.presented = append(s.presented, r.PostForm.Get("refresh_token"))
+		body := s.answers[0]
+		if len(s.answers) > 1 {
+			s.answers = s.answers[1:]
+		}
+		s.mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write([]byte(body))
+	}))
+	t.Cleanup(s.srv.Close)
+	return s
+}
+
+func (s *scriptedIdP) tokens() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.presented...)
+}
+
+// A provider answer whose access token cannot go into a header (a line
+// break) or whose type is not Bearer is a transient error: the provider
+// rotated, so its new refresh token is kept and the next refresh uses it,
+// never the spent one.
+func testUnusableAccessToken(t *testing.T, b backend) {
+	for _, bad := range []string{
+		`{"access_token":"at2\r\nX-Evil: 1","token_type":"Bearer","expires_in":3600,"refresh_token":"rt2"}`,
+		`{"access_token":"at2","token_type":"mac","expires_in":3600,"refresh_token":"rt2"}`,
+	} {
+		e := newEnv(t, b, tokenmgrtest.Strict)
+		idp := newScriptedIdP(t, bad, `{"access_token":"at3","token_type":"Bearer","expires_in":3600,"refresh_token":"rt3"}`)
+		m := e.manager(Strict, func(o *Options) {
+			o.OAuth2 = &oauth2.Config{ClientID: "c", Endpoint: oauth2.Endpoint{TokenURL: idp.srv.URL, AuthStyle: oauth2.AuthStyleInParams}}
+		})
+		if _, err := m.Seed(t.Context(), e.grant, &oauth2.Token{AccessToken: "at1", RefreshToken: "rt1", TokenType: "Bearer", Expiry: e.clock.Now().Add(time.Hour)}, SeedOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		e.clock.Advance(time.Hour)
+		_, err := m.Token(t.Context(), e.grant)
+		var re *RefreshError
+		if !errors.As(err, &re) || re.Config {
+			t.Fatalf("Token = %v, want a transient RefreshError", err)
+		}
+		e.clock.Advance(re.RetryAfter)
+		tok, err := m.Token(t.Context(), e.grant)
+		if err != nil || tok.AccessToken != "at3" {
+			t.Fatalf("after the backoff: %v, want the next answer's token", err)
+		}
+		if got := idp.tokens(); len(got) != 2 || got[0] != "rt1" || got[1] != "rt2" {
+			t.Errorf("refresh tokens presented %q, want rt1 then the kept rt2", got)
+		}
+	}
+}
+
+// The token endpoint's redirects are not followed: the refresh token and
+// client secret are never re-posted to another host. The error names the
+// Location; it is a configuration error.
+func TestTokenEndpointRedirectNotFollowed(t *testing.T) {
+	var elsewhere atomic.Int64
+	other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { elsewhere.Add(1) }))
+	defer other.Close()
+	redirector := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, other.URL+"/steal", http.StatusTemporaryRedirect)
+	}))
+	defer redirector.Close()
+	for _, style := range []oauth2.AuthStyle{oauth2.AuthStyleInHeader, oauth2.AuthStyleInParams} {
+		e := newEnv(t, miniredisBackend, tokenmgrtest.Strict)
+		m := e.manager(Strict, func(o *Options) {
+			o.OAuth2 = &oauth2.Config{ClientID: "c", ClientSecret: "s", Endpoint: oauth2.Endpoint{TokenURL: redirector.URL, AuthStyle: style}}
+		})
+		e.seed(m)
+		e.clock.Advance(time.Hour)
+		_, err := m.Token(t.Context(), e.grant)
+		var re *RefreshError
+		var rd *RedirectError
+		if !errors.As(err, &re) || !re.Config || !errors.As(err, &rd) || !strings.Contains(rd.Location, other.URL+"/steal") {
+			t.Fatalf("Token = %v, want a configuration RefreshError naming the Location", err)
+		}
+	}
+	if n := elsewhere.Load(); n != 0 {
+		t.Errorf("the redirect target got %d requests", n)
+	}
+}
+
+// Untrusted text from the provider is bounded and printable in errors, the
+// record's reason and the logs.
+func TestProviderTextBounded(t *testing.T) {
+	huge := strings.Repeat("\x1b[31mx", 50_000) // under x/oauth2's 1 MiB read limit once escaped
+	e := newEnv(t, miniredisBackend, tokenmgrtest.Strict)
+	idp := newScriptedIdP(t, `{"error":"`+strings.ReplaceAll(huge, "\x1b", `\u001b`)+`"}`)
+	m := e.manager(Strict, func(o *Options) {
+		o.OAuth2 = &oauth2.Config{ClientID: "c", Endpoint: oauth2.Endpoint{TokenURL: idp.srv.URL, AuthStyle: oauth2.AuthStyleInParams}}
+	})
+	if _, err := m.Seed(t.Context(), e.grant, &oauth2.Token{AccessToken: "at1", RefreshToken: "rt1", Expiry: e.clock.Now().Add(time.Hour)}, SeedOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	e.clock.Advance(time.Hour)
+	_, err := m.Token(t.Context(), e.grant)
+	if err == nil {
+		t.Fatal("Token succeeded")
+	}
+	if msg := err.Error(); len(msg) > 1000 || strings.Contains(msg, "\x1b") {
+		t.Errorf("error of %d bytes, escape sequences %v: want bounded and printable", len(msg), strings.Contains(msg, "\x1b"))
+	}
+	logs := e.logs.String()
+	if strings.Contains(logs, "\x1b") || len(logs) > 20_000 {
+		t.Errorf("logs of %d bytes, escape sequences %v", len(logs), strings.Contains(logs, "\x1b"))
 	}
 }

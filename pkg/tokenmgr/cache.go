@@ -36,6 +36,9 @@ type grantState struct {
 	// (exponential backoff while 401s persist, invariant 12).
 	forcedStreak    atomic.Int64
 	forcedNotBefore atomic.Int64
+	// badAnswers counts provider answers in a row whose access token could
+	// not be used: the exponent of the backoff before the next refresh.
+	badAnswers atomic.Int64
 	// announced is the version last announced by a rotation message or a
 	// poll. A flight that read Redis before the announcement and
 	// installed an older version runs again.

@@ -51,8 +51,10 @@ func (e *NotFoundError) Error() string {
 // Is makes errors.Is(err, ErrGrantNotFound) true.
 func (e *NotFoundError) Is(target error) bool { return target == ErrGrantNotFound }
 
-// StoreError reports that Redis could not be reached while a token was
-// needed. It matches ErrStoreUnavailable and unwraps to the Redis error.
+// StoreError reports that Redis could not be reached, or refused, while a
+// token or a record was needed. It matches ErrStoreUnavailable and unwraps
+// to the Redis error; Denied tells a refusal (wrong password, ACL) from an
+// outage. It is never reported as a missing grant.
 type StoreError struct {
 	Grant string
 	Op    string
@@ -60,8 +62,20 @@ type StoreError struct {
 }
 
 func (e *StoreError) Error() string {
-	return fmt.Sprintf("tokenmgr: grant %q: %s: token store unavailable: %v", e.Grant, e.Op, e.Err)
+	what := "token store unavailable"
+	if e.Denied() {
+		what = "token store refused the credentials or the command"
+	}
+	if e.Grant == "" {
+		return fmt.Sprintf("tokenmgr: %s: %s: %v", e.Op, what, e.Err)
+	}
+	return fmt.Sprintf("tokenmgr: grant %q: %s: %s: %v", e.Grant, e.Op, what, e.Err)
 }
+
+// Denied reports whether Redis refused the credentials (AUTH, WRONGPASS) or
+// the command (NOPERM, an ACL) rather than being unreachable: a
+// configuration to fix, not an outage to wait out.
+func (e *StoreError) Denied() bool { return redisDenied(e.Err) }
 
 func (e *StoreError) Unwrap() error { return e.Err }
 
@@ -105,15 +119,15 @@ func describe(err error) string {
 	if errors.As(err, &re) {
 		s := "provider answered"
 		if re.Response != nil {
-			s += " " + re.Response.Status
+			s += " " + printable(re.Response.Status, maxShownCode)
 		}
 		if re.ErrorCode != "" {
-			s += " " + re.ErrorCode
+			s += " " + printable(re.ErrorCode, maxShownCode)
 		}
 		return s
 	}
 	if err == nil {
 		return "unknown error"
 	}
-	return err.Error()
+	return printable(err.Error(), maxStoredNote)
 }

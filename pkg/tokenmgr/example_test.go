@@ -26,10 +26,20 @@ func Example() {
 	idp := tokenmgrtest.NewServer(tokenmgrtest.Config{Profile: tokenmgrtest.Atlassian, AuthStyle: oauth2.AuthStyleInHeader})
 	defer idp.Close()
 
+	// The encryption keys, "ID:BASE64" each, from a secret store; every
+	// process of the fleet has the same ones.
+	key, _ := tokenmgr.GenerateKey("k1")
+	keyring, err := tokenmgr.ParseKeyring(key.Encode())
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+
 	m, err := tokenmgr.New(ctx, tokenmgr.Options{
 		Redis:    rdb,
 		OAuth2:   idp.OAuthConfig(oauth2.AuthStyleInHeader), // ClientID, secret, TokenURL, explicit AuthStyle
 		Provider: tokenmgr.Atlassian,
+		Sealer:   keyring, // tokens are encrypted in Redis; the rest stays readable
 		Logger:   slog.New(slog.DiscardHandler),
 	})
 	if err != nil {

@@ -176,3 +176,60 @@ func TestRewrap(t *testing.T) {
 		t.Errorf("Check of a damaged record = %v, want the refresh_token field named", err)
 	}
 }
+
+// An older sealed pair of the same grant copied back into the record (with
+// redis-cli) does not open: token values are sealed for their record's
+// family and version, so the spent refresh token is never presented.
+func testOldCiphertextRefused(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Strict)
+	k1, _ := GenerateKey("k1")
+	kr, _ := NewKeyring(k1)
+	m := e.manager(Strict, func(o *Options) { o.Sealer = kr })
+	e.seed(m)
+	rdb := e.client()
+	k := grantKeys("tm", e.grant)
+	v1, err := rdb.HMGet(t.Context(), k.record, fAccess, fRefresh).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Rotate(t.Context(), e.grant); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.HSet(t.Context(), k.record, fAccess, v1[0], fRefresh, v1[1]).Err(); err != nil {
+		t.Fatal(err)
+	}
+	fresh := e.manager(Strict, func(o *Options) { o.Sealer = kr })
+	e.clock.Advance(time.Hour)
+	before := e.idp.Stats()
+	_, err = fresh.Token(t.Context(), e.grant)
+	var ce *CorruptRecordError
+	if !errors.As(err, &ce) || ce.Field != fAccess {
+		t.Fatalf("Token after an old pair was copied back = %v, want a CorruptRecordError for %s", err, fAccess)
+	}
+	if after := e.idp.Stats(); after.RefreshOK+after.RefreshFailed != before.RefreshOK+before.RefreshFailed || after.ReuseDetected != 0 {
+		t.Errorf("the copied-back refresh token was presented: %+v", after)
+	}
+}
+
+// Records from before families kept values sealed for the field alone:
+// they still open, so an upgrade loses no grant.
+func TestLegacySealedValuesOpen(t *testing.T) {
+	e := newEnv(t, miniredisBackend, tokenmgrtest.Strict)
+	k1, _ := GenerateKey("k1")
+	kr, _ := NewKeyring(k1)
+	tok := e.idp.NewGrant("")
+	at, _ := kr.Seal(e.grant, fAccess, []byte(tok.AccessToken))
+	rt, _ := kr.Seal(e.grant, fRefresh, []byte(tok.RefreshToken))
+	if err := e.client().HSet(t.Context(), grantKeys("tm", e.grant).record, fV, "7", fStatus, StatusOK, fAccess, at, fRefresh, rt,
+		fType, "Bearer", fExpiry, msString(e.clock.Now().Add(time.Hour))).Err(); err != nil {
+		t.Fatal(err)
+	}
+	m := e.manager(Strict, func(o *Options) { o.Sealer = kr })
+	got, err := m.Token(t.Context(), e.grant)
+	if err != nil || got.AccessToken != tok.AccessToken {
+		t.Fatalf("a record from before families: %v", err)
+	}
+	if v, err := m.Rotate(t.Context(), e.grant); err != nil || v != 8 {
+		t.Errorf("rotating it: %d %v", v, err)
+	}
+}

@@ -60,9 +60,9 @@ func newManager(ctx context.Context, opts Options, subscribe bool) (*Manager, er
 	if err != nil {
 		return nil, err
 	}
-	if o.Sealer == nil {
+	if o.Sealer == nil { // AllowPlaintext: withDefaults refuses it otherwise
 		o.Sealer = plaintext{}
-		o.Logger.Error("tokenmgr: no Sealer configured: tokens are stored in Redis UNENCRYPTED")
+		o.Logger.Error("tokenmgr: AllowPlaintext and no Sealer: tokens are stored in Redis UNENCRYPTED")
 	}
 	cfg := *o.OAuth2 // our own copy: the caller may reuse theirs
 	m := &Manager{core: newCore(o), policy: newPolicy(o), oauth: &cfg, subscribe: subscribe}
@@ -284,24 +284,24 @@ func (m *Manager) Statuses(ctx context.Context, grants []string) (sts []GrantSta
 // DueGrants returns up to limit grants whose access token expires before
 // t, soonest first, as Admin.DueGrants does.
 func (m *Manager) DueGrants(ctx context.Context, t time.Time, limit int64) ([]ScheduledGrant, error) {
-	return m.store.dueGrants(ctx, t, limit)
+	return m.dueGrants(ctx, t, limit)
 }
 
 // DeadGrants counts the grants that need re-consent, as Admin.DeadGrants
 // does.
 func (m *Manager) DeadGrants(ctx context.Context) (int64, error) {
-	return m.store.countParked(ctx)
+	return m.deadGrants(ctx)
 }
 
 // Grants lists every grant in the schedule, as Admin.Grants does.
 func (m *Manager) Grants(ctx context.Context) ([]string, error) {
-	return m.store.scheduledGrants(ctx)
+	return m.scheduled(ctx)
 }
 
 // Postpone moves grant's place in the schedule to t, as Admin.Postpone
 // does.
 func (m *Manager) Postpone(ctx context.Context, grant string, t time.Time) error {
-	return m.store.schedule(ctx, grant, t)
+	return m.postpone(ctx, grant, t)
 }
 
 // Logger is the Manager's logger (with its component and holder).

@@ -8,6 +8,8 @@ import (
 	"os"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/redis/go-redis/v9"
 	"golang.org/x/oauth2"
@@ -84,9 +86,13 @@ type Options struct {
 	// Holder names this process in intents and rotated_by. Default
 	// hostname-pid.
 	Holder string
-	// Sealer encrypts token values at rest. Default: none (values are stored
-	// as "plain:..." and a warning is logged at start).
+	// Sealer encrypts token values at rest: a *Keyring (NewKeyring,
+	// ParseKeyring). Required by New unless AllowPlaintext is set.
 	Sealer Sealer
+	// AllowPlaintext lets New run without a Sealer: tokens are stored as
+	// "plain:..." (readable by anyone who can read Redis) and an error is
+	// logged at start. For tests and demos only.
+	AllowPlaintext bool
 	// Now is the clock of token time: expiries and the refresh deadlines
 	// derived from them, the times written to Redis (rotated_at, retry_at,
 	// an intent's started_at) and the backoffs counted from them. Lease
@@ -165,6 +171,9 @@ func (o Options) withDefaults() (Options, error) {
 				"auto-detection retries a failed refresh with the other style and so presents the same refresh token twice"))
 		}
 	}
+	if o.Sealer == nil && !o.AllowPlaintext {
+		errs = append(errs, errors.New("Options.Sealer is required: a *tokenmgr.Keyring (tokenmgr.ParseKeyring), so tokens are encrypted in Redis; set AllowPlaintext to store them in clear (tests and demos only)"))
+	}
 	if o.Provider.Name == "" {
 		errs = append(errs, errors.New("Options.Provider is required (tokenmgr.Atlassian, Strict, Okta, Xero, NonRotating or your own)"))
 	}
@@ -235,13 +244,18 @@ func (o Options) withDefaults() (Options, error) {
 	return o, nil
 }
 
-// ValidateGrantName reports whether name can name a grant: non-empty, at
-// most 200 bytes, and free of braces (they would break the Redis Cluster
-// hash tag) and whitespace (rotation messages are "GRANT VERSION"), and not
+// ValidateGrantName reports whether name can name a grant: 1-200 bytes of
+// UTF-8, free of braces (they would break the Redis Cluster hash tag), of
+// whitespace of any kind (rotation messages are "GRANT VERSION") and of
+// control or format characters (a name is shown to operators), and not
 // "." or ".." (URL path segments that browsers resolve away).
 func ValidateGrantName(name string) error {
-	if name == "" || len(name) > 200 || strings.ContainsAny(name, "{} \t\r\n") || name == "." || name == ".." {
-		return fmt.Errorf("tokenmgr: invalid grant name %q: 1-200 bytes, no braces or whitespace, not . or ..", name)
+	ok := name != "" && len(name) <= 200 && utf8.ValidString(name) && name != "." && name != ".." &&
+		strings.IndexFunc(name, func(r rune) bool {
+			return r == '{' || r == '}' || unicode.IsSpace(r) || !unicode.IsPrint(r)
+		}) < 0
+	if !ok {
+		return fmt.Errorf("tokenmgr: invalid grant name %s: 1-200 bytes, printable, no braces or whitespace, not . or ..", quoted(name))
 	}
 	return nil
 }

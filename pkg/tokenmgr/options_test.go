@@ -2,9 +2,12 @@ package tokenmgr
 
 import (
 	"context"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/redis/go-redis/v9"
 	"golang.org/x/oauth2"
@@ -19,6 +22,7 @@ func TestOptionsRejected(t *testing.T) {
 			Redis:    rdb,
 			OAuth2:   &oauth2.Config{ClientID: "id", Endpoint: oauth2.Endpoint{TokenURL: "https://idp.example/token", AuthStyle: oauth2.AuthStyleInHeader}},
 			Provider: Atlassian,
+			Sealer:   plaintext{},
 		}
 	}
 	tests := []struct {
@@ -32,6 +36,7 @@ func TestOptionsRejected(t *testing.T) {
 		{"no token url", func(o *Options) { o.OAuth2.Endpoint.TokenURL = "" }, "TokenURL is required"},
 		{"auto-detected auth style", func(o *Options) { o.OAuth2.Endpoint.AuthStyle = oauth2.AuthStyleAutoDetect }, "presents the same refresh token twice"},
 		{"no provider", func(o *Options) { o.Provider = Provider{} }, "Options.Provider is required"},
+		{"no sealer and no opt-out", func(o *Options) { o.Sealer = nil }, "Options.Sealer is required"},
 		{"lease too short to extend", func(o *Options) { o.LeaseTTL = 500 * time.Millisecond }, "lease TTL 500ms must be at least 1s"},
 		// The worst case from a first presentation to a successor's replay:
 		// the call, the write with the lease kept alive, the lease running
@@ -79,9 +84,40 @@ func TestValidateGrantName(t *testing.T) {
 	for name, ok := range map[string]bool{
 		"jira-prod": true, "a/b": true, "x:y%2F": true, strings.Repeat("g", 200): true,
 		"": false, strings.Repeat("g", 201): false, "bad{grant}": false, "two words": false, "line\n": false, ".": false, "..": false, "...": true,
+		"jira-ü": true, "nb\u00a0sp": false, "ls\u2028": false, "bidi\u202e": false, "esc\x1b[31m": false, "bell\a": false, "bad\xffutf8": false, "zw\u200b": false,
 	} {
 		if err := ValidateGrantName(name); (err == nil) != ok {
 			t.Errorf("ValidateGrantName(%q) = %v, want ok=%v", name, err, ok)
 		}
 	}
+}
+
+// FuzzValidators: the checks of untrusted names and values never accept
+// what would break a key, a header or a person's terminal, and what a
+// person reads of them is bounded and printable.
+func FuzzValidators(f *testing.F) {
+	for _, s := range []string{"jira-prod", "a{b}", "x y", "\u202e", "\x1b[31m", "Bearer error=\"invalid_token\", error_description=\"scope\"", "ab==", "a\r\nb", "é"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		if ValidateGrantName(s) == nil {
+			if !utf8.ValidString(s) || strings.ContainsAny(s, "{} \t\r\n") || strings.IndexFunc(s, func(r rune) bool { return !unicode.IsPrint(r) || unicode.IsSpace(r) }) >= 0 {
+				t.Fatalf("accepted grant name %q", s)
+			}
+		} else if msg := ValidateGrantName(s).Error(); len(msg) > 300 || strings.ContainsAny(msg, "\r\n\x1b") {
+			t.Fatalf("the error for %q is unbounded or unprintable: %q", s, msg)
+		}
+		if checkAccessToken(s) == nil && strings.ContainsAny(s, " \r\n\t\x00:,\"") {
+			t.Fatalf("accepted access token %q", s)
+		}
+		p := printable(s, 100)
+		if len(p) > 100 || !utf8.ValidString(p) || strings.IndexFunc(p, func(r rune) bool { return unicode.IsControl(r) || unicode.Is(unicode.Cf, r) }) >= 0 {
+			t.Fatalf("printable(%q) = %q", s, p)
+		}
+		h := http.Header{}
+		h.Set("WWW-Authenticate", s)
+		if reason, _ := challenge(h); len(reason) > maxChallenge {
+			t.Fatalf("challenge reason of %d bytes", len(reason))
+		}
+	})
 }

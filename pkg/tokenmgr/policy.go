@@ -128,6 +128,10 @@ const (
 //     Hydra answers invalid_request to concurrent requests under load, and
 //     a retry succeeds), 429, 5xx and network errors: transient.
 func classify(err error, now time.Time) (class failClass, retryAfter time.Duration) {
+	var redirect *RedirectError
+	if errors.As(err, &redirect) {
+		return failConfig, 0
+	}
 	var re *oauth2.RetrieveError
 	if !errors.As(err, &re) {
 		return failTransient, 0
@@ -180,8 +184,9 @@ func definiteAnswer(err error) bool {
 			(re.Response.StatusCode >= 400 && re.Response.StatusCode < 500)
 	}
 	var op *net.OpError
-	if errors.As(err, &op) && op.Op == "dial" {
-		return true
+	var redirect *RedirectError
+	if errors.As(err, &op) && op.Op == "dial" || errors.As(err, &redirect) {
+		return true // the request never reached the token endpoint itself
 	}
 	var unknownCA x509.UnknownAuthorityError
 	var hostname x509.HostnameError
@@ -191,11 +196,13 @@ func definiteAnswer(err error) bool {
 }
 
 // The bounds on times a provider gives (invariant 12): an access token
-// that claims to live less than minAccessTTL would be refreshed in a loop,
-// one that claims years would never be; a Retry-After of years would stop
-// the fleet.
+// that claims to live less than minAccessTTL (expires_in 0 or negative)
+// would be refreshed in a loop; one that claims years would never be; a
+// Retry-After of years would stop the fleet. The lower bound is a second,
+// not more: a short-lived token is served only as long as the provider
+// says it lives.
 const (
-	minAccessTTL  = 10 * time.Second
+	minAccessTTL  = time.Second
 	maxAccessTTL  = 24 * time.Hour
 	maxRetryAfter = time.Hour
 )

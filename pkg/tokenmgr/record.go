@@ -2,6 +2,7 @@ package tokenmgr
 
 import (
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -110,11 +111,11 @@ func (r *record) token() *oauth2.Token {
 // without refresh_count (HINCRBY owns it). Times are unix milliseconds, so
 // redis-cli shows numbers an operator can compare; empty means unset.
 func (r *record) fields(grant string, s Sealer) ([]any, error) {
-	at, err := s.Seal(grant, fAccess, []byte(r.AccessToken))
+	at, err := s.Seal(grant, boundField(fAccess, r.Family, r.V), []byte(r.AccessToken))
 	if err != nil {
 		return nil, fmt.Errorf("seal %s: %w", fAccess, err)
 	}
-	rt, err := s.Seal(grant, fRefresh, []byte(r.RefreshToken))
+	rt, err := s.Seal(grant, boundField(fRefresh, r.Family, r.V), []byte(r.RefreshToken))
 	if err != nil {
 		return nil, fmt.Errorf("seal %s: %w", fRefresh, err)
 	}
@@ -209,15 +210,20 @@ func decodeRecord(grant string, h map[string]string, s Sealer) (*record, error) 
 		Family: h[fFamily], Forced401: h[fForced401]}
 	var err error
 	if r.V, err = strconv.ParseInt(h[fV], 10, 64); err != nil || r.V < 1 {
-		return nil, bad(fV, fmt.Errorf("want a positive integer, have %q", h[fV]))
+		return nil, bad(fV, fmt.Errorf("want a positive integer, have %s", quoted(h[fV])))
+	}
+	if r.TokenType != "" {
+		if err := checkTokenType(r.TokenType); err != nil {
+			return nil, bad(fType, err)
+		}
 	}
 	if !validFamily(r.Family) {
-		return nil, bad(fFamily, fmt.Errorf("want EPOCHMS.HEX, have %q", r.Family))
+		return nil, bad(fFamily, fmt.Errorf("want EPOCHMS.HEX, have %s", quoted(r.Family)))
 	}
 	switch r.Status {
 	case StatusOK, StatusReauthRequired:
 	default:
-		return nil, bad(fStatus, fmt.Errorf("want %q or %q, have %q", StatusOK, StatusReauthRequired, r.Status))
+		return nil, bad(fStatus, fmt.Errorf("want %q or %q, have %s", StatusOK, StatusReauthRequired, quoted(r.Status)))
 	}
 	for _, f := range []struct {
 		name string
@@ -229,7 +235,7 @@ func decodeRecord(grant string, h map[string]string, s Sealer) (*record, error) 
 	}
 	if c := h[fCount]; c != "" {
 		if r.RefreshCount, err = strconv.ParseInt(c, 10, 64); err != nil {
-			return nil, bad(fCount, fmt.Errorf("want an integer, have %q", c))
+			return nil, bad(fCount, fmt.Errorf("want an integer, have %s", quoted(c)))
 		}
 	}
 	r.Restored = h[fRestored] == "1"
@@ -242,19 +248,73 @@ func decodeRecord(grant string, h map[string]string, s Sealer) (*record, error) 
 		// damaged token field hide the reason.
 		return r, nil
 	}
-	at, err := s.Open(grant, fAccess, h[fAccess])
+	at, err := openBound(s, grant, fAccess, r.Family, r.V, h[fAccess])
 	if err != nil {
 		return nil, bad(fAccess, err)
 	}
-	rt, err := s.Open(grant, fRefresh, h[fRefresh])
+	rt, err := openBound(s, grant, fRefresh, r.Family, r.V, h[fRefresh])
 	if err != nil {
 		return nil, bad(fRefresh, err)
 	}
-	if len(at) == 0 {
-		return nil, bad(fAccess, fmt.Errorf("empty"))
+	if err := checkAccessToken(string(at)); err != nil {
+		return nil, bad(fAccess, err)
 	}
 	r.AccessToken, r.RefreshToken = secret(at), secret(rt)
 	return r, nil
+}
+
+// boundField is what a token value is sealed for: its field, and the
+// family and version of the record it belongs to, so that an older sealed
+// value copied back into a newer record does not open (its spent refresh
+// token is never presented).
+func boundField(field, family string, v int64) string {
+	return field + "@" + family + "/" + strconv.FormatInt(v, 10)
+}
+
+// openBound opens a token value of the record at (family, v). Records from
+// before families (family "") may still hold values sealed for the field
+// alone, which they accept until a rotation rewrites them.
+func openBound(s Sealer, grant, field, family string, v int64, stored string) ([]byte, error) {
+	pt, err := s.Open(grant, boundField(field, family, v), stored)
+	if err != nil && family == "" {
+		if legacy, lerr := s.Open(grant, field, stored); lerr == nil {
+			return legacy, nil
+		}
+	}
+	return pt, err
+}
+
+// maxTokenBytes bounds an access token: it goes into a header.
+const maxTokenBytes = 16 << 10
+
+// checkAccessToken checks that an access token can go into an
+// Authorization header as a bearer token (RFC 6750 section 2.1, b64token):
+// one with a line break would make every request fail locally.
+func checkAccessToken(at string) error {
+	if at == "" {
+		return errors.New("empty")
+	}
+	if len(at) > maxTokenBytes {
+		return fmt.Errorf("%d bytes, more than %d", len(at), maxTokenBytes)
+	}
+	body := strings.TrimRight(at, "=")
+	if body == "" {
+		return errors.New("not a bearer token (RFC 6750 b64token)")
+	}
+	for _, c := range []byte(body) {
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("-._~+/", c) >= 0) {
+			return errors.New("not a bearer token (RFC 6750 b64token): it holds a character an Authorization header cannot carry")
+		}
+	}
+	return nil
+}
+
+// checkTokenType accepts the token types the Manager can send: Bearer.
+func checkTokenType(tt string) error {
+	if !strings.EqualFold(tt, "bearer") {
+		return fmt.Errorf("token type %s: only Bearer tokens are supported", quoted(tt))
+	}
+	return nil
 }
 
 func msString(t time.Time) string {
@@ -270,7 +330,7 @@ func parseMS(s string) (time.Time, error) {
 	}
 	ms, err := strconv.ParseInt(s, 10, 64)
 	if err != nil || ms < 0 {
-		return time.Time{}, fmt.Errorf("want unix milliseconds, have %q", s)
+		return time.Time{}, fmt.Errorf("want unix milliseconds, have %s", quoted(s))
 	}
 	return time.UnixMilli(ms), nil
 }

@@ -128,7 +128,50 @@ func (m *Manager) refresh(ctx context.Context, g *grantState, rec *record, w wan
 	m.stats.refreshes.Add(1)
 	g.clearLostAttempt()
 	m.noteForced(g, w)
-	return m.write(ctx, g, rec.V, m.nextRecord(g, rec, tok, sentAt, w), l)
+	next := m.nextRecord(g, rec, tok, sentAt, w)
+	if bad := unusableAnswer(next); bad != nil {
+		return m.keepRefreshToken(ctx, g, rec, next, sentAt, l, bad)
+	}
+	g.badAnswers.Store(0)
+	return m.write(ctx, g, rec.V, next, l)
+}
+
+// unusableAnswer reports why the provider's new access token cannot be sent
+// (a line break in it, a token type other than Bearer), or nil.
+func unusableAnswer(next *record) error {
+	if err := checkTokenType(next.TokenType); err != nil {
+		return err
+	}
+	if err := checkAccessToken(string(next.AccessToken)); err != nil {
+		return fmt.Errorf("access token: %w", err)
+	}
+	return nil
+}
+
+// unusableAccess stands in for an access token the provider answered that
+// cannot be sent; it is stored expired, so it is never served.
+const unusableAccess = "unusable-access-token"
+
+// keepRefreshToken handles a provider answer whose access token cannot be
+// used: the provider has rotated, so its new refresh token is the grant's
+// only one. It is written with an expired stand-in for the access token, so
+// that the next refresh replaces it, and the fleet backs off a growing step
+// in case the provider keeps answering so. The caller gets a transient
+// error.
+func (m *Manager) keepRefreshToken(ctx context.Context, g *grantState, rec, next *record, sentAt time.Time, l *lease, bad error) (*entry, error) {
+	next.AccessToken, next.TokenType, next.Expiry = unusableAccess, "Bearer", sentAt
+	wait := m.policy.backoff(g.badAnswers.Add(1))
+	m.log.Error("provider answered an access token that cannot be used; keeping its new refresh token and refreshing again after a backoff",
+		"grant", g.name, "version", rec.V, "retry_in", wait, "err", bad)
+	if _, err := m.write(ctx, g, rec.V, next, l); err != nil {
+		return nil, err
+	}
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.opts.Provider.HTTPTimeout)
+	defer cancel()
+	if e := g.entry.Load(); e != nil && e.v == next.V {
+		m.deferFleet(wctx, g, next, wait)
+	}
+	return nil, &RefreshError{Grant: g.name, RetryAfter: wait, Err: fmt.Errorf("provider answered an unusable token: %w", bad)}
 }
 
 // beforeRetry pauses before the retry-th repeat of a refused call, records
@@ -326,11 +369,26 @@ func (m *Manager) answerLost(ctx context.Context, g *grantState, rec *record, in
 func (m *Manager) callIdP(ctx context.Context, rt secret) (tok *oauth2.Token, sentAt time.Time, err error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.opts.Provider.HTTPTimeout)
 	defer cancel()
-	hc := &http.Client{Transport: m.opts.IdPTransport, Timeout: m.opts.Provider.HTTPTimeout}
+	hc := &http.Client{Transport: m.opts.IdPTransport, Timeout: m.opts.Provider.HTTPTimeout, CheckRedirect: refuseRedirect}
 	ctx = context.WithValue(ctx, oauth2.HTTPClient, hc)
 	sentAt = m.opts.Now()
 	tok, err = m.oauth.TokenSource(ctx, &oauth2.Token{RefreshToken: string(rt)}).Token()
 	return tok, sentAt, err
+}
+
+// RedirectError reports a token endpoint that answered with a redirect. It
+// is not followed: following it would send the refresh token and the client
+// secret to another address. A configuration error: fix the token URL.
+type RedirectError struct {
+	Location string // bounded and printable
+}
+
+func (e *RedirectError) Error() string {
+	return "tokenmgr: the token endpoint redirected to " + e.Location + "; not followed (it would re-send the refresh token and the client secret): set the token URL to the endpoint itself"
+}
+
+func refuseRedirect(req *http.Request, _ []*http.Request) error {
+	return &RedirectError{Location: printable(req.URL.String(), maxStoredNote/2)}
 }
 
 // nextRecord turns the provider's answer into the successor of rec.

@@ -266,7 +266,10 @@ func testStrictWaitsForHeldAnswer(t *testing.T, b backend) {
 	seeded := e.seed(m)
 	e.clock.Advance(time.Hour)
 	answer := crashedAttempt(t, e, m, "slow-pod", seeded)
+	written := make(chan struct{})
+	defer func() { <-written }()
 	go func() {
+		defer close(written)
 		time.Sleep(300 * time.Millisecond) // the other holder gets its write through
 		rec := &record{Family: e.status(m).Family, Status: StatusOK, AccessToken: secret(answer.AccessToken), RefreshToken: secret(answer.RefreshToken),
 			TokenType: "Bearer", Expiry: e.clock.Now().Add(time.Hour), RotatedAt: e.clock.Now()}

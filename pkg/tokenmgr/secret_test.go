@@ -70,21 +70,31 @@ func TestDecodeRecordErrors(t *testing.T) {
 }
 
 func FuzzDecodeRecord(f *testing.F) {
-	f.Add("2", StatusOK, "plain:at", "plain:rt", "1700000000000", "", "")
-	f.Add("1", StatusReauthRequired, "", "", "", "5", "")
-	f.Add("x", "", "enc:v1:k:zz", "plain:", "-1", "a", "1")
-	f.Fuzz(func(t *testing.T, v, status, at, rt, expiry, count, retry string) {
-		h := map[string]string{fV: v, fStatus: status, fAccess: at, fRefresh: rt, fExpiry: expiry, fCount: count, fRetry: retry}
+	f.Add("2", StatusOK, "plain:at", "plain:rt", "1700000000000", "", "", "Bearer", "")
+	f.Add("1", StatusReauthRequired, "", "", "", "5", "", "", "1764633600000.ab12")
+	f.Add("x", "", "enc:v1:k:zz", "plain:", "-1", "a", "1", "mac", "x.y")
+	f.Add("3", StatusOK, "plain:a\r\nb", "plain:rt", "", "", "", "Bearer\r\nX: y", "")
+	f.Fuzz(func(t *testing.T, v, status, at, rt, expiry, count, retry, tokenType, family string) {
+		h := map[string]string{fV: v, fStatus: status, fAccess: at, fRefresh: rt, fExpiry: expiry, fCount: count, fRetry: retry, fType: tokenType, fFamily: family}
 		rec, err := decodeRecord("g", h, plaintext{})
 		if err != nil {
 			var ce *CorruptRecordError
 			if !errors.As(err, &ce) {
 				t.Fatalf("error of type %T, want *CorruptRecordError", err)
 			}
+			if msg := err.Error(); len(msg) > 600 || strings.ContainsAny(msg, "\r\n\x1b") {
+				t.Fatalf("an error a person reads is unbounded or carries control characters: %q", msg)
+			}
 			return
 		}
-		if rec.V < 1 || (rec.Status != StatusOK && rec.Status != StatusReauthRequired) {
+		if rec.V < 1 || (rec.Status != StatusOK && rec.Status != StatusReauthRequired) || !validFamily(rec.Family) {
 			t.Fatalf("accepted an invalid record: %+v", rec)
+		}
+		if rec.TokenType != "" && checkTokenType(rec.TokenType) != nil {
+			t.Fatalf("accepted token type %q", rec.TokenType)
+		}
+		if rec.Status == StatusOK && checkAccessToken(string(rec.AccessToken)) != nil {
+			t.Fatalf("accepted an access token no header can carry")
 		}
 		if rec.Status == StatusOK {
 			// Round trip: encoding and decoding again gives the same tokens.
@@ -93,6 +103,9 @@ func FuzzDecodeRecord(f *testing.F) {
 				t.Fatal(err)
 			}
 			h2 := map[string]string{fV: v}
+			if rec.Family == "" {
+				h2 = map[string]string{fV: v} // sealed for this version now
+			}
 			for i := 0; i < len(f); i += 2 {
 				h2[f[i].(string)] = f[i+1].(string)
 			}

@@ -92,6 +92,10 @@ func newStore(rdb redis.UniversalClient, prefix string, s Sealer) *store {
 
 var errMissing = errors.New("record missing")
 
+// redisDenied reports a refusal by Redis: wrong credentials or a command
+// the user's ACL does not allow.
+func redisDenied(err error) bool { return redis.IsAuthError(err) || redis.IsPermissionError(err) }
+
 // read returns the grant's record; errMissing when there is none, a
 // *CorruptRecordError when it cannot be decoded, or the Redis error.
 func (s *store) read(ctx context.Context, grant string, k keys) (*record, error) {
@@ -118,7 +122,7 @@ type head struct {
 // trip. Used by the poll.
 func (s *store) readHeads(ctx context.Context, grants []string) []head {
 	cmds := make([]*redis.SliceCmd, len(grants))
-	_, _ = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+	_, perr := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, g := range grants {
 			cmds[i] = p.HMGet(ctx, grantKeys(s.prefix, g).record, fV, fStatus, fFamily)
 		}
@@ -127,6 +131,9 @@ func (s *store) readHeads(ctx context.Context, grants []string) []head {
 	out := make([]head, len(grants))
 	for i, c := range cmds {
 		vals, err := c.Result()
+		if err == nil && perr != nil && !errors.Is(perr, redis.Nil) && (len(vals) == 0 || vals[0] == nil) {
+			err = perr // maybe a connection that never set up: not "missing"
+		}
 		if err != nil || len(vals) != 3 {
 			out[i].failed = true
 			continue
@@ -174,7 +181,10 @@ func (s *store) readMeta(ctx context.Context, grants []string, now time.Time) ([
 	}
 	rs := make([]reads, len(grants))
 	since := "(" + strconv.FormatInt(now.Add(-rotationWindow).UnixMilli(), 10) // the last hour, exclusive
-	_, _ = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+	// A connection that fails to set up (a wrong password) leaves the
+	// commands without an error of their own: the pipeline's error is
+	// every grant's, never an empty record read as "no such grant".
+	_, perr := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, g := range grants {
 			k := grantKeys(s.prefix, g)
 			rs[i] = reads{
@@ -186,11 +196,21 @@ func (s *store) readMeta(ctx context.Context, grants []string, now time.Time) ([
 		return nil
 	})
 	for i, r := range rs {
-		if err := r.record.Err(); err != nil {
+		err := r.record.Err()
+		if err != nil {
 			errs[i] = err
 			continue
 		}
 		h := r.record.Val()
+		if len(h) == 0 && perr != nil && !errors.Is(perr, redis.Nil) {
+			// Empty, but the pipeline failed somewhere: a connection that
+			// failed to set up leaves its commands empty without an error.
+			// Ask again alone, where the error shows.
+			if h, err = s.rdb.HGetAll(ctx, grantKeys(s.prefix, grants[i]).record).Result(); err != nil {
+				errs[i] = err
+				continue
+			}
+		}
 		if len(h) == 0 {
 			errs[i] = &NotFoundError{Grant: grants[i]}
 			continue
@@ -266,23 +286,50 @@ func (s *store) rotate(ctx context.Context, grant string, k keys, fromV int64, r
 }
 
 // seed creates or replaces the record as a new token family and returns
-// its version and family.
+// its version and family. The family is named after the Redis server's
+// clock (later than the family it replaces), and the tokens are sealed for
+// that family and version, so they are known before the script runs; the
+// script refuses if the record changed meanwhile, and seed tries again.
 func (s *store) seed(ctx context.Context, grant string, k keys, rec *record) (int64, string, error) {
-	f, err := rec.fields(grant, s.sealer)
-	if err != nil {
-		return 0, "", err
+	for range 3 {
+		var now *redis.TimeCmd
+		var cur *redis.SliceCmd
+		if _, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+			now = p.Time(ctx)
+			cur = p.HMGet(ctx, k.record, fV, fFamily)
+			return nil
+		}); err != nil {
+			return 0, "", err
+		}
+		vals := cur.Val()
+		storedV, _ := vals[0].(string)
+		storedFamily, _ := vals[1].(string)
+		var v int64
+		if storedV != "" {
+			var err error
+			if v, err = strconv.ParseInt(storedV, 10, 64); err != nil || v < 0 {
+				v = 0 // a corrupt version: the seed replaces it
+			}
+		}
+		ms := now.Val().UnixMilli()
+		if e := familyEpoch(storedFamily); e >= ms {
+			ms = e + 1
+		}
+		rec.V, rec.Family = v+1, strconv.FormatInt(ms, 10)+"."+newFamilyID()
+		f, err := rec.fields(grant, s.sealer)
+		if err != nil {
+			return 0, "", err
+		}
+		args := append([]any{storedV, storedFamily, s.channel, grant, rec.V}, f...)
+		ok, err := s.runDurable(ctx, seedScript, []string{k.record, k.intent}, args...).Int64()
+		if err != nil {
+			return 0, "", err
+		}
+		if ok == 1 {
+			return rec.V, rec.Family, nil
+		}
 	}
-	args := append([]any{s.channel, grant, newFamilyID()}, f...)
-	res, err := s.runDurable(ctx, seedScript, []string{k.record, k.intent}, args...).Slice()
-	if err != nil {
-		return 0, "", err
-	}
-	if len(res) != 2 {
-		return 0, "", fmt.Errorf("seed script: unexpected reply of %d elements", len(res))
-	}
-	v, _ := res[0].(int64)
-	family, _ := res[1].(string)
-	return v, family, nil
+	return 0, "", errors.New("the record kept changing; try again")
 }
 
 // newFamilyID is the random part of a family's name.

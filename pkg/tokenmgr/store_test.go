@@ -99,6 +99,11 @@ func scriptCommands(t *testing.T) []string {
 	return out
 }
 
+// connectionOptional are what go-redis tries on a new connection and
+// carries on without when refused (Redis before 7.2 does not know them; the
+// README says when to add them).
+var connectionOptional = map[string]bool{"client|setinfo": true, "client|maint_notifications": true}
+
 // readmeACL returns the commands the README's ACL SETUSER line for user
 // allows, and whether a category covers connection commands.
 func readmeACL(t *testing.T, user string) map[string]bool {
@@ -229,6 +234,9 @@ func TestStoreCommandsAllowedByReadmeACL(t *testing.T) {
 			l.seen[c] = true
 		}
 		for cmd := range l.seen {
+			if connectionOptional[cmd] {
+				continue
+			}
 			if !aclAllows(allowed, cmd) {
 				t.Errorf("the %s sends %s, which the README's ACL line for %s does not grant", user, strings.ToUpper(cmd), user)
 			}

@@ -47,6 +47,8 @@ var suite = []struct {
 	{"WorkersLeaveRefreshToLiveRefresher", testWorkersLeaveRefreshToRefresher},
 	{"RetryableBadRequestIsTransient", testRetryableBadRequest},
 	{"AwaitRotationNoLostWakeup", testAwaitRotationLostWakeup},
+	{"OldCiphertextRefused", testOldCiphertextRefused},
+	{"UnusableAccessTokenKeepsRefreshToken", testUnusableAccessToken},
 }
 
 func TestMiniredis(t *testing.T) {

@@ -6,7 +6,6 @@ import (
 	"net/http"
 	"strings"
 	"time"
-	"unicode/utf8"
 
 	"golang.org/x/oauth2"
 )
@@ -140,18 +139,6 @@ func authParam(challenge, name string) string {
 		}
 		return rest
 	}
-}
-
-// bounded cuts s to at most n bytes, on a rune boundary, marking the cut.
-func bounded(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	cut := n - len("…")
-	for cut > 0 && !utf8.RuneStart(s[cut]) {
-		cut--
-	}
-	return s[:cut] + "…"
 }
 
 // authorized clones req (a RoundTripper must not modify its request) with

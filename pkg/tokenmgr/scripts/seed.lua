@@ -1,27 +1,20 @@
 -- Operator import of a token pair: creates or replaces the record as a new
 -- token family, bumps the version, clears a dead status and any intent, and
--- tells the fleet. The family is named after the seed's time on this
--- server's clock, later than the family it replaces, so that every process
--- orders the two even if the record is lost in between (invariant 9 in
--- doc.go).
+-- tells the fleet. The caller named the family after this server's clock,
+-- later than the family it replaces (invariant 9 in doc.go), and sealed the
+-- tokens for that family and version; the script refuses if the record
+-- changed since the caller read it.
 -- KEYS[1] record hash, KEYS[2] intent hash
--- ARGV[1] rotation channel, ARGV[2] grant name, ARGV[3] random family id (hex),
--- ARGV[4..] field/value pairs
--- Returns {new version, family}.
-local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0') or 0
-local nv = v + 1
-local t = redis.call('TIME')
-local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local old = redis.call('HGET', KEYS[1], 'family')
-if old then
-  local e = tonumber(string.match(old, '^(%d+)%.'))
-  if e and e >= ms then
-    ms = e + 1
-  end
+-- ARGV[1] the version the caller read ('' if the record was missing),
+-- ARGV[2] the family it read, ARGV[3] rotation channel, ARGV[4] grant name,
+-- ARGV[5] the new version, ARGV[6..] field/value pairs (family included)
+-- Returns 1 when written, 0 when the record changed meanwhile.
+local v = redis.call('HGET', KEYS[1], 'v') or ''
+local family = redis.call('HGET', KEYS[1], 'family') or ''
+if v ~= ARGV[1] or family ~= ARGV[2] then
+  return 0
 end
-local family = string.format('%.0f', ms) .. '.' .. ARGV[3]
 redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-redis.call('HSET', KEYS[1], 'v', nv, 'family', family)
-redis.call('PUBLISH', ARGV[1], ARGV[2] .. ' ' .. nv)
-return {nv, family}
+redis.call('HSET', KEYS[1], 'v', ARGV[5], unpack(ARGV, 6))
+redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. ARGV[5])
+return 1

@@ -868,7 +868,7 @@ func TestStatsJSON(t *testing.T) {
 	want := map[string]int64{
 		"refresh_ok": 1, "refresh_failed": 1, "reuse_detected": 1, "families_revoked": 1,
 		"auth_code_exchanges": 0, "api_200": 0, "api_401": 1, "rotations": 1,
-		"dropped": 0, "injected_5xx": 1, "injected_429": 0,
+		"dropped": 0, "injected_5xx": 1, "injected_429": 0, "injected_busy": 0,
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("got %v, want %v", got, want)
