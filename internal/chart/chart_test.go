@@ -1,7 +1,10 @@
 package chart
 
 import (
+	"encoding/json"
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -388,5 +391,52 @@ func TestExpand(t *testing.T) {
 		if got := Expand(in, env); got != want {
 			t.Errorf("Expand(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// Env resolves references as the kubelet does, and MountFiles puts the
+// mounted ConfigMap where a flag's rewritten path finds it.
+func TestEnvAndMountFiles(t *testing.T) {
+	rel := render(t, Options{ValuesFiles: []string{FullValues}})
+	c := rel.ContainersRunning("refresher")[0]
+	ex := Existing{
+		Secrets: map[string]map[string]string{
+			"tokenmgr-secrets": {"redis-password": "pw", "admin-password": "a", "admin-token": "t"},
+			"tokenmgr-keys":    {"keyring": "k"},
+			"jira-oauth":       {"client-secret": "j"},
+			"xero-oauth":       {"client-secret": "x"},
+		},
+		ConfigMaps: map[string]map[string]string{"redis-ca": {"ca.crt": "PEM"}},
+	}
+	env, err := rel.Env(c, ex)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := env["TOKENMGR_REDIS_URL"], "rediss://default:pw@redis-master.data:6380/0"; got != want {
+		t.Errorf("TOKENMGR_REDIS_URL %q, want %q", got, want)
+	}
+	delete(ex.Secrets, "xero-oauth")
+	if _, err := rel.Env(c, ex); err == nil || !strings.Contains(err.Error(), "no key client-secret in Secret xero-oauth") {
+		t.Errorf("a missing Secret: got error %v", err)
+	}
+	root := t.TempDir()
+	local, err := rel.MountFiles(c, ex, root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	flag := local("--config=/etc/tokenmgr/config/registrations.json")
+	raw, err := os.ReadFile(strings.TrimPrefix(flag, "--config="))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc struct{ Registrations []map[string]any }
+	if err := json.Unmarshal(raw, &doc); err != nil || len(doc.Registrations) != 2 {
+		t.Errorf("registrations.json: %v: %s", err, raw)
+	}
+	if got := local(env["TOKENMGR_REDIS_CA_FILE"]); got != filepath.Join(root, "/etc/tokenmgr/redis-ca/ca.crt") {
+		t.Errorf("CA file rewritten to %q", got)
+	}
+	if got := local("--other=/etc/passwd"); got != "--other=/etc/passwd" {
+		t.Errorf("a path outside the mounts rewritten to %q", got)
 	}
 }

@@ -10,9 +10,13 @@ import (
 	corev1 "k8s.io/api/core/v1"
 )
 
-// Secrets stand for the Secrets that exist in the cluster: name, key,
-// value. The chart only references Secrets; tests say what is in them.
-type Secrets map[string]map[string]string
+// Existing stands for what exists in the cluster beside the release: the
+// chart only references Secrets, and may reference ConfigMaps it does not
+// render. Tests say what is in them: name, key, value.
+type Existing struct {
+	Secrets    map[string]map[string]string
+	ConfigMaps map[string]map[string]string
+}
 
 // Container is one container of a rendered Deployment, with its pod.
 type Container struct {
@@ -44,17 +48,18 @@ func (r *Release) ContainersRunning(bin string) []Container {
 }
 
 // Env builds the container's environment as the kubelet does: env in
-// order, values from the release's ConfigMaps and from secrets, and
+// order, values from ConfigMaps (the release's, else existing ones) and
+// from existing Secrets, and
 // $(VAR) references to variables defined before expanded. A reference to
 // a Secret or ConfigMap key that does not exist is an error (the kubelet
 // would not start the container) unless marked optional.
-func (r *Release) Env(c Container, secrets Secrets) (map[string]string, error) {
+func (r *Release) Env(c Container, ex Existing) (map[string]string, error) {
 	env := map[string]string{}
 	var errs []error
 	for _, from := range c.EnvFrom {
 		switch {
 		case from.SecretRef != nil:
-			data, ok := secrets[from.SecretRef.Name]
+			data, ok := ex.Secrets[from.SecretRef.Name]
 			if !ok && !isTrue(from.SecretRef.Optional) {
 				errs = append(errs, fmt.Errorf("envFrom: no Secret %s", from.SecretRef.Name))
 			}
@@ -62,9 +67,9 @@ func (r *Release) Env(c Container, secrets Secrets) (map[string]string, error) {
 				env[from.Prefix+k] = v
 			}
 		case from.ConfigMapRef != nil:
-			data, ok := r.configMap(from.ConfigMapRef.Name)
+			data, ok := r.configMap(from.ConfigMapRef.Name, ex)
 			if !ok && !isTrue(from.ConfigMapRef.Optional) {
-				errs = append(errs, fmt.Errorf("envFrom: no ConfigMap %s in the release", from.ConfigMapRef.Name))
+				errs = append(errs, fmt.Errorf("envFrom: no ConfigMap %s", from.ConfigMapRef.Name))
 			}
 			for k, v := range data {
 				env[from.Prefix+k] = v
@@ -77,7 +82,7 @@ func (r *Release) Env(c Container, secrets Secrets) (map[string]string, error) {
 			env[e.Name] = Expand(e.Value, env)
 		case e.ValueFrom.SecretKeyRef != nil:
 			ref := e.ValueFrom.SecretKeyRef
-			v, ok := secrets[ref.Name][ref.Key]
+			v, ok := ex.Secrets[ref.Name][ref.Key]
 			if !ok {
 				if !isTrue(ref.Optional) {
 					errs = append(errs, fmt.Errorf("env %s: no key %s in Secret %s", e.Name, ref.Key, ref.Name))
@@ -87,11 +92,11 @@ func (r *Release) Env(c Container, secrets Secrets) (map[string]string, error) {
 			env[e.Name] = v
 		case e.ValueFrom.ConfigMapKeyRef != nil:
 			ref := e.ValueFrom.ConfigMapKeyRef
-			data, _ := r.configMap(ref.Name)
+			data, _ := r.configMap(ref.Name, ex)
 			v, ok := data[ref.Key]
 			if !ok {
 				if !isTrue(ref.Optional) {
-					errs = append(errs, fmt.Errorf("env %s: no key %s in ConfigMap %s of the release", e.Name, ref.Key, ref.Name))
+					errs = append(errs, fmt.Errorf("env %s: no key %s in ConfigMap %s", e.Name, ref.Key, ref.Name))
 				}
 				continue
 			}
@@ -148,12 +153,12 @@ func Expand(s string, env map[string]string) string {
 	return b.String()
 }
 
-// MountFiles writes the files the container sees from the release's
-// ConfigMaps and from secrets under root, at root + their mount path, and
+// MountFiles writes the files the container sees from ConfigMaps and
+// Secrets (as Env finds them) under root, at root + their mount path, and
 // returns a function that rewrites container paths in an argument or
 // value (at its start or after '=') to those files, so that a binary's
 // flag parser can read them.
-func (r *Release) MountFiles(c Container, secrets Secrets, root string) (func(string) string, error) {
+func (r *Release) MountFiles(c Container, ex Existing, root string) (func(string) string, error) {
 	volumes := map[string]corev1.Volume{}
 	for _, v := range c.Pod.Spec.Volumes {
 		volumes[v.Name] = v
@@ -168,13 +173,13 @@ func (r *Release) MountFiles(c Container, secrets Secrets, root string) (func(st
 		var items []corev1.KeyToPath
 		switch {
 		case v.ConfigMap != nil:
-			cm, ok := r.configMap(v.ConfigMap.Name)
+			cm, ok := r.configMap(v.ConfigMap.Name, ex)
 			if !ok {
-				return nil, fmt.Errorf("volume %s: no ConfigMap %s in the release", v.Name, v.ConfigMap.Name)
+				return nil, fmt.Errorf("volume %s: no ConfigMap %s", v.Name, v.ConfigMap.Name)
 			}
 			data, items = cm, v.ConfigMap.Items
 		case v.Secret != nil:
-			s, ok := secrets[v.Secret.SecretName]
+			s, ok := ex.Secrets[v.Secret.SecretName]
 			if !ok {
 				return nil, fmt.Errorf("volume %s: no Secret %s", v.Name, v.Secret.SecretName)
 			}
@@ -221,13 +226,14 @@ func (r *Release) MountFiles(c Container, secrets Secrets, root string) (func(st
 	}, nil
 }
 
-// configMap returns the data of a ConfigMap the release renders.
-func (r *Release) configMap(name string) (map[string]string, bool) {
-	o := r.Get("ConfigMap", name)
-	if o == nil {
-		return nil, false
+// configMap returns the data of a ConfigMap the release renders, else of
+// an existing one.
+func (r *Release) configMap(name string, ex Existing) (map[string]string, bool) {
+	if o := r.Get("ConfigMap", name); o != nil {
+		return o.Typed.(*corev1.ConfigMap).Data, true
 	}
-	return o.Typed.(*corev1.ConfigMap).Data, true
+	data, ok := ex.ConfigMaps[name]
+	return data, ok
 }
 
 func isTrue(b *bool) bool { return b != nil && *b }
