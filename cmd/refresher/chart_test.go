@@ -127,9 +127,9 @@ func TestChartCommands(t *testing.T) {
 			checkListen("--listen", cfg.listen, "metrics", false)
 			switch _, exposed := ports["admin"]; {
 			case exposed:
-				checkListen("--admin-listen", cfg.adminListen, "admin", false)
-			case cfg.adminListen != "":
-				checkListen("--admin-listen", cfg.adminListen, "", true)
+				checkListen("--admin-listen", cfg.operatorListen, "admin", false)
+			case cfg.operatorListen != "":
+				checkListen("--admin-listen", cfg.operatorListen, "", true)
 			}
 			var regs []string
 			for _, r := range cfg.regs {
