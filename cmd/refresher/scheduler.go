@@ -5,8 +5,10 @@ import (
 	"errors"
 	"hash/fnv"
 	"log/slog"
+	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -47,6 +49,13 @@ type scheduler struct {
 	holder string
 
 	wg sync.WaitGroup // in-flight refreshes
+
+	// wake tells the loop that a refresh finished, so that the grant's
+	// next due time can move its timer.
+	wake chan struct{}
+	// lastTick is when the loop last finished a tick (unix nanos, real
+	// time): /healthz fails when it is too long ago.
+	lastTick atomic.Int64
 
 	mu sync.Mutex // guards the fields below
 	// notBefore holds back a grant that was looked at and is not due yet,
@@ -138,12 +147,16 @@ func (s *scheduler) parkInvalid(ctx context.Context, member string, invalid erro
 
 func (s *scheduler) done(grant string, notBefore time.Time) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	delete(s.running, grant)
 	if notBefore.IsZero() {
 		delete(s.notBefore, grant)
 	} else {
 		s.notBefore[grant] = notBefore
+	}
+	s.mu.Unlock()
+	select {
+	case s.wake <- struct{}{}:
+	default:
 	}
 }
 
@@ -258,17 +271,62 @@ func (s *scheduler) correct(ctx context.Context, d tokenmgr.ScheduledGrant, st t
 	}
 }
 
-// loop ticks until ctx ends, then waits for in-flight refreshes.
+// loop ticks until ctx ends, then waits for in-flight refreshes. It ticks
+// at the earliest due time of the grants it has looked at (a timer on the
+// head of the schedule), and at least every `every`: a grant is refreshed
+// when it comes due, not up to a tick later, which matters for short
+// tokens. Each tick first announces this refresher, so that workers leave
+// the grants it serves to it (invariant 11 in pkg/tokenmgr/doc.go).
 func (s *scheduler) loop(ctx context.Context, every time.Duration) {
-	t := time.NewTicker(every)
+	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
-		s.tick(ctx)
 		select {
 		case <-ctx.Done():
 			s.wg.Wait()
 			return
 		case <-t.C:
+		case <-s.wake:
 		}
+		s.announce(ctx, every)
+		s.tick(ctx)
+		s.lastTick.Store(time.Now().UnixNano())
+		t.Reset(s.untilNext(every))
+	}
+}
+
+// untilNext is how long the loop may sleep: until the earliest time a grant
+// it looked at comes due, at most every.
+func (s *scheduler) untilNext(every time.Duration) time.Duration {
+	now := s.now()
+	next := now.Add(every)
+	s.mu.Lock()
+	for _, nb := range s.notBefore {
+		if nb.After(now) && nb.Before(next) {
+			next = nb
+		}
+	}
+	s.mu.Unlock()
+	return max(next.Sub(now), time.Millisecond)
+}
+
+// announceFor is how long an announcement lasts: a few ticks, and at least
+// a few seconds, so that a busy tick is not taken for a dead refresher.
+func announceFor(every time.Duration) time.Duration { return max(3*every, 3*time.Second) }
+
+// announce tells workers that this refresher serves its grants (all of the
+// schedule when it has no list) for the next few ticks.
+func (s *scheduler) announce(ctx context.Context, every time.Duration) {
+	var grants []string
+	if s.only != nil {
+		for g := range s.only {
+			grants = append(grants, g)
+		}
+		slices.Sort(grants)
+	}
+	actx, cancel := context.WithTimeout(ctx, every)
+	defer cancel()
+	if err := s.m.Announce(actx, grants, announceFor(every)); err != nil && ctx.Err() == nil {
+		s.log.Warn("could not announce this refresher; workers refresh for themselves", logErr(err))
 	}
 }

@@ -107,7 +107,7 @@ func newRunner(ctx context.Context, c *runConfig, r *registration, o tokenmgr.Op
 		m: m, now: clock(o), margin: c.refreshBefore, jitter: c.jitter, batch: c.batch,
 		sem: make(chan struct{}, c.concurrency), limiter: rate.NewLimiter(rate.Limit(c.rate), 1),
 		log: m.Logger(), metrics: mt, warnAbsolute: c.warnAbsolute, period: c.tick, holder: m.Holder(),
-		notBefore: map[string]time.Time{}, running: map[string]bool{},
+		notBefore: map[string]time.Time{}, running: map[string]bool{}, wake: make(chan struct{}, 1),
 	}
 	if r.grants != nil {
 		s.only = map[string]bool{}
