@@ -105,15 +105,17 @@ func FuzzProviderResponse(f *testing.F) {
 	f.Cleanup(srv.Close)
 	m := &Manager{
 		oauth: &oauth2.Config{ClientID: "c", Endpoint: oauth2.Endpoint{TokenURL: srv.URL, AuthStyle: oauth2.AuthStyleInParams}},
-		core:  core{opts: Options{Provider: Provider{HTTPTimeout: 5 * time.Second}, IdPTransport: http.DefaultTransport, Now: time.Now}},
+		core:   core{opts: Options{Provider: Provider{HTTPTimeout: 5 * time.Second}, IdPTransport: http.DefaultTransport, Now: time.Now, Observer: noObserver{}}},
+		tracer: newTracer(nil),
 	}
+	g := newGrantState("tm", "g")
 	f.Fuzz(func(t *testing.T, b string, code int) {
 		if code < 200 || code > 599 {
 			return
 		}
 		body.Store(b)
 		status.Store(int64(code))
-		tok, _, err := m.callIdP(t.Context(), "rt")
+		tok, _, err := m.callIdP(t.Context(), g, "rt")
 		if err == nil && (tok == nil || tok.AccessToken == "") {
 			t.Fatalf("success without an access token")
 		}

@@ -7,6 +7,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/oauth2"
 )
 
@@ -144,6 +145,9 @@ type want struct {
 	rejected int64
 	// reason is the rejecting 401's challenge (wantNewer).
 	reason string
+	// caller is the span of the caller that started the flight, so that
+	// the flight's spans join its trace.
+	caller trace.SpanContext
 }
 
 type wantMode int
@@ -159,6 +163,18 @@ const (
 	// wantForced: as wantNewer, ignoring MinForcedRefreshAge (Rotate).
 	wantForced
 )
+
+func (m wantMode) String() string {
+	switch m {
+	case wantRefreshIfDue:
+		return "refresh_if_due"
+	case wantNewer:
+		return "newer_than_rejected"
+	case wantForced:
+		return "forced"
+	}
+	return "usable"
+}
 
 // rejects reports whether the caller saw a version rejected.
 func (w want) rejects() bool { return w.mode == wantNewer || w.mode == wantForced }
@@ -185,6 +201,7 @@ func (m *Manager) obtain(ctx context.Context, g *grantState, w want) (*entry, er
 		f := g.flight
 		if f == nil {
 			f = &flight{done: make(chan struct{})}
+			w.caller = trace.SpanContextFromContext(ctx)
 			if !m.goBackground(func() { m.runFlight(g, f, w) }) {
 				g.mu.Unlock()
 				return nil, ErrClosed
@@ -214,7 +231,7 @@ func (m *Manager) obtain(ctx context.Context, g *grantState, w want) (*entry, er
 
 // runFlight brings the grant up to date for f's callers, then ends f.
 func (m *Manager) runFlight(g *grantState, f *flight, w want) {
-	ctx, cancel := context.WithTimeout(m.base, m.opts.WaitTimeout)
+	ctx, cancel := context.WithTimeout(trace.ContextWithSpanContext(m.base, w.caller), m.opts.WaitTimeout)
 	defer cancel()
 	f.e, f.err = m.update(ctx, g, w)
 	for range 3 {

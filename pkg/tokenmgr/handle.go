@@ -3,6 +3,7 @@ package tokenmgr
 import (
 	"context"
 	"net/http"
+	"time"
 
 	"golang.org/x/oauth2"
 )
@@ -44,10 +45,29 @@ func (h *Grant) Status(ctx context.Context) (GrantStatus, error) {
 }
 
 // Client returns an *http.Client that authorizes every request with the
-// grant's current token and applies the 401 rule (see Transport). It has
-// no timeout of its own: bound each request with its context.
-func (h *Grant) Client() *http.Client {
-	return &http.Client{Transport: h.Transport(nil)}
+// grant's current token and applies the 401 rule (see Transport).
+//
+// Timeouts: by default the client has none of its own, like
+// http.DefaultClient; bound each request with its context. The wait for a
+// token (while another process refreshes) counts against the request's
+// context, and is bounded by Options.WaitTimeout besides. WithTimeout sets
+// http.Client.Timeout, which then bounds the whole request: the token, the
+// API call, a retry after a 401, and reading the body.
+func (h *Grant) Client(opts ...ClientOption) *http.Client {
+	c := &http.Client{Transport: h.Transport(nil)}
+	for _, o := range opts {
+		o(c)
+	}
+	return c
+}
+
+// ClientOption adjusts a Client.
+type ClientOption func(*http.Client)
+
+// WithTimeout bounds every request made through the client, from waiting
+// for a token to reading the answer's body (http.Client.Timeout).
+func WithTimeout(d time.Duration) ClientOption {
+	return func(c *http.Client) { c.Timeout = d }
 }
 
 // Transport returns a RoundTripper that authorizes requests with the
@@ -79,8 +99,10 @@ func (h *Grant) TokenSource() oauth2.TokenSource {
 	return &tokenSource{h: h}
 }
 
-// Client is Grant(grant).Client().
-func (m *Manager) Client(grant string) *http.Client { return m.Grant(grant).Client() }
+// Client is Grant(grant).Client(opts...).
+func (m *Manager) Client(grant string, opts ...ClientOption) *http.Client {
+	return m.Grant(grant).Client(opts...)
+}
 
 // Transport is Grant(grant).Transport(base).
 func (m *Manager) Transport(grant string, base http.RoundTripper) http.RoundTripper {

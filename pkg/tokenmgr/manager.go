@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/oauth2"
 )
 
@@ -24,6 +25,10 @@ type Manager struct {
 	policy policy
 	leases *leases
 	oauth  *oauth2.Config
+	// previous is the registration with Options.PreviousClientSecret (nil
+	// without one).
+	previous *oauth2.Config
+	tracer   trace.Tracer
 
 	// warnedUncounted: the "rotation not counted" warning (old ACL) is
 	// logged once per Manager, not per rotation.
@@ -65,7 +70,12 @@ func newManager(ctx context.Context, opts Options, subscribe bool) (*Manager, er
 		o.Logger.Error("tokenmgr: AllowPlaintext and no Sealer: tokens are stored in Redis UNENCRYPTED")
 	}
 	cfg := *o.OAuth2 // our own copy: the caller may reuse theirs
-	m := &Manager{core: newCore(o), policy: newPolicy(o), oauth: &cfg, subscribe: subscribe}
+	m := &Manager{core: newCore(o), policy: newPolicy(o), oauth: &cfg, subscribe: subscribe, tracer: newTracer(o.TracerProvider)}
+	if o.PreviousClientSecret != "" {
+		prev := cfg
+		prev.ClientSecret = o.PreviousClientSecret
+		m.previous = &prev
+	}
 	m.leases = newLeases(o, m.log, &m.stats)
 	if d := m.store.durable; d != nil {
 		logLate := d.late

@@ -12,6 +12,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/redis/go-redis/v9"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/oauth2"
 )
 
@@ -31,6 +32,12 @@ type Options struct {
 	OAuth2 *oauth2.Config
 	// Provider is the provider profile. Required (see Atlassian, Strict...).
 	Provider Provider
+	// PreviousClientSecret, while a client secret is being rotated, is the
+	// secret before OAuth2.ClientSecret: a refresh the provider refuses as
+	// invalid_client (or Atlassian's access_denied) is tried once more with
+	// it, counted in Stats.SecretFallbacks and logged. Safe: a rejected
+	// client is refused before the refresh token is looked at.
+	PreviousClientSecret string
 	// IdPTransport carries calls to the token endpoint. Default
 	// http.DefaultTransport.
 	IdPTransport http.RoundTripper
@@ -101,6 +108,15 @@ type Options struct {
 	Now func() time.Time
 	// Logger receives the Manager's logs; never a token. Default slog.Default().
 	Logger *slog.Logger
+
+	// Observer, if set, receives the timings of provider calls and lease
+	// waits, for metrics (tokenmgrprom.NewObserver).
+	Observer Observer
+	// TracerProvider makes the Manager's OpenTelemetry spans: a refresh
+	// (tokenmgr.refresh) with its lease wait, provider call, fenced write
+	// and restore, and the 401 rule (tokenmgr.unauthorized). Default: the
+	// global provider, otel.GetTracerProvider().
+	TracerProvider trace.TracerProvider
 
 	// OnVersion, if set, is called each time the Manager starts serving a
 	// new version of a grant (after a rotation here or elsewhere, a seed or
@@ -237,6 +253,9 @@ func (o Options) withDefaults() (Options, error) {
 	}
 	if o.IdPTransport == nil {
 		o.IdPTransport = http.DefaultTransport
+	}
+	if o.Observer == nil {
+		o.Observer = noObserver{}
 	}
 	if len(errs) > 0 {
 		return o, fmt.Errorf("tokenmgr: invalid options: %w", errors.Join(errs...))

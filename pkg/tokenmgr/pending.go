@@ -3,6 +3,8 @@ package tokenmgr
 import (
 	"context"
 	"time"
+
+	"go.opentelemetry.io/otel/attribute"
 )
 
 // heldWrite is a rotated pair the provider gave us, on its way to Redis.
@@ -29,8 +31,12 @@ func (g *grantState) heldPair() *heldWrite {
 func (m *Manager) write(ctx context.Context, g *grantState, fromV int64, next *record, l *lease) (*entry, error) {
 	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.opts.Provider.HTTPTimeout)
 	defer cancel()
+	wctx, span := m.startSpan(wctx, "tokenmgr.write", g, attribute.Int64("tokenmgr.version.from", fromV))
 	p := &heldWrite{fromV: fromV, rec: next}
-	if err := m.flushHeld(wctx, g, p); err != nil {
+	err := m.flushHeld(wctx, g, p)
+	span.SetAttributes(attribute.Bool("tokenmgr.held", err != nil))
+	endSpan(span, err)
+	if err != nil {
 		p.lease = l
 		l.keep()
 		g.mu.Lock()

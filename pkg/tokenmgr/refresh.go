@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
 	"golang.org/x/oauth2"
 )
 
@@ -58,7 +59,14 @@ func (m *Manager) update(ctx context.Context, g *grantState, w want) (*entry, er
 // (invariant 2): decide, lease, re-read under the lease, record the intent
 // and decide on an earlier attempt's doubt, call the provider, then write
 // the new pair fenced or handle the failure.
-func (m *Manager) refresh(ctx context.Context, g *grantState, rec *record, w want) (*entry, error) {
+func (m *Manager) refresh(ctx context.Context, g *grantState, rec *record, w want) (e *entry, err error) {
+	ctx, span := m.startSpan(ctx, "tokenmgr.refresh", g, attribute.Int64("tokenmgr.version", rec.V), attribute.String("tokenmgr.want", w.mode.String()))
+	defer func() {
+		if e != nil {
+			span.SetAttributes(attribute.Int64("tokenmgr.version.after", e.v))
+		}
+		endSpan(span, err)
+	}()
 	if e, err, done := m.backingOff(g, rec, w); done {
 		return e, err
 	}
@@ -107,7 +115,7 @@ func (m *Manager) refresh(ctx context.Context, g *grantState, rec *record, w wan
 	}
 	stop := l.keepAlive(ctx, "the provider call and the write of its answer")
 	defer stop()
-	tok, sentAt, callErr := m.callIdP(ctx, rec.RefreshToken)
+	tok, sentAt, callErr := m.callIdP(ctx, g, rec.RefreshToken)
 	attempts := in.Attempts // the fleet's backoff counts attempts, not the retries inside one
 	for retry := 1; callErr != nil && retry <= retriesInLease && retryInLease(callErr); retry++ {
 		// A client error that is not about the token (Hydra's "retry the
@@ -119,7 +127,7 @@ func (m *Manager) refresh(ctx context.Context, g *grantState, rec *record, w wan
 		if in, e, err, ok = m.recordIntent(ctx, g, rec, w, m.opts.Now()); !ok {
 			return e, err
 		}
-		tok, sentAt, callErr = m.callIdP(ctx, rec.RefreshToken)
+		tok, sentAt, callErr = m.callIdP(ctx, g, rec.RefreshToken)
 	}
 	if callErr != nil {
 		in.Attempts = attempts
@@ -227,6 +235,8 @@ func (m *Manager) backingOff(g *grantState, rec *record, w want) (*entry, error,
 // meanwhile (the new pair), or when the wait ran out (the cached token if
 // still good, else an error).
 func (m *Manager) takeLease(ctx context.Context, g *grantState, rec *record, w want) (*lease, *entry, error) {
+	ctx, span := m.startSpan(ctx, "tokenmgr.lease_wait", g)
+	start := time.Now()
 	var moved *record
 	l, err := m.leases.acquire(ctx, g.name, g.keys.lock, g.changedChan, func() bool {
 		cur, err := m.read(ctx, g)
@@ -236,6 +246,9 @@ func (m *Manager) takeLease(ctx context.Context, g *grantState, rec *record, w w
 		}
 		return true
 	})
+	m.opts.Observer.LeaseWait(g.name, time.Since(start), l != nil)
+	span.SetAttributes(attribute.Bool("tokenmgr.lease.acquired", l != nil), attribute.Bool("tokenmgr.rotated_elsewhere", moved != nil))
+	endSpan(span, nil)
 	switch {
 	case l != nil:
 		return l, nil, nil
@@ -366,13 +379,29 @@ func (m *Manager) answerLost(ctx context.Context, g *grantState, rec *record, in
 // only copy of the new refresh token. HTTPTimeout bounds it. sentAt is
 // when the request left, on the Manager's clock: expires_in counts from
 // the provider's issue, which is no earlier (invariant 12).
-func (m *Manager) callIdP(ctx context.Context, rt secret) (tok *oauth2.Token, sentAt time.Time, err error) {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.opts.Provider.HTTPTimeout)
+func (m *Manager) callIdP(ctx context.Context, g *grantState, rt secret) (tok *oauth2.Token, sentAt time.Time, err error) {
+	ctx, span := m.startSpan(context.WithoutCancel(ctx), "tokenmgr.provider_call", g, attribute.String("tokenmgr.provider", m.opts.Provider.Name))
+	ctx, cancel := context.WithTimeout(ctx, m.opts.Provider.HTTPTimeout)
 	defer cancel()
 	hc := &http.Client{Transport: m.opts.IdPTransport, Timeout: m.opts.Provider.HTTPTimeout, CheckRedirect: refuseRedirect}
 	ctx = context.WithValue(ctx, oauth2.HTTPClient, hc)
 	sentAt = m.opts.Now()
+	start := time.Now()
 	tok, err = m.oauth.TokenSource(ctx, &oauth2.Token{RefreshToken: string(rt)}).Token()
+	if class, _ := classify(err, time.Now()); err != nil && class == failConfig && m.previous != nil {
+		// The client secret is being rotated and the provider still has
+		// the previous one: refused clients are refused before the
+		// refresh token is looked at, so presenting it again is safe.
+		if tok2, err2 := m.previous.TokenSource(ctx, &oauth2.Token{RefreshToken: string(rt)}).Token(); err2 == nil {
+			m.stats.secretFallbacks.Add(1)
+			m.log.WarnContext(ctx, "the provider accepted only the previous client secret; finish rotating the secret there", "grant", g.name)
+			tok, err = tok2, nil
+		}
+	}
+	outcome := outcomeOf(err)
+	m.opts.Observer.ProviderCall(g.name, time.Since(start), outcome)
+	span.SetAttributes(attribute.String("tokenmgr.outcome", outcome))
+	endSpan(span, err)
 	return tok, sentAt, err
 }
 
@@ -451,7 +480,10 @@ func (m *Manager) read(ctx context.Context, g *grantState) (*record, error) {
 	default:
 		return rec, err
 	}
-	written, err := m.store.restore(ctx, g.name, g.keys, newest)
+	rctx, span := m.startSpan(ctx, "tokenmgr.restore", g, attribute.Int64("tokenmgr.version", newest.V), attribute.Bool("tokenmgr.record_missing", rec == nil))
+	written, err := m.store.restore(rctx, g.name, g.keys, newest)
+	span.SetAttributes(attribute.Bool("tokenmgr.restored", written))
+	endSpan(span, err)
 	if err != nil {
 		return nil, err
 	}

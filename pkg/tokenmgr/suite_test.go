@@ -49,6 +49,7 @@ var suite = []struct {
 	{"AwaitRotationNoLostWakeup", testAwaitRotationLostWakeup},
 	{"OldCiphertextRefused", testOldCiphertextRefused},
 	{"UnusableAccessTokenKeepsRefreshToken", testUnusableAccessToken},
+	{"PreviousClientSecretDuringRotation", testPreviousClientSecret},
 }
 
 func TestMiniredis(t *testing.T) {

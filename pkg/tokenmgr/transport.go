@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
 	"golang.org/x/oauth2"
 )
 
@@ -55,6 +56,13 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	m.stats.unauthorized.Add(1)
 	reason, insufficientScope := challenge(resp.Header)
+	ctx, span := m.startSpan(ctx, "tokenmgr.unauthorized", t.h.g, attribute.Int64("tokenmgr.version", e.v),
+		attribute.String("tokenmgr.challenge", reason), attribute.Bool("tokenmgr.insufficient_scope", insufficientScope))
+	outcome := "returned"
+	defer func() {
+		span.SetAttributes(attribute.String("tokenmgr.outcome", outcome))
+		span.End()
+	}()
 	if insufficientScope {
 		// RFC 6750: the token is valid but lacks a scope; no refresh can
 		// cure that.
@@ -83,6 +91,7 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		if err != nil || resp.StatusCode != http.StatusUnauthorized {
 			if err == nil {
 				t.h.g.forcedStreak.Store(0)
+				outcome = "cured"
 			}
 			return resp, err
 		}
