@@ -104,7 +104,7 @@ func FuzzProviderResponse(f *testing.F) {
 	}))
 	f.Cleanup(srv.Close)
 	m := &Manager{
-		oauth: &oauth2.Config{ClientID: "c", Endpoint: oauth2.Endpoint{TokenURL: srv.URL, AuthStyle: oauth2.AuthStyleInParams}},
+		oauth:  &oauth2.Config{ClientID: "c", Endpoint: oauth2.Endpoint{TokenURL: srv.URL, AuthStyle: oauth2.AuthStyleInParams}},
 		core:   core{opts: Options{Provider: Provider{HTTPTimeout: 5 * time.Second}, IdPTransport: http.DefaultTransport, Now: time.Now, Observer: noObserver{}}},
 		tracer: newTracer(nil),
 	}
