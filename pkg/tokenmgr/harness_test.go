@@ -140,7 +140,7 @@ func (e *env) options(profile Provider) Options {
 		Redis:    e.client(),
 		OAuth2:   e.idp.OAuthConfig(oauth2.AuthStyleInHeader),
 		Provider: profile,
-		Now:      e.clock.Now,
+		Clock:    e.clock,
 		Logger:   slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Sealer:   plaintext{},
 	}
