@@ -57,6 +57,9 @@ var (
 	//go:embed scripts/mark.lua
 	markSrc    string
 	markScript = redis.NewScript(markSrc)
+	//go:embed scripts/read.lua
+	readSrc    string
+	readScript = redis.NewScript(readSrc)
 	//go:embed scripts/refreshers.lua
 	refreshersSrc    string
 	refreshersScript = redis.NewScript(refreshersSrc)
@@ -99,14 +102,37 @@ func redisDenied(err error) bool { return redis.IsAuthError(err) || redis.IsPerm
 // read returns the grant's record; errMissing when there is none, a
 // *CorruptRecordError when it cannot be decoded, or the Redis error.
 func (s *store) read(ctx context.Context, grant string, k keys) (*record, error) {
-	h, err := s.rdb.HGetAll(ctx, k.record).Result()
+	rec, _, err := s.readWithLease(ctx, grant, k, false)
+	return rec, err
+}
+
+// readWithLease is read, and also reports, when the lease lives in this
+// Redis (withLease), whether it is held, in the same round trip.
+func (s *store) readWithLease(ctx context.Context, grant string, k keys, withLease bool) (rec *record, held bool, err error) {
+	lock := ""
+	if withLease {
+		lock = k.lock
+	}
+	reply, err := readScript.Run(ctx, s.rdb, []string{k.record, lock}).Slice()
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
+	if len(reply) != 2 {
+		return nil, false, fmt.Errorf("read script: unexpected reply of %d elements", len(reply))
+	}
+	flat, _ := reply[0].([]any)
+	h := make(map[string]string, len(flat)/2)
+	for i := 0; i+1 < len(flat); i += 2 {
+		f, _ := flat[i].(string)
+		v, _ := flat[i+1].(string)
+		h[f] = v
+	}
+	n, _ := reply[1].(int64)
 	if len(h) == 0 {
-		return nil, errMissing
+		return nil, n == 1, errMissing
 	}
-	return decodeRecord(grant, h, s.sealer)
+	rec, err = decodeRecord(grant, h, s.sealer)
+	return rec, n == 1, err
 }
 
 // head is the part of a record the poll compares: enough to see a
@@ -267,7 +293,13 @@ func (s *store) rotate(ctx context.Context, grant string, k keys, fromV int64, r
 	if err != nil {
 		return 0, 0, false, err
 	}
-	args := append([]any{strconv.FormatInt(fromV, 10), rec.Family, s.channel, grant, rec.RotatedAt.UnixMilli(), rotationWindow.Milliseconds()}, f...)
+	next := *rec
+	next.V = fromV + 1
+	msg, err := message(grant, &next, f)
+	if err != nil {
+		return 0, 0, false, err
+	}
+	args := append([]any{strconv.FormatInt(fromV, 10), rec.Family, s.channel, msg, rec.RotatedAt.UnixMilli(), rotationWindow.Milliseconds()}, f...)
 	reply, err := s.runDurable(ctx, rotateScript, []string{k.record, k.intent, k.rotations}, args...).Int64Slice()
 	if err != nil {
 		return 0, 0, false, err
@@ -320,7 +352,11 @@ func (s *store) seed(ctx context.Context, grant string, k keys, rec *record) (in
 		if err != nil {
 			return 0, "", err
 		}
-		args := append([]any{storedV, storedFamily, s.channel, grant, rec.V}, f...)
+		msg, err := message(grant, rec, f)
+		if err != nil {
+			return 0, "", err
+		}
+		args := append([]any{storedV, storedFamily, s.channel, msg, rec.V}, f...)
 		ok, err := s.runDurable(ctx, seedScript, []string{k.record, k.intent}, args...).Int64()
 		if err != nil {
 			return 0, "", err
@@ -346,7 +382,13 @@ func (s *store) restore(ctx context.Context, grant string, k keys, rec *record) 
 	if err != nil {
 		return false, err
 	}
-	args := append([]any{strconv.FormatInt(rec.V, 10), rec.Family, s.channel, grant}, f...)
+	restored := *rec
+	restored.Restored = true
+	msg, err := message(grant, &restored, append(f, fRestored, "1"))
+	if err != nil {
+		return false, err
+	}
+	args := append([]any{strconv.FormatInt(rec.V, 10), rec.Family, s.channel, msg}, f...)
 	res, err := s.runDurable(ctx, restoreScript, []string{k.record}, args...).Int64Slice()
 	if err != nil {
 		return false, err

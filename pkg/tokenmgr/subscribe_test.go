@@ -1,10 +1,14 @@
 package tokenmgr
 
 import (
+	"context"
 	"errors"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
 
@@ -80,4 +84,138 @@ func TestSubscriptionKilledRealRedis(t *testing.T) {
 		_, err := worker.Token(t.Context(), e.grant)
 		return errors.Is(err, ErrReauthRequired)
 	})
+}
+
+// Issue 15: a rotation message carries the new record, sealed; subscribers
+// install it without reading Redis. A message that does not open, or skips
+// a version, or comes from an older writer without a record, makes them
+// read instead.
+func testAdoptionWithoutRead(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Strict)
+	var workerCommands atomic.Int64
+	counting := &commandCounter{n: &workerCommands}
+	worker := e.manager(Strict, func(o *Options) { o.Redis.AddHook(counting) })
+	rotator := e.manager(Strict, nil)
+	e.seed(rotator)
+	if _, err := worker.Token(t.Context(), e.grant); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the worker's subscription", worker.Subscribed)
+	before := workerCommands.Load()
+	adoptedBefore := worker.Stats().Adopted
+	v2, err := rotator.Rotate(t.Context(), e.grant)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the worker to adopt the rotation", func() bool {
+		en := worker.lookup(e.grant).entry.Load()
+		return en != nil && en.v == v2
+	})
+	if n := workerCommands.Load() - before; n != 0 {
+		t.Errorf("adopting a rotation cost the worker %d Redis commands, want 0", n)
+	}
+	if n := worker.Stats().Adopted - adoptedBefore; n != 1 {
+		t.Errorf("%d adoptions for one rotation, want 1", n)
+	}
+	// A message whose record does not open: the worker reads.
+	v3, err := rotator.Rotate(t.Context(), e.grant)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = v3
+	before = workerCommands.Load()
+	if err := e.client().Publish(t.Context(), "tm:rotated", e.grant+" 9 m1 {not json").Err(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "a read after an unreadable message", func() bool { return workerCommands.Load() > before })
+	// An older writer's message without a record: the worker reads.
+	before = workerCommands.Load()
+	if err := e.client().Publish(t.Context(), "tm:rotated", e.grant+" 99").Err(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "a read after a message without a record", func() bool { return workerCommands.Load() > before })
+	tok, err := worker.Token(t.Context(), e.grant)
+	if err != nil || !e.idp.AccessTokenValid(tok.AccessToken) {
+		t.Errorf("after the fallbacks: %v", err)
+	}
+}
+
+// commandCounter counts the commands a client sends.
+type commandCounter struct{ n *atomic.Int64 }
+
+func (c *commandCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (c *commandCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error { c.n.Add(1); return next(ctx, cmd) }
+}
+func (c *commandCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error { c.n.Add(int64(len(cmds))); return next(ctx, cmds) }
+}
+
+// Issue 15: when every token of a fleet expires at once, one process takes
+// the lease; the others find it held in the same read, wait for the
+// holder's message and adopt its record: one command each. Those that read
+// before the holder took the lease try it once (two more commands), then
+// wait likewise: at most 3 on average with all 20 at the same instant (it
+// was 4-7 when every waiter polled the record and the lease); cmd/bench
+// measures the fleet figure.
+func testNoHerd(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Strict)
+	const n = 20
+	counts := make([]atomic.Int64, n)
+	ms := make([]*Manager, n)
+	for i := range ms {
+		ms[i] = e.manager(Strict, func(o *Options) { o.Redis.AddHook(&commandCounter{n: &counts[i]}) })
+	}
+	e.seed(ms[0])
+	// Once, so that the server has every script cached (a first EVALSHA
+	// costs an EVAL too), as a running fleet's has.
+	if _, err := ms[0].Rotate(t.Context(), e.grant); err != nil {
+		t.Fatal(err)
+	}
+	mu := ms[0].leases.rs.NewMutex("tm:{warm}:lock")
+	if err := mu.Lock(); err != nil {
+		t.Fatal(err)
+	}
+	_, _ = mu.Unlock() // loads redsync's release script
+	for _, m := range ms {
+		if _, err := m.Token(t.Context(), e.grant); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, "subscriptions", m.Subscribed)
+	}
+	e.idp.SetLatency(200 * time.Millisecond) // the holder's call is under way while the others look
+	idpBefore := e.idp.Stats()
+	e.clock.Advance(time.Hour)
+	before := make([]int64, n)
+	refreshed := make([]int64, n)
+	for i := range counts {
+		before[i] = counts[i].Load()
+		refreshed[i] = ms[i].Stats().Refreshes
+	}
+	var wg sync.WaitGroup
+	for _, m := range ms {
+		wg.Go(func() {
+			if _, err := m.Token(t.Context(), e.grant); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	var total int64
+	holders := 0
+	for i, m := range ms {
+		if m.Stats().Refreshes > refreshed[i] {
+			holders++
+			continue
+		}
+		total += counts[i].Load() - before[i]
+	}
+	per := float64(total) / float64(n-holders)
+	t.Logf("%d managers, every token expired at once: %.2f Redis commands per waiting manager", n, per)
+	if holders != 1 || per > 3 {
+		t.Errorf("%d refreshed; %.2f commands per waiting manager, want one refresh and at most 3", holders, per)
+	}
+	if s := e.idp.Stats(); s.RefreshOK-idpBefore.RefreshOK != 1 || s.ReuseDetected != 0 {
+		t.Errorf("IdP %+v", s)
+	}
 }

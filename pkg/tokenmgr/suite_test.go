@@ -50,6 +50,8 @@ var suite = []struct {
 	{"OldCiphertextRefused", testOldCiphertextRefused},
 	{"UnusableAccessTokenKeepsRefreshToken", testUnusableAccessToken},
 	{"PreviousClientSecretDuringRotation", testPreviousClientSecret},
+	{"AdoptionWithoutRead", testAdoptionWithoutRead},
+	{"NoHerdWhenAllExpireAtOnce", testNoHerd},
 }
 
 func TestMiniredis(t *testing.T) {

@@ -6,7 +6,7 @@
 -- then version. A corrupt record is left alone.
 -- KEYS[1] record hash
 -- ARGV[1] version of the pair, ARGV[2] its family, ARGV[3] channel,
--- ARGV[4] grant, ARGV[5..] field/value pairs
+-- ARGV[4] the message to publish ("GRANT V m1 RECORD"), ARGV[5..] field/value pairs
 -- Returns {1, v} when written, {0, stored_v} when left alone.
 local v = redis.call('HGET', KEYS[1], 'v')
 if v then
@@ -36,5 +36,5 @@ if v then
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'family', ARGV[2], 'restored', '1')
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. ARGV[1])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
 return {1, tonumber(ARGV[1])}

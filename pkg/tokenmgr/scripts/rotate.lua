@@ -2,7 +2,8 @@
 -- the version and family the refresh token was read at.
 -- KEYS[1] record hash, KEYS[2] intent hash, KEYS[3] rotations sorted set
 -- ARGV[1] the version the refresh token was read at, ARGV[2] its family
--- ARGV[3] rotation channel, ARGV[4] grant name
+-- ARGV[3] rotation channel, ARGV[4] the rotation message (published as is:
+-- "GRANT V m1 RECORD", the new record, its tokens sealed)
 -- ARGV[5] now (unix ms), ARGV[6] rotations window (ms); KEYS[3] members are "V:NOW"
 -- ARGV[7..] field/value pairs of the new record (v excluded)
 -- Returns {1, new_v, counted} on success (counted: 1 when the rotations set
@@ -21,7 +22,7 @@ redis.call('HDEL', KEYS[1], 'reason', 'retry_at', 'restored')
 redis.call('HSET', KEYS[1], 'v', nv, unpack(ARGV, 7))
 redis.call('HINCRBY', KEYS[1], 'refresh_count', 1)
 redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. nv)
+redis.call('PUBLISH', ARGV[3], ARGV[4])
 -- The last hour's rotations, for operators: best effort, after the write
 -- and the message, so that a user whose ACL predates it (no
 -- ZREMRANGEBYSCORE) still rotates. Nothing is added unless trimming works,

@@ -6,7 +6,8 @@
 -- changed since the caller read it.
 -- KEYS[1] record hash, KEYS[2] intent hash
 -- ARGV[1] the version the caller read ('' if the record was missing),
--- ARGV[2] the family it read, ARGV[3] rotation channel, ARGV[4] grant name,
+-- ARGV[2] the family it read, ARGV[3] rotation channel, ARGV[4] the message
+-- to publish ("GRANT V m1 RECORD"),
 -- ARGV[5] the new version, ARGV[6..] field/value pairs (family included)
 -- Returns 1 when written, 0 when the record changed meanwhile.
 local v = redis.call('HGET', KEYS[1], 'v') or ''
@@ -16,5 +17,5 @@ if v ~= ARGV[1] or family ~= ARGV[2] then
 end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('HSET', KEYS[1], 'v', ARGV[5], unpack(ARGV, 6))
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. ARGV[5])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
