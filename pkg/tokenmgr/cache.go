@@ -48,6 +48,8 @@ type grantState struct {
 	flushMu sync.Mutex
 	// reportedV is the last version given to Options.OnVersion.
 	reportedV atomic.Int64
+	// subUp: the grant's own subscription is up (sharded messages).
+	subUp atomic.Bool
 
 	mu sync.Mutex // guards the fields below
 	// flight is the load or refresh in progress, shared by every caller in

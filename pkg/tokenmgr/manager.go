@@ -87,6 +87,7 @@ func newManager(ctx context.Context, opts Options, subscribe bool) (*Manager, er
 	empty := map[string]*grantState{}
 	m.grants.Store(&empty)
 	m.base, m.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	m.chooseMessages(ctx)
 	m.startSubscription()
 	return m, nil
 }
@@ -222,6 +223,7 @@ func (m *Manager) addGrant(name string) (*grantState, error) {
 	}
 	next[name] = g
 	m.grants.Store(&next)
+	m.subscribeGrant(g)
 	return g, nil
 }
 

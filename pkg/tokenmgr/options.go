@@ -88,6 +88,13 @@ type Options struct {
 	// ReplicaTimeout bounds the wait for MinReplicas. Default 1s.
 	ReplicaTimeout time.Duration
 
+	// Messages says where rotation messages go: MessagesAuto (default:
+	// each grant's own sharded channel on a Redis 7 Cluster, the global
+	// channel elsewhere), MessagesGlobal, or MessagesSharded. While a Cluster
+	// fleet is being upgraded from a release without sharded messages, set
+	// MessagesGlobal until every process runs this one.
+	Messages Messages
+
 	// KeyPrefix starts every key and channel name. Default "tm".
 	KeyPrefix string
 	// Holder names this process in intents and rotated_by. Default

@@ -52,7 +52,7 @@ func (m *Manager) update(ctx context.Context, g *grantState, w want) (*entry, er
 		m.refreshInBackground(g, now)
 		return e, nil
 	}
-	if held && m.Subscribed() {
+	if held && m.subscribed(g) {
 		// Another process holds the lease: its rotation message brings the
 		// new record, adopted without a read. Wait for it rather than
 		// poll the record or the lease (no herd, invariant 12).
@@ -281,7 +281,7 @@ func (m *Manager) takeLease(ctx context.Context, g *grantState, rec *record, w w
 	ctx, span := m.startSpan(ctx, "tokenmgr.lease_wait", g)
 	start := time.Now()
 	var moved *record
-	l, err := m.leases.acquire(ctx, g.name, g.keys.lock, g.changedChan, m.leasePause, func() bool {
+	l, err := m.leases.acquire(ctx, g.name, g.keys.lock, g.changedChan, func() time.Duration { return m.leasePause(g) }, func() bool {
 		if n := g.newestRecord(); n != nil && m.movedOn(rec, n, w, m.opts.Now()) && n.newerThan(rec) {
 			moved = n // adopted from the holder's message: no read
 			return false
@@ -314,8 +314,8 @@ func (m *Manager) takeLease(ctx context.Context, g *grantState, rec *record, w w
 // leasePause is how long to wait between attempts at a held lease: with
 // the subscription up, until the holder's message (a lease's lifetime at
 // most: a dead holder's runs out); without it, a jittered LockRetry.
-func (m *Manager) leasePause() time.Duration {
-	if m.Subscribed() {
+func (m *Manager) leasePause(g *grantState) time.Duration {
+	if m.subscribed(g) {
 		return m.opts.LeaseTTL
 	}
 	return jitter(m.opts.LockRetry)

@@ -3,13 +3,17 @@ package tokenmgr
 import (
 	"context"
 	"errors"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"github.com/tokenmgr/tokenmgr/internal/redisserver"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
+	"golang.org/x/oauth2"
 )
 
 // Invariant 7 fallback: with no subscription, a rotation is noticed by the
@@ -124,13 +128,13 @@ func testAdoptionWithoutRead(t *testing.T, b backend) {
 	}
 	_ = v3
 	before = workerCommands.Load()
-	if err := e.client().Publish(t.Context(), "tm:rotated", e.grant+" 9 m1 {not json").Err(); err != nil {
+	if err := publishAs(t, e, worker, e.grant+" 9 m1 {not json"); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "a read after an unreadable message", func() bool { return workerCommands.Load() > before })
 	// An older writer's message without a record: the worker reads.
 	before = workerCommands.Load()
-	if err := e.client().Publish(t.Context(), "tm:rotated", e.grant+" 99").Err(); err != nil {
+	if err := publishAs(t, e, worker, e.grant+" 99"); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "a read after a message without a record", func() bool { return workerCommands.Load() > before })
@@ -138,6 +142,15 @@ func testAdoptionWithoutRead(t *testing.T, b backend) {
 	if err != nil || !e.idp.AccessTokenValid(tok.AccessToken) {
 		t.Errorf("after the fallbacks: %v", err)
 	}
+}
+
+// publishAs publishes msg where m listens for e.grant's rotations.
+func publishAs(t *testing.T, e *env, m *Manager, msg string) error {
+	target := m.store.publishTo(e.grant)
+	if ch, ok := strings.CutPrefix(target, "s:"); ok {
+		return e.client().SPublish(t.Context(), ch, msg).Err()
+	}
+	return e.client().Publish(t.Context(), strings.TrimPrefix(target, "p:"), msg).Err()
 }
 
 // commandCounter counts the commands a client sends.
@@ -217,5 +230,78 @@ func testNoHerd(t *testing.T, b backend) {
 	}
 	if s := e.idp.Stats(); s.RefreshOK-idpBefore.RefreshOK != 1 || s.ReuseDetected != 0 {
 		t.Errorf("IdP %+v", s)
+	}
+}
+
+// On a Redis 7 Cluster, rotation messages are sharded by default: each
+// grant on its own channel in its slot, so a process hears only the grants
+// it uses and only the grant's shard carries the message.
+func TestShardedMessagesOnCluster(t *testing.T) {
+	nodes := redisserver.StartCluster(t, 3, 0)
+	addrs := make([]string, len(nodes))
+	for i, n := range nodes {
+		addrs[i] = n.Addr()
+	}
+	idp := tokenmgrtest.NewServer(tokenmgrtest.Config{Profile: tokenmgrtest.Strict, AuthStyle: oauth2.AuthStyleInHeader})
+	t.Cleanup(idp.Close)
+	manager := func() *Manager {
+		c := redis.NewClusterClient(&redis.ClusterOptions{Addrs: addrs})
+		t.Cleanup(func() { c.Close() })
+		m, err := New(t.Context(), Options{Redis: c, OAuth2: idp.OAuthConfig(oauth2.AuthStyleInHeader), Provider: Strict, AllowPlaintext: true, Logger: discardLogger()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = m.Close(context.Background()) })
+		return m
+	}
+	worker, rotator := manager(), manager()
+	if !worker.store.sharded {
+		t.Fatal("sharded messages not chosen on a Redis 7 Cluster")
+	}
+	for _, g := range []string{"a", "b", "c"} {
+		if _, err := rotator.Seed(t.Context(), g, idp.NewGrant(""), SeedOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := worker.Token(t.Context(), "a"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the worker's subscription", worker.Subscribed)
+	heard := worker.Stats().RotationMessages
+	spublish := func() []int64 {
+		out := make([]int64, len(nodes))
+		for i, n := range nodes {
+			info, _ := n.Info("commandstats")
+			for _, line := range strings.Split(info, "\n") {
+				if v, ok := strings.CutPrefix(strings.TrimSpace(line), "cmdstat_spublish:calls="); ok {
+					out[i], _ = strconv.ParseInt(strings.SplitN(v, ",", 2)[0], 10, 64)
+				}
+			}
+		}
+		return out
+	}
+	before := spublish()
+	for _, g := range []string{"b", "c", "a"} {
+		if _, err := rotator.Rotate(t.Context(), g); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "the worker to adopt a's rotation", func() bool {
+		e := worker.lookup("a").entry.Load()
+		return e != nil && e.v == 2
+	})
+	if n := worker.Stats().RotationMessages - heard; n != 1 {
+		t.Errorf("the worker using only grant a heard %d rotation messages for three grants' rotations, want 1", n)
+	}
+	after := spublish()
+	var nodesUsed int
+	for i := range nodes {
+		if after[i] > before[i] {
+			nodesUsed++
+		}
+	}
+	t.Logf("SPUBLISH calls per node before %v, after %v", before, after)
+	if nodesUsed == 0 || nodesUsed > 3 {
+		t.Errorf("SPUBLISH ran on %d nodes for three grants", nodesUsed)
 	}
 }

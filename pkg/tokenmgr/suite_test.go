@@ -65,3 +65,11 @@ func TestRealRedis(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) { tc.run(t, realBackend) })
 	}
 }
+
+// TestRealRedisSharded runs the suite again with each grant's rotation
+// messages on its own sharded channel.
+func TestRealRedisSharded(t *testing.T) {
+	for _, tc := range suite {
+		t.Run(tc.name, func(t *testing.T) { tc.run(t, shardedBackend) })
+	}
+}
