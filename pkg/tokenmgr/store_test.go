@@ -250,7 +250,7 @@ func TestStoreCommandsAllowedByReadmeACL(t *testing.T) {
 func TestMinReplicasRealRedis(t *testing.T) {
 	e := newEnv(t, realBackend, tokenmgrtest.Strict)
 	replica := redisserver.StartReplica(t, e.srv)
-	m := e.manager(Strict, func(o *Options) { o.MinReplicas = 1; o.ReplicaTimeout = 300 * time.Millisecond })
+	m := e.manager(Strict, func(o *Options) { o.MinReplicas = 1; o.ReplicaTimeout = 2 * time.Second })
 	e.seed(m)
 	if _, err := m.Rotate(t.Context(), e.grant); err != nil {
 		t.Fatal(err)
