@@ -45,21 +45,23 @@ type durability struct {
 }
 
 var (
+	//go:embed scripts/publish.lua
+	publishSrc string
 	//go:embed scripts/rotate.lua
 	rotateSrc    string
-	rotateScript = redis.NewScript(rotateSrc)
+	rotateScript = redis.NewScript(publishSrc + rotateSrc)
 	//go:embed scripts/seed.lua
 	seedSrc    string
-	seedScript = redis.NewScript(seedSrc)
+	seedScript = redis.NewScript(publishSrc + seedSrc)
 	//go:embed scripts/restore.lua
 	restoreSrc    string
-	restoreScript = redis.NewScript(restoreSrc)
+	restoreScript = redis.NewScript(publishSrc + restoreSrc)
 	//go:embed scripts/intent.lua
 	intentSrc    string
 	intentScript = redis.NewScript(intentSrc)
 	//go:embed scripts/mark.lua
 	markSrc    string
-	markScript = redis.NewScript(markSrc)
+	markScript = redis.NewScript(publishSrc + markSrc)
 	//go:embed scripts/read.lua
 	readSrc    string
 	readScript = redis.NewScript(readSrc)

@@ -16,15 +16,6 @@
 -- ARGV[5] mode, ARGV[6..] field/value pairs
 -- Returns the record's version after the write, or 0 when the version or
 -- family moved on or the record is gone.
-local function publish(target, message)
-  -- target is "p:CHANNEL" (PUBLISH) or "s:CHANNEL" (SPUBLISH, sharded: the
-  -- grant's own channel, in its slot)
-  local cmd = 'PUBLISH'
-  if string.sub(target, 1, 2) == 's:' then
-    cmd = 'SPUBLISH'
-  end
-  redis.call(cmd, string.sub(target, 3), message)
-end
 local v = redis.call('HGET', KEYS[1], 'v')
 local family = redis.call('HGET', KEYS[1], 'family') or ''
 if not v or v ~= ARGV[1] or family ~= ARGV[2] then

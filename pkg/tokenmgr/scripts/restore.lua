@@ -8,15 +8,6 @@
 -- ARGV[1] version of the pair, ARGV[2] its family, ARGV[3] where to publish ("p:CHANNEL" or "s:CHANNEL"),
 -- ARGV[4] the message to publish ("GRANT V m1 RECORD"), ARGV[5..] field/value pairs
 -- Returns {1, v} when written, {0, stored_v} when left alone.
-local function publish(target, message)
-  -- target is "p:CHANNEL" (PUBLISH) or "s:CHANNEL" (SPUBLISH, sharded: the
-  -- grant's own channel, in its slot)
-  local cmd = 'PUBLISH'
-  if string.sub(target, 1, 2) == 's:' then
-    cmd = 'SPUBLISH'
-  end
-  redis.call(cmd, string.sub(target, 3), message)
-end
 local v = redis.call('HGET', KEYS[1], 'v')
 if v then
   local sv = tonumber(v)

@@ -9,15 +9,6 @@
 -- Returns {1, new_v, counted} on success (counted: 1 when the rotations set
 -- took it), {0, stored_v} when another writer got there first or the grant
 -- was seeded anew, {-1, 0} when the record is gone.
-local function publish(target, message)
-  -- target is "p:CHANNEL" (PUBLISH) or "s:CHANNEL" (SPUBLISH, sharded: the
-  -- grant's own channel, in its slot)
-  local cmd = 'PUBLISH'
-  if string.sub(target, 1, 2) == 's:' then
-    cmd = 'SPUBLISH'
-  end
-  redis.call(cmd, string.sub(target, 3), message)
-end
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then
   return {-1, 0}

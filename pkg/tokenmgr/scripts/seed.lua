@@ -10,15 +10,6 @@
 -- to publish ("GRANT V m1 RECORD"),
 -- ARGV[5] the new version, ARGV[6..] field/value pairs (family included)
 -- Returns 1 when written, 0 when the record changed meanwhile.
-local function publish(target, message)
-  -- target is "p:CHANNEL" (PUBLISH) or "s:CHANNEL" (SPUBLISH, sharded: the
-  -- grant's own channel, in its slot)
-  local cmd = 'PUBLISH'
-  if string.sub(target, 1, 2) == 's:' then
-    cmd = 'SPUBLISH'
-  end
-  redis.call(cmd, string.sub(target, 3), message)
-end
 local v = redis.call('HGET', KEYS[1], 'v') or ''
 local family = redis.call('HGET', KEYS[1], 'family') or ''
 if v ~= ARGV[1] or family ~= ARGV[2] then
