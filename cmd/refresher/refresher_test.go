@@ -286,7 +286,7 @@ func TestTwoReplicasAndWorkers(t *testing.T) {
 func TestConnectFlow(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Atlassian)
 	c := defaultRun()
-	c.pkce = true
+	c.pkce = new(true)
 	c.common.Provider = "atlassian"
 	c.creds.password = "correct horse battery"
 	srv := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { singleHandler.ServeHTTP(rw, r) }))
@@ -530,7 +530,7 @@ var singleHandler http.Handler
 // /callback, and the grant is untouched.
 func TestConnectRefusesForgedState(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
-	rf, srv := dashboardServer(t, w, []string{"jira", "new"}, func(c *runConfig) { c.pkce = true })
+	rf, srv := dashboardServer(t, w, []string{"jira", "new"}, func(c *runConfig) { c.pkce = new(true) })
 	if _, err := rf.m.Seed(t.Context(), "jira", w.idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
 		t.Fatal(err)
 	}
