@@ -81,7 +81,7 @@ func TestWorkerMetricsAndLogs(t *testing.T) {
 	rc := testbin.NewOTLPReceiver(t)
 	keep := otel.GetTracerProvider()
 	t.Cleanup(func() { otel.SetTracerProvider(keep) })
-	env := map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": rc.URL,cli.EnvRedisURL: "redis://" + mr.Addr(), cli.EnvClientID: cfg.ClientID, cli.EnvClientSecret: cfg.ClientSecret,
+	env := map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": rc.URL, cli.EnvRedisURL: "redis://" + mr.Addr(), cli.EnvClientID: cfg.ClientID, cli.EnvClientSecret: cfg.ClientSecret,
 		cli.EnvClientSecretPrevious: previous, cli.EnvEncryptionKey: key.Encode()}
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
