@@ -32,26 +32,36 @@ func (u *urlList) Set(v string) error {
 // container healthchecks in the distroless image, which has no shell,
 // curl or wget.
 func cmdProbe(ctx context.Context, args []string, stderr io.Writer) error {
-	fs := newFlagSet("probe", stderr)
-	var urls urlList
-	fs.Var(&urls, "url", "`URL` to GET; repeat to check several (all must answer 2xx) [http://127.0.0.1:8080/healthz]")
-	timeout := fs.Duration("timeout", 2*time.Second, "for each request, connection included")
-	if err := parseArgs(fs, args); err != nil {
+	urls, timeout, err := parseProbeFlags(args, stderr)
+	if err != nil {
 		return err
 	}
-	if *timeout <= 0 {
-		return errors.New("--timeout must be positive")
-	}
-	if len(urls) == 0 {
-		urls = urlList{"http://127.0.0.1:8080/healthz"}
-	}
-	client := &http.Client{Timeout: *timeout}
+	client := &http.Client{Timeout: timeout}
 	for _, u := range urls {
 		if err := probe(ctx, client, u); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// parseProbeFlags reads probe's command line: the URLs (default
+// http://127.0.0.1:8080/healthz) and the timeout of each request.
+func parseProbeFlags(args []string, stderr io.Writer) ([]string, time.Duration, error) {
+	fs := newFlagSet("probe", stderr)
+	var urls urlList
+	fs.Var(&urls, "url", "`URL` to GET; repeat to check several (all must answer 2xx) [http://127.0.0.1:8080/healthz]")
+	timeout := fs.Duration("timeout", 2*time.Second, "for each request, connection included")
+	if err := parseArgs(fs, args); err != nil {
+		return nil, 0, err
+	}
+	if *timeout <= 0 {
+		return nil, 0, errors.New("--timeout must be positive")
+	}
+	if len(urls) == 0 {
+		urls = urlList{"http://127.0.0.1:8080/healthz"}
+	}
+	return urls, *timeout, nil
 }
 
 func probe(ctx context.Context, client *http.Client, u string) error {
