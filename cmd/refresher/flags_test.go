@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -11,8 +12,12 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
 
 	"github.com/tokenmgr/tokenmgr/internal/cli"
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
 func writeConfig(t *testing.T, body string) string {
@@ -188,5 +193,35 @@ func TestProbe(t *testing.T) {
 		if code != tc.code || out.Len() != 0 || (tc.stderr == "" && errOut.Len() != 0) || !strings.Contains(errOut.String(), tc.stderr) {
 			t.Errorf("probe %v: exit %d, stdout %q, stderr %q; want %d and stderr with %q", tc.args, code, out.String(), errOut.String(), tc.code, tc.stderr)
 		}
+	}
+}
+
+// seed --consented-at starts the absolute expiry countdown at the consent,
+// not at the import; a consent in the future is refused.
+func TestSeedConsentedAt(t *testing.T) {
+	mr := miniredis.RunT(t)
+	env := map[string]string{"TOKENMGR_REDIS_URL": "redis://" + mr.Addr(), "TOKENMGR_ENCRYPTION_KEY": testKey}
+	getenv := func(k string) string { return env[k] }
+	tok := `{"access_token":"a","refresh_token":"r","expires_in":3600}`
+	consented := time.Now().Add(-200 * 24 * time.Hour).UTC().Truncate(time.Second)
+	var out, errOut bytes.Buffer
+	if err := run(t.Context(), []string{"seed", "--grant", "jira", "--provider", "atlassian", "--consented-at", consented.Format(time.RFC3339)}, getenv, strings.NewReader(tok), &out, &errOut); err != nil {
+		t.Fatalf("seed: %v %s", err, errOut.String())
+	}
+	out.Reset()
+	if err := run(t.Context(), []string{"status", "--grant", "jira", "--json"}, getenv, strings.NewReader(""), &out, &errOut); err != nil {
+		t.Fatal(err)
+	}
+	var sts []tokenmgr.GrantStatus
+	if err := json.Unmarshal(out.Bytes(), &sts); err != nil || len(sts) != 1 {
+		t.Fatalf("status: %v %s", err, out.String())
+	}
+	if want := consented.Add(365 * 24 * time.Hour); !sts[0].AbsoluteExpiry.Equal(want) {
+		t.Errorf("absolute expiry %s, want the consent + 365 days, %s", sts[0].AbsoluteExpiry, want)
+	}
+	future := time.Now().Add(time.Hour).UTC().Format(time.RFC3339)
+	err := run(t.Context(), []string{"seed", "--grant", "jira", "--consented-at", future}, getenv, strings.NewReader(tok), &out, &errOut)
+	if err == nil || !strings.Contains(err.Error(), "in the future") {
+		t.Errorf("a consent in the future: %v", err)
 	}
 }
