@@ -202,8 +202,11 @@ func (s *Server) WaitInfo(want string, within time.Duration) {
 	s.t.Fatalf("redis-server on port %d: no %q in INFO within %s: %s", s.port, want, within, lastLines(last, 40))
 }
 
-// Info returns the server's INFO reply.
-func (s *Server) Info() (string, error) { return bulk(s.Addr(), "INFO\r\n") }
+// Info returns the server's INFO reply: the default sections, or the ones
+// named.
+func (s *Server) Info(sections ...string) (string, error) {
+	return bulk(s.Addr(), strings.Join(append([]string{"INFO"}, sections...), " ")+"\r\n")
+}
 
 // FreePort returns a loopback TCP port that was free a moment ago (for
 // extra listeners such as --tls-port).

@@ -48,6 +48,8 @@ type grantState struct {
 	flushMu sync.Mutex
 	// reportedV is the last version given to Options.OnVersion.
 	reportedV atomic.Int64
+	// subUp: the grant's own subscription is up (sharded messages).
+	subUp atomic.Bool
 
 	mu sync.Mutex // guards the fields below
 	// flight is the load or refresh in progress, shared by every caller in
@@ -113,8 +115,12 @@ func (g *grantState) newestRecord() *record {
 	return g.newest
 }
 
-// entry is an immutable snapshot of a usable (or dead) grant.
+// entry is a snapshot of a usable (or dead) grant. Only its state changes:
+// fresh, then due at softAt, then expired at hardAt, flipped by timers when
+// the Manager has a Clock, so that the hot path reads no clock.
 type entry struct {
+	state   atomic.Uint32 // entryFresh, entryDue, entryExpired
+	stops   []func() bool // the state's timers
 	tok     *oauth2.Token // shared with callers, who must not modify it
 	v       int64
 	family  string
@@ -127,6 +133,31 @@ type entry struct {
 	err       error
 	dead      bool
 	recheckAt time.Time
+}
+
+// The states of an entry's token.
+const (
+	entryFresh   uint32 = iota // served as is
+	entryDue                   // served, and refreshed in the background
+	entryExpired               // not served: the caller waits for a new one
+)
+
+// stateAt is e's state at now, from its deadlines.
+func (e *entry) stateAt(now time.Time) uint32 {
+	switch {
+	case now.Before(e.softAt):
+		return entryFresh
+	case now.Before(e.hardAt):
+		return entryDue
+	}
+	return entryExpired
+}
+
+// stopTimers cancels the timers of an entry that was replaced.
+func (e *entry) stopTimers() {
+	for _, stop := range e.stops {
+		stop()
+	}
 }
 
 // flight is one load or refresh of a grant, shared by every caller in the
@@ -189,7 +220,7 @@ func (m *Manager) satisfies(e *entry, w want) bool {
 	if w.rejects() && e.v == w.rejected {
 		return false
 	}
-	return m.opts.Now().Before(e.hardAt)
+	return e.stateAt(m.opts.Now()) != entryExpired
 }
 
 // obtain joins or starts the grant's flight and waits for a usable entry.
@@ -335,7 +366,23 @@ func (m *Manager) publish(g *grantState, rec *record) *entry {
 		e.tok.RefreshToken = ""
 		e.softAt, e.floorAt, e.hardAt = m.policy.deadlines(rec, randomSpread())
 	}
-	g.entry.Store(e)
+	if e.err == nil {
+		now := m.opts.Now()
+		e.state.Store(e.stateAt(now))
+		if m.opts.Clock != nil {
+			// Flip the state at each deadline still ahead; a timer of a
+			// replaced entry flips nothing anyone reads.
+			if d := e.softAt.Sub(now); d > 0 && e.softAt != farFuture {
+				e.stops = append(e.stops, m.opts.Clock.AfterFunc(d, func() { e.state.CompareAndSwap(entryFresh, entryDue) }))
+			}
+			if d := e.hardAt.Sub(now); d > 0 && e.hardAt != farFuture {
+				e.stops = append(e.stops, m.opts.Clock.AfterFunc(d, func() { e.state.Store(entryExpired) }))
+			}
+		}
+	}
+	if old := g.entry.Swap(e); old != nil {
+		old.stopTimers()
+	}
 	if m.opts.OnVersion != nil && g.reportedV.Swap(e.v) != e.v {
 		m.opts.OnVersion(g.name, e.v)
 	}
@@ -345,7 +392,9 @@ func (m *Manager) publish(g *grantState, rec *record) *entry {
 // installCorrupt makes every caller get err at once, without a read, until
 // recheckAt; a rotation message or the poll brings the next read sooner.
 func (m *Manager) installCorrupt(g *grantState, err error) {
-	g.entry.Store(&entry{err: err, recheckAt: m.opts.Now().Add(m.corruptRecheck())})
+	if old := g.entry.Swap(&entry{err: err, recheckAt: m.opts.Now().Add(m.corruptRecheck())}); old != nil {
+		old.stopTimers()
+	}
 }
 
 // corruptRecheck is how long a corrupt record's error is served before the

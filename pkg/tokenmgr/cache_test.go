@@ -146,6 +146,10 @@ func testCorruptRecordCached(t *testing.T, b backend) {
 	if err := e.client().HSet(t.Context(), grantKeys("tm", e.grant).record, fV, "x").Err(); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := m.Token(t.Context(), e.grant); err == nil {
+		t.Fatal("a corrupt record served a token")
+	}
+	eventually(t, "the grant's subscription", m.Subscribed) // its own, with sharded messages
 	before := e.commands.Load()
 	for range 1000 {
 		if _, err := m.Token(t.Context(), e.grant); !errors.As(err, new(*CorruptRecordError)) {

@@ -26,19 +26,24 @@ type backend string
 const (
 	miniredisBackend backend = "miniredis"
 	realBackend      backend = "redis-server"
+	// shardedBackend is a redis-server with each grant's rotation messages
+	// on its own sharded channel (SPUBLISH, SSUBSCRIBE).
+	shardedBackend backend = "redis-server, sharded messages"
 )
 
 // env is one behaviour test's world: a Redis, a fake IdP, a clock, and
 // Managers built like separate processes (each with its own client).
 type env struct {
-	t     *testing.T
-	addr  string
-	mr    *miniredis.Miniredis // nil on a real redis-server
-	srv   *redisserver.Server  // nil on miniredis
-	clock *tokenmgrtest.Clock  // shared by the Managers and the fake IdP
-	idp   *tokenmgrtest.Server
-	logs  *testbin.Buffer
-	grant string
+	t    *testing.T
+	addr string
+	mr   *miniredis.Miniredis // nil on a real redis-server
+	srv  *redisserver.Server  // nil on miniredis
+	// sharded: Managers use sharded rotation messages.
+	sharded bool
+	clock   *tokenmgrtest.Clock // shared by the Managers and the fake IdP
+	idp     *tokenmgrtest.Server
+	logs    *testbin.Buffer
+	grant   string
 	// down simulates a Redis outage for every client of this env: each
 	// command fails with a network error while it is set.
 	down atomic.Bool
@@ -53,9 +58,10 @@ func newEnv(t *testing.T, b backend, profile tokenmgrtest.Profile) *env {
 	case miniredisBackend:
 		e.mr = miniredis.RunT(t)
 		e.addr = e.mr.Addr()
-	case realBackend:
+	case realBackend, shardedBackend:
 		e.srv = redisserver.Start(t)
 		e.addr = e.srv.Addr()
+		e.sharded = b == shardedBackend
 	}
 	e.idp = tokenmgrtest.NewServer(tokenmgrtest.Config{Profile: profile, AuthStyle: oauth2.AuthStyleInHeader, Now: e.clock.Now})
 	t.Cleanup(e.idp.Close)
@@ -136,11 +142,16 @@ func (e *env) lockServer() func() redis.UniversalClient {
 }
 
 func (e *env) options(profile Provider) Options {
+	messages := MessagesGlobal
+	if e.sharded {
+		messages = MessagesSharded
+	}
 	return Options{
+		Messages: messages,
 		Redis:    e.client(),
 		OAuth2:   e.idp.OAuthConfig(oauth2.AuthStyleInHeader),
 		Provider: profile,
-		Now:      e.clock.Now,
+		Clock:    e.clock,
 		Logger:   slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Sealer:   plaintext{},
 	}

@@ -2,6 +2,7 @@ package tokenmgr
 
 import (
 	"context"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -49,6 +50,15 @@ func BenchmarkToken(b *testing.B) {
 			}
 		}
 	})
+	h := m.Grant("bench")
+	b.Run("impl=tokenmgr-handle/serial", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := h.Token(ctx); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 	b.Run("impl=oauth2.ReuseTokenSource/serial", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
@@ -62,6 +72,16 @@ func BenchmarkToken(b *testing.B) {
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
 				if _, err := m.Token(ctx, "bench"); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	})
+	b.Run("impl=tokenmgr-handle/parallel", func(b *testing.B) {
+		b.ReportAllocs()
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				if _, err := h.Token(ctx); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -102,4 +122,54 @@ func benchManager(b *testing.B, tok *oauth2.Token) *Manager {
 		b.Fatal(err)
 	}
 	return m
+}
+
+// countingClock counts reads of its time.
+type countingClock struct {
+	*tokenmgrtest.Clock
+	reads atomic.Int64
+}
+
+func (c *countingClock) Now() time.Time { c.reads.Add(1); return c.Clock.Now() }
+
+// Invariant 7: with a Clock, a fresh Token() reads no clock; the entry
+// turns due and expired by timers at its deadlines, and a token is never
+// served at or past its hard deadline (with the controlled clock the bound
+// is exact: the timer fires as the clock passes it).
+func TestHotPathReadsNoClock(t *testing.T) {
+	e := newEnv(t, miniredisBackend, tokenmgrtest.Strict)
+	clock := &countingClock{Clock: e.clock}
+	m := e.manager(Strict, func(o *Options) { o.Clock = clock })
+	seeded := e.seed(m)
+	h := m.Grant(e.grant)
+	if _, err := h.Token(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	before := clock.reads.Load()
+	for range 1000 {
+		if _, err := h.Token(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := m.Token(t.Context(), e.grant); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := clock.reads.Load() - before; n != 0 {
+		t.Errorf("2000 fresh Token() calls read the clock %d times, want 0", n)
+	}
+	en := m.lookup(e.grant).entry.Load()
+	e.clock.Advance(en.hardAt.Sub(e.clock.Now()) - time.Nanosecond)
+	e.idp.SetLatency(time.Hour) // no refresh can finish: what is served is the cache
+	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+	tok, err := h.Token(ctx)
+	cancel()
+	if err != nil || tok.AccessToken != seeded.AccessToken {
+		t.Fatalf("a nanosecond before the hard deadline the cached token was not served: %v", err)
+	}
+	e.clock.Advance(time.Nanosecond)
+	ctx, cancel = context.WithTimeout(t.Context(), 200*time.Millisecond)
+	defer cancel()
+	if tok, err := h.Token(ctx); err == nil && tok.AccessToken == seeded.AccessToken {
+		t.Errorf("the cached token was served at its hard deadline")
+	}
 }

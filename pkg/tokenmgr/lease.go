@@ -64,12 +64,12 @@ type lease struct {
 var errLeaseBusy = errors.New("another process holds the refresh lease")
 
 // acquire takes the lease named key for grant. While another process holds
-// it, acquire waits for the grant's next rotation message (wake) or a
-// jittered LockRetry, then asks wanted whether the lease is still needed;
+// it, acquire waits for the grant's next rotation message (wake) or for
+// pause, then asks wanted whether the lease is still needed;
 // when it is not (someone else rotated), acquire returns nil, nil. When ctx
 // ends first it returns errLeaseBusy, or the lock servers' error if they
 // failed for another reason.
-func (ls *leases) acquire(ctx context.Context, grant, key string, wake func() <-chan struct{}, wanted func() bool) (*lease, error) {
+func (ls *leases) acquire(ctx context.Context, grant, key string, wake func() <-chan struct{}, pause func() time.Duration, wanted func() bool) (*lease, error) {
 	mu := ls.rs.NewMutex(key, redsync.WithExpiry(ls.ttl), redsync.WithTries(1))
 	for {
 		err := mu.TryLockContext(ctx)
@@ -86,7 +86,7 @@ func (ls *leases) acquire(ctx context.Context, grant, key string, wake func() <-
 		// Another process holds the lease, or the lock servers are down:
 		// wait for its rotation message (or a jittered pause), then look.
 		changed := wake()
-		t := time.NewTimer(jitter(ls.retry))
+		t := time.NewTimer(pause())
 		select {
 		case <-changed:
 		case <-t.C:

@@ -38,6 +38,8 @@ type Manager struct {
 	// loads the map without a lock; grantsMu serialises writers.
 	grants   atomic.Pointer[map[string]*grantState]
 	grantsMu sync.Mutex
+	// lastGrant is the first grant looked up by name.
+	lastGrant atomic.Pointer[grantState]
 
 	base   context.Context // lives until Close; background work runs under it
 	cancel context.CancelFunc
@@ -45,6 +47,7 @@ type Manager struct {
 	bgMu   sync.Mutex     // guards closed against wg.Add racing Close's wg.Wait
 	closed bool
 
+	timed     bool        // Options.Clock is set: entries flip by timer, the hot path reads no clock
 	subscribe bool        // receive rotation messages (tests turn it off to exercise the poll)
 	subUp     atomic.Bool // the rotation subscription is live
 	stats     counters
@@ -70,7 +73,7 @@ func newManager(ctx context.Context, opts Options, subscribe bool) (*Manager, er
 		o.Logger.Error("tokenmgr: AllowPlaintext and no Sealer: tokens are stored in Redis UNENCRYPTED")
 	}
 	cfg := *o.OAuth2 // our own copy: the caller may reuse theirs
-	m := &Manager{core: newCore(o), policy: newPolicy(o), oauth: &cfg, subscribe: subscribe, tracer: newTracer(o.TracerProvider)}
+	m := &Manager{core: newCore(o), policy: newPolicy(o), oauth: &cfg, subscribe: subscribe, tracer: newTracer(o.TracerProvider), timed: o.Clock != nil}
 	if o.PreviousClientSecret != "" {
 		prev := cfg
 		prev.ClientSecret = o.PreviousClientSecret
@@ -84,6 +87,7 @@ func newManager(ctx context.Context, opts Options, subscribe bool) (*Manager, er
 	empty := map[string]*grantState{}
 	m.grants.Store(&empty)
 	m.base, m.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	m.chooseMessages(ctx)
 	m.startSubscription()
 	return m, nil
 }
@@ -158,12 +162,15 @@ func (m *Manager) current(ctx context.Context, g *grantState) (*entry, error) {
 			}
 			return m.obtain(ctx, g, want{}) // a corrupt record, due for a re-read
 		}
-		now := m.opts.Now()
-		if now.Before(e.softAt) {
-			return e, nil
+		state := e.state.Load() // flipped by timers (invariant 7)
+		if !m.timed {
+			state = e.stateAt(m.opts.Now()) // a Now without timers: read it
 		}
-		if now.Before(e.hardAt) {
-			m.refreshInBackground(g, now)
+		switch state {
+		case entryFresh:
+			return e, nil
+		case entryDue:
+			m.refreshInBackground(g, m.opts.Now())
 			return e, nil
 		}
 	}
@@ -179,10 +186,20 @@ func (m *Manager) Grant(name string) *Grant {
 
 // state returns the grant's state, creating it on first use.
 func (m *Manager) state(name string) (*grantState, error) {
-	if g := (*m.grants.Load())[name]; g != nil {
+	// Most processes serve one grant: the first one looked up answers
+	// without hashing its name.
+	if g := m.lastGrant.Load(); g != nil && g.name == name {
 		return g, nil
 	}
-	return m.addGrant(name)
+	g := (*m.grants.Load())[name]
+	if g == nil {
+		var err error
+		if g, err = m.addGrant(name); err != nil {
+			return nil, err
+		}
+	}
+	m.lastGrant.CompareAndSwap(nil, g) // the first; never rewritten, so no cache line bounces
+	return g, nil
 }
 
 func (m *Manager) lookup(name string) *grantState {
@@ -206,6 +223,7 @@ func (m *Manager) addGrant(name string) (*grantState, error) {
 	}
 	next[name] = g
 	m.grants.Store(&next)
+	m.subscribeGrant(g)
 	return g, nil
 }
 

@@ -88,6 +88,13 @@ type Options struct {
 	// ReplicaTimeout bounds the wait for MinReplicas. Default 1s.
 	ReplicaTimeout time.Duration
 
+	// Messages says where rotation messages go: MessagesAuto (default:
+	// each grant's own sharded channel on a Redis 7 Cluster, the global
+	// channel elsewhere), MessagesGlobal, or MessagesSharded. While a Cluster
+	// fleet is being upgraded from a release without sharded messages, set
+	// MessagesGlobal until every process runs this one.
+	Messages Messages
+
 	// KeyPrefix starts every key and channel name. Default "tm".
 	KeyPrefix string
 	// Holder names this process in intents and rotated_by. Default
@@ -104,8 +111,15 @@ type Options struct {
 	// derived from them, the times written to Redis (rotated_at, retry_at,
 	// an intent's started_at) and the backoffs counted from them. Lease
 	// TTLs, HTTP timeouts, waits and poll intervals run on real time.
-	// Default time.Now.
+	// Default time.Now. A Now without Clock is read on every Token call;
+	// prefer Clock, whose timers let Token read no clock at all.
 	Now func() time.Time
+	// Clock is Now with timers on it: each cached token turns due and then
+	// expired by a timer at its deadlines, so a fresh Token() is two atomic
+	// loads and no clock read. Default: the real clock (time.Now and
+	// time.AfterFunc). tokenmgrtest.Clock is one for tests. When set, it
+	// replaces Now.
+	Clock Clock
 	// Logger receives the Manager's logs; never a token. Default slog.Default().
 	Logger *slog.Logger
 
@@ -168,8 +182,31 @@ func (o Options) withStoreDefaults() (Options, []error) {
 	return o, errs
 }
 
+// Clock is a clock with timers (see Options.Clock). AfterFunc calls f
+// once, in its own goroutine or in the one that moves the clock, when d has
+// passed; stop cancels it and reports whether it did.
+type Clock interface {
+	Now() time.Time
+	AfterFunc(d time.Duration, f func()) (stop func() bool)
+}
+
+// realClock is time.Now with the runtime's timers.
+type realClock struct{}
+
+func (realClock) Now() time.Time { return time.Now() }
+func (realClock) AfterFunc(d time.Duration, f func()) func() bool {
+	return time.AfterFunc(d, f).Stop
+}
+
 // withDefaults fills zero values and rejects combinations that cannot work.
 func (o Options) withDefaults() (Options, error) {
+	switch {
+	case o.Clock != nil:
+		o.Now = o.Clock.Now
+	case o.Now == nil:
+		o.Clock = realClock{}
+		o.Now = time.Now
+	}
 	o, errs := o.withStoreDefaults()
 	if o.OAuth2 == nil {
 		errs = append(errs, errors.New("Options.OAuth2 is required"))

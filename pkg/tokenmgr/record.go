@@ -2,6 +2,7 @@ package tokenmgr
 
 import (
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strconv"
@@ -137,6 +138,43 @@ func (r *record) fields(grant string, s Sealer) ([]any, error) {
 		fFamily, r.Family,
 		fForced401, r.Forced401,
 	}, nil
+}
+
+// messagePrefix marks a rotation message that carries its record:
+// "GRANT V m1 RECORD", RECORD the record's fields as JSON with its tokens
+// sealed, as they are stored. Subscribers install it without reading Redis.
+// Messages without it ("GRANT V", from older writers) make them read.
+const messagePrefix = "m1 "
+
+// message is the rotation message announcing rec (its version and fields,
+// fields as rec.fields encoded them).
+func message(grant string, rec *record, fields []any) (string, error) {
+	body := make(map[string]string, len(fields)/2+2)
+	for i := 0; i+1 < len(fields); i += 2 {
+		name, _ := fields[i].(string)
+		value, _ := fields[i+1].(string)
+		if value != "" {
+			body[name] = value
+		}
+	}
+	body[fV] = strconv.FormatInt(rec.V, 10)
+	if rec.RefreshCount > 0 {
+		body[fCount] = strconv.FormatInt(rec.RefreshCount, 10)
+	}
+	js, err := json.Marshal(body)
+	if err != nil {
+		return "", err
+	}
+	return grant + " " + strconv.FormatInt(rec.V, 10) + " " + messagePrefix + string(js), nil
+}
+
+// decodeMessage opens the record a rotation message carries.
+func decodeMessage(grant, body string, s Sealer) (*record, error) {
+	var h map[string]string
+	if err := json.Unmarshal([]byte(body), &h); err != nil {
+		return nil, &CorruptRecordError{Grant: grant, Field: "message", Err: errors.New("not a JSON object of strings")}
+	}
+	return decodeRecord(grant, h, s)
 }
 
 // familyEpoch is when a family was seeded (unix ms), read from its name;

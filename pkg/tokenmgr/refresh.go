@@ -27,7 +27,7 @@ func (m *Manager) update(ctx context.Context, g *grantState, w want) (*entry, er
 			return nil, &StoreError{Grant: g.name, Op: "write rotated pair", Err: err}
 		}
 	}
-	rec, err := m.read(ctx, g)
+	rec, held, err := m.readLease(ctx, g)
 	if err != nil {
 		return m.fallback(g, w, "read", err)
 	}
@@ -52,7 +52,50 @@ func (m *Manager) update(ctx context.Context, g *grantState, w want) (*entry, er
 		m.refreshInBackground(g, now)
 		return e, nil
 	}
+	if held && m.subscribed(g) {
+		// Another process holds the lease: its rotation message brings the
+		// new record, adopted without a read. Wait for it rather than
+		// poll the record or the lease (no herd, invariant 12).
+		if cur, ok := m.awaitHolder(ctx, g, rec); ok {
+			return m.install(g, cur), nil
+		}
+	}
 	return m.refresh(ctx, g, rec, w)
+}
+
+// awaitHolder waits, up to a lease's lifetime (a holder that dies lets its
+// lease run out), for the record to move past rec: the holder's message
+// installs the new one. A message that carried no record (an older writer,
+// a mark) costs one read.
+func (m *Manager) awaitHolder(ctx context.Context, g *grantState, rec *record) (*record, bool) {
+	m.stats.waitedForHolder.Add(1)
+	deadline := time.Now().Add(m.opts.LeaseTTL + m.opts.LockRetry)
+	for {
+		changed := g.changedChan()
+		if n := g.newestRecord(); n != nil && n.newerThan(rec) {
+			return n, true
+		}
+		left := time.Until(deadline)
+		if left <= 0 {
+			return nil, false
+		}
+		t := time.NewTimer(left)
+		select {
+		case <-changed:
+		case <-t.C:
+		case <-ctx.Done():
+		}
+		t.Stop()
+		if ctx.Err() != nil {
+			return nil, false
+		}
+		if n := g.newestRecord(); n != nil && n.newerThan(rec) {
+			return n, true
+		}
+		if cur, err := m.read(ctx, g); err == nil && differs(rec, cur) {
+			return cur, true
+		}
+	}
 }
 
 // refresh spends the refresh token of rec under the grant's lease
@@ -238,7 +281,11 @@ func (m *Manager) takeLease(ctx context.Context, g *grantState, rec *record, w w
 	ctx, span := m.startSpan(ctx, "tokenmgr.lease_wait", g)
 	start := time.Now()
 	var moved *record
-	l, err := m.leases.acquire(ctx, g.name, g.keys.lock, g.changedChan, func() bool {
+	l, err := m.leases.acquire(ctx, g.name, g.keys.lock, g.changedChan, func() time.Duration { return m.leasePause(g) }, func() bool {
+		if n := g.newestRecord(); n != nil && m.movedOn(rec, n, w, m.opts.Now()) && n.newerThan(rec) {
+			moved = n // adopted from the holder's message: no read
+			return false
+		}
 		cur, err := m.read(ctx, g)
 		if err == nil && m.movedOn(rec, cur, w, m.opts.Now()) {
 			moved = cur
@@ -262,6 +309,16 @@ func (m *Manager) takeLease(ctx context.Context, g *grantState, rec *record, w w
 		return nil, nil, fmt.Errorf("tokenmgr: grant %q: no new token within %s: another process holds the refresh lease: %w", g.name, m.opts.WaitTimeout, ctx.Err())
 	}
 	return nil, nil, &StoreError{Grant: g.name, Op: "take refresh lease", Err: err}
+}
+
+// leasePause is how long to wait between attempts at a held lease: with
+// the subscription up, until the holder's message (a lease's lifetime at
+// most: a dead holder's runs out); without it, a jittered LockRetry.
+func (m *Manager) leasePause(g *grantState) time.Duration {
+	if m.subscribed(g) {
+		return m.opts.LeaseTTL
+	}
+	return jitter(m.opts.LockRetry)
 }
 
 // recordIntent journals, before the provider call, that this holder is
@@ -467,25 +524,32 @@ func (m *Manager) nextRecord(g *grantState, rec *record, tok *oauth2.Token, sent
 // replica that missed the last writes), it restores that newest record with
 // a fenced write, and never obeys the older one.
 func (m *Manager) read(ctx context.Context, g *grantState) (*record, error) {
+	rec, _, err := m.readLease(ctx, g)
+	return rec, err
+}
+
+// readLease is read, also reporting whether the grant's lease is held (known
+// only when the lease lives in the store's Redis: no Options.LockRedis).
+func (m *Manager) readLease(ctx context.Context, g *grantState) (*record, bool, error) {
 	m.stats.reads.Add(1)
-	rec, err := m.store.read(ctx, g.name, g.keys)
+	rec, held, err := m.store.readWithLease(ctx, g.name, g.keys, len(m.opts.LockRedis) == 0)
 	newest := g.newestRecord()
 	missing := errors.Is(err, errMissing)
 	switch {
 	case missing && newest == nil:
-		return nil, &NotFoundError{Grant: g.name}
+		return nil, held, &NotFoundError{Grant: g.name}
 	case missing:
 		rec = nil
 	case err == nil && newest != nil && newest.newerThan(rec):
 	default:
-		return rec, err
+		return rec, held, err
 	}
 	rctx, span := m.startSpan(ctx, "tokenmgr.restore", g, attribute.Int64("tokenmgr.version", newest.V), attribute.Bool("tokenmgr.record_missing", rec == nil))
 	written, err := m.store.restore(rctx, g.name, g.keys, newest)
 	span.SetAttributes(attribute.Bool("tokenmgr.restored", written))
 	endSpan(span, err)
 	if err != nil {
-		return nil, err
+		return nil, held, err
 	}
 	if written {
 		m.schedule(ctx, g.name, newest)
@@ -498,11 +562,11 @@ func (m *Manager) read(ctx context.Context, g *grantState) (*record, error) {
 				"grant", g.name, "stored_version", rec.V, "restored_version", newest.V)
 		}
 	}
-	rec, err = m.store.read(ctx, g.name, g.keys)
+	rec, held, err = m.store.readWithLease(ctx, g.name, g.keys, len(m.opts.LockRedis) == 0)
 	if errors.Is(err, errMissing) {
-		return nil, &NotFoundError{Grant: g.name}
+		return nil, held, &NotFoundError{Grant: g.name}
 	}
-	return rec, err
+	return rec, held, err
 }
 
 // fallback decides what a caller gets when Redis failed: the cached token

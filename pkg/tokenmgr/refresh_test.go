@@ -338,7 +338,7 @@ func testRollbackRepaired(t *testing.T, b backend) {
 	if err := rdb.HSet(t.Context(), k.record, v2).Err(); err != nil {
 		t.Fatal(err)
 	}
-	m.pollOnce() // as after the subscription comes back
+	m.pollOnce(nil) // as after the subscription comes back
 	e.clock.Advance(time.Hour)
 	tok, err := m.Token(t.Context(), e.grant)
 	if err != nil {

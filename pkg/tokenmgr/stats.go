@@ -25,6 +25,8 @@ type Stats struct {
 	LeftToRefresher        int64 `json:"left_to_refresher"`        // background refreshes left to a live refresher
 	Forced401Refused       int64 `json:"forced_401_refused"`       // 401s that did not force a refresh: the version was already forced for the same reason, or forced refreshes are backing off
 	SecretFallbacks        int64 `json:"secret_fallbacks"`         // refreshes that the provider accepted only with Options.PreviousClientSecret
+	Adopted                int64 `json:"adopted"`                  // new versions installed from a rotation message, without a read
+	WaitedForHolder        int64 `json:"waited_for_holder"`        // refreshes that found the lease held and waited for its holder's message instead of trying it
 }
 
 // counters are the live Stats; each is named after its Stats field.
@@ -32,7 +34,7 @@ type counters struct {
 	refreshes, refreshFailures, leases, lockWaits, leasesLost, writeConflicts, pendingWrites atomic.Int64
 	restores, markedDead, reads, rotationMessages, unauthorized, unauthorizedAfterRetry      atomic.Int64
 	rollbacksRepaired, olderRefused, answersLost, replicaAckTimeouts, leftToRefresher        atomic.Int64
-	forced401Refused, secretFallbacks                                                        atomic.Int64
+	forced401Refused, secretFallbacks, adopted, waitedForHolder                              atomic.Int64
 }
 
 func (c *counters) snapshot() Stats {
@@ -46,6 +48,6 @@ func (c *counters) snapshot() Stats {
 		RollbacksRepaired: c.rollbacksRepaired.Load(), OlderRefused: c.olderRefused.Load(),
 		AnswersLost: c.answersLost.Load(), ReplicaAckTimeouts: c.replicaAckTimeouts.Load(),
 		LeftToRefresher: c.leftToRefresher.Load(), Forced401Refused: c.forced401Refused.Load(),
-		SecretFallbacks: c.secretFallbacks.Load(),
+		SecretFallbacks: c.secretFallbacks.Load(), Adopted: c.adopted.Load(), WaitedForHolder: c.waitedForHolder.Load(),
 	}
 }

@@ -31,6 +31,9 @@ type store struct {
 	// durable, when set, makes the writes that create a version wait for
 	// replicas (Options.MinReplicas).
 	durable *durability
+	// sharded: rotation messages go to each grant's own channel
+	// (Options.Messages).
+	sharded bool
 }
 
 // durability is Options.MinReplicas and ReplicaTimeout, and what to do when
@@ -57,6 +60,9 @@ var (
 	//go:embed scripts/mark.lua
 	markSrc    string
 	markScript = redis.NewScript(markSrc)
+	//go:embed scripts/read.lua
+	readSrc    string
+	readScript = redis.NewScript(readSrc)
 	//go:embed scripts/refreshers.lua
 	refreshersSrc    string
 	refreshersScript = redis.NewScript(refreshersSrc)
@@ -99,14 +105,37 @@ func redisDenied(err error) bool { return redis.IsAuthError(err) || redis.IsPerm
 // read returns the grant's record; errMissing when there is none, a
 // *CorruptRecordError when it cannot be decoded, or the Redis error.
 func (s *store) read(ctx context.Context, grant string, k keys) (*record, error) {
-	h, err := s.rdb.HGetAll(ctx, k.record).Result()
+	rec, _, err := s.readWithLease(ctx, grant, k, false)
+	return rec, err
+}
+
+// readWithLease is read, and also reports, when the lease lives in this
+// Redis (withLease), whether it is held, in the same round trip.
+func (s *store) readWithLease(ctx context.Context, grant string, k keys, withLease bool) (rec *record, held bool, err error) {
+	lock := ""
+	if withLease {
+		lock = k.lock
+	}
+	reply, err := readScript.Run(ctx, s.rdb, []string{k.record, lock}).Slice()
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
+	if len(reply) != 2 {
+		return nil, false, fmt.Errorf("read script: unexpected reply of %d elements", len(reply))
+	}
+	flat, _ := reply[0].([]any)
+	h := make(map[string]string, len(flat)/2)
+	for i := 0; i+1 < len(flat); i += 2 {
+		f, _ := flat[i].(string)
+		v, _ := flat[i+1].(string)
+		h[f] = v
+	}
+	n, _ := reply[1].(int64)
 	if len(h) == 0 {
-		return nil, errMissing
+		return nil, n == 1, errMissing
 	}
-	return decodeRecord(grant, h, s.sealer)
+	rec, err = decodeRecord(grant, h, s.sealer)
+	return rec, n == 1, err
 }
 
 // head is the part of a record the poll compares: enough to see a
@@ -267,7 +296,13 @@ func (s *store) rotate(ctx context.Context, grant string, k keys, fromV int64, r
 	if err != nil {
 		return 0, 0, false, err
 	}
-	args := append([]any{strconv.FormatInt(fromV, 10), rec.Family, s.channel, grant, rec.RotatedAt.UnixMilli(), rotationWindow.Milliseconds()}, f...)
+	next := *rec
+	next.V = fromV + 1
+	msg, err := message(grant, &next, f)
+	if err != nil {
+		return 0, 0, false, err
+	}
+	args := append([]any{strconv.FormatInt(fromV, 10), rec.Family, s.publishTo(grant), msg, rec.RotatedAt.UnixMilli(), rotationWindow.Milliseconds()}, f...)
 	reply, err := s.runDurable(ctx, rotateScript, []string{k.record, k.intent, k.rotations}, args...).Int64Slice()
 	if err != nil {
 		return 0, 0, false, err
@@ -320,7 +355,11 @@ func (s *store) seed(ctx context.Context, grant string, k keys, rec *record) (in
 		if err != nil {
 			return 0, "", err
 		}
-		args := append([]any{storedV, storedFamily, s.channel, grant, rec.V}, f...)
+		msg, err := message(grant, rec, f)
+		if err != nil {
+			return 0, "", err
+		}
+		args := append([]any{storedV, storedFamily, s.publishTo(grant), msg, rec.V}, f...)
 		ok, err := s.runDurable(ctx, seedScript, []string{k.record, k.intent}, args...).Int64()
 		if err != nil {
 			return 0, "", err
@@ -346,7 +385,13 @@ func (s *store) restore(ctx context.Context, grant string, k keys, rec *record) 
 	if err != nil {
 		return false, err
 	}
-	args := append([]any{strconv.FormatInt(rec.V, 10), rec.Family, s.channel, grant}, f...)
+	restored := *rec
+	restored.Restored = true
+	msg, err := message(grant, &restored, append(f, fRestored, "1"))
+	if err != nil {
+		return false, err
+	}
+	args := append([]any{strconv.FormatInt(rec.V, 10), rec.Family, s.publishTo(grant), msg}, f...)
 	res, err := s.runDurable(ctx, restoreScript, []string{k.record}, args...).Int64Slice()
 	if err != nil {
 		return false, err
@@ -492,7 +537,7 @@ func (s *store) rewrap(ctx context.Context, grant string, k keys, v int64, famil
 
 // mark runs mark.lua; 0 means the record moved on.
 func (s *store) mark(ctx context.Context, grant string, k keys, v int64, family, mode string, fields ...any) (int64, error) {
-	args := append([]any{strconv.FormatInt(v, 10), family, s.channel, grant, mode}, fields...)
+	args := append([]any{strconv.FormatInt(v, 10), family, s.publishTo(grant), grant, mode}, fields...)
 	return markScript.Run(ctx, s.rdb, []string{k.record, k.intent}, args...).Int64()
 }
 
@@ -533,9 +578,47 @@ func (s *store) countParked(ctx context.Context) (int64, error) {
 // needs: it hides go-redis's message types and its timeout semantics.
 type subscription struct{ ps *redis.PubSub }
 
-// subscribe opens the rotation channel; ctx bounds the subscription.
-func (s *store) subscribe(ctx context.Context) *subscription {
+// grantChannel is a grant's own rotation channel, in its hash slot: with
+// sharded messages (SPUBLISH, SSUBSCRIBE) only its subscribers hear it, and
+// on Cluster only its shard carries it.
+func (s *store) grantChannel(grant string) string { return s.prefix + ":{" + grant + "}:rotated" }
+
+// publishTo tells the scripts where a grant's rotation messages go.
+func (s *store) publishTo(grant string) string {
+	if s.sharded {
+		return "s:" + s.grantChannel(grant)
+	}
+	return "p:" + s.channel
+}
+
+// subscribe opens the rotation channel: the global one (grant ""), or with
+// sharded messages the grant's own. ctx bounds the subscription.
+func (s *store) subscribe(ctx context.Context, grant string) *subscription {
+	if s.sharded {
+		return &subscription{ps: s.rdb.SSubscribe(ctx, s.grantChannel(grant))}
+	}
 	return &subscription{ps: s.rdb.Subscribe(ctx, s.channel)}
+}
+
+// serverMajor is the major version of (one node of) the Redis server.
+func (s *store) serverMajor(ctx context.Context) (int, error) {
+	info, err := s.rdb.Info(ctx, "server").Result()
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(info, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "redis_version:"); ok {
+			major, _, _ := strings.Cut(v, ".")
+			return strconv.Atoi(major)
+		}
+	}
+	return 0, errors.New("INFO server has no redis_version")
+}
+
+// isCluster reports a Redis Cluster client.
+func (s *store) isCluster() bool {
+	_, ok := s.rdb.(*redis.ClusterClient)
+	return ok
 }
 
 // subEvent is what one receive brought.
@@ -564,7 +647,7 @@ func (sub *subscription) receive(ctx context.Context, timeout time.Duration) (su
 	}
 	switch msg := msg.(type) {
 	case *redis.Subscription:
-		if msg.Kind == "subscribe" {
+		if msg.Kind == "subscribe" || msg.Kind == "ssubscribe" {
 			return subSubscribed, ""
 		}
 	case *redis.Pong:

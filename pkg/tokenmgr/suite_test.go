@@ -50,6 +50,8 @@ var suite = []struct {
 	{"OldCiphertextRefused", testOldCiphertextRefused},
 	{"UnusableAccessTokenKeepsRefreshToken", testUnusableAccessToken},
 	{"PreviousClientSecretDuringRotation", testPreviousClientSecret},
+	{"AdoptionWithoutRead", testAdoptionWithoutRead},
+	{"NoHerdWhenAllExpireAtOnce", testNoHerd},
 }
 
 func TestMiniredis(t *testing.T) {
@@ -61,5 +63,13 @@ func TestMiniredis(t *testing.T) {
 func TestRealRedis(t *testing.T) {
 	for _, tc := range suite {
 		t.Run(tc.name, func(t *testing.T) { tc.run(t, realBackend) })
+	}
+}
+
+// TestRealRedisSharded runs the suite again with each grant's rotation
+// messages on its own sharded channel.
+func TestRealRedisSharded(t *testing.T) {
+	for _, tc := range suite {
+		t.Run(tc.name, func(t *testing.T) { tc.run(t, shardedBackend) })
 	}
 }

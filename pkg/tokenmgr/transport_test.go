@@ -180,7 +180,14 @@ func testPersistent401sRotateOnce(t *testing.T, b backend) {
 	}
 }
 
-// readHook runs once, right after the next HGETALL of a record returns.
+// isRecordRead reports whether cmd reads a record (the read script).
+func isRecordRead(cmd redis.Cmder) bool {
+	args := cmd.Args()
+	return strings.EqualFold(cmd.Name(), "evalsha") && len(args) > 1 && args[1] == readScript.Hash() ||
+		strings.EqualFold(cmd.Name(), "eval") && len(args) > 1 && args[1] == readSrc
+}
+
+// readHook runs once, right after the next read of a record returns.
 type readHook struct {
 	armed atomic.Bool
 	then  func()
@@ -190,7 +197,7 @@ func (h *readHook) DialHook(next redis.DialHook) redis.DialHook { return next }
 func (h *readHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		err := next(ctx, cmd)
-		if strings.EqualFold(cmd.Name(), "hgetall") && h.armed.CompareAndSwap(true, false) {
+		if isRecordRead(cmd) && h.armed.CompareAndSwap(true, false) {
 			h.then()
 		}
 		return err

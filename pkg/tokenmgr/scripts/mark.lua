@@ -11,10 +11,20 @@
 --   defer:  a fleet-wide retry_at after a transient provider error.
 --   rewrap: the same tokens re-encrypted under a new key.
 -- KEYS[1] record hash, KEYS[2] intent hash
--- ARGV[1] version, ARGV[2] family, ARGV[3] channel, ARGV[4] grant,
+-- ARGV[1] version, ARGV[2] family, ARGV[3] where to publish ("p:CHANNEL" or
+-- "s:CHANNEL"), ARGV[4] grant,
 -- ARGV[5] mode, ARGV[6..] field/value pairs
 -- Returns the record's version after the write, or 0 when the version or
 -- family moved on or the record is gone.
+local function publish(target, message)
+  -- target is "p:CHANNEL" (PUBLISH) or "s:CHANNEL" (SPUBLISH, sharded: the
+  -- grant's own channel, in its slot)
+  local cmd = 'PUBLISH'
+  if string.sub(target, 1, 2) == 's:' then
+    cmd = 'SPUBLISH'
+  end
+  redis.call(cmd, string.sub(target, 3), message)
+end
 local v = redis.call('HGET', KEYS[1], 'v')
 local family = redis.call('HGET', KEYS[1], 'family') or ''
 if not v or v ~= ARGV[1] or family ~= ARGV[2] then
@@ -24,8 +34,8 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 if ARGV[5] == 'dead' then
   v = redis.call('HINCRBY', KEYS[1], 'v', 1)
   redis.call('DEL', KEYS[2])
-  redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. v .. ' reauth_required')
+  publish(ARGV[3], ARGV[4] .. ' ' .. v .. ' reauth_required')
 elseif ARGV[5] == 'lost' then
-  redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. v .. ' reauth_required')
+  publish(ARGV[3], ARGV[4] .. ' ' .. v .. ' reauth_required')
 end
 return tonumber(v)

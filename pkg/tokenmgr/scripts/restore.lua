@@ -5,9 +5,18 @@
 -- or newer: records are ordered by family (its seed time, then its name),
 -- then version. A corrupt record is left alone.
 -- KEYS[1] record hash
--- ARGV[1] version of the pair, ARGV[2] its family, ARGV[3] channel,
--- ARGV[4] grant, ARGV[5..] field/value pairs
+-- ARGV[1] version of the pair, ARGV[2] its family, ARGV[3] where to publish ("p:CHANNEL" or "s:CHANNEL"),
+-- ARGV[4] the message to publish ("GRANT V m1 RECORD"), ARGV[5..] field/value pairs
 -- Returns {1, v} when written, {0, stored_v} when left alone.
+local function publish(target, message)
+  -- target is "p:CHANNEL" (PUBLISH) or "s:CHANNEL" (SPUBLISH, sharded: the
+  -- grant's own channel, in its slot)
+  local cmd = 'PUBLISH'
+  if string.sub(target, 1, 2) == 's:' then
+    cmd = 'SPUBLISH'
+  end
+  redis.call(cmd, string.sub(target, 3), message)
+end
 local v = redis.call('HGET', KEYS[1], 'v')
 if v then
   local sv = tonumber(v)
@@ -36,5 +45,5 @@ if v then
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'family', ARGV[2], 'restored', '1')
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. ARGV[1])
+publish(ARGV[3], ARGV[4])
 return {1, tonumber(ARGV[1])}

@@ -2,12 +2,22 @@
 -- the version and family the refresh token was read at.
 -- KEYS[1] record hash, KEYS[2] intent hash, KEYS[3] rotations sorted set
 -- ARGV[1] the version the refresh token was read at, ARGV[2] its family
--- ARGV[3] rotation channel, ARGV[4] grant name
+-- ARGV[3] where to publish ("p:CHANNEL" or "s:CHANNEL"), ARGV[4] the rotation message (published as is:
+-- "GRANT V m1 RECORD", the new record, its tokens sealed)
 -- ARGV[5] now (unix ms), ARGV[6] rotations window (ms); KEYS[3] members are "V:NOW"
 -- ARGV[7..] field/value pairs of the new record (v excluded)
 -- Returns {1, new_v, counted} on success (counted: 1 when the rotations set
 -- took it), {0, stored_v} when another writer got there first or the grant
 -- was seeded anew, {-1, 0} when the record is gone.
+local function publish(target, message)
+  -- target is "p:CHANNEL" (PUBLISH) or "s:CHANNEL" (SPUBLISH, sharded: the
+  -- grant's own channel, in its slot)
+  local cmd = 'PUBLISH'
+  if string.sub(target, 1, 2) == 's:' then
+    cmd = 'SPUBLISH'
+  end
+  redis.call(cmd, string.sub(target, 3), message)
+end
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then
   return {-1, 0}
@@ -21,7 +31,7 @@ redis.call('HDEL', KEYS[1], 'reason', 'retry_at', 'restored')
 redis.call('HSET', KEYS[1], 'v', nv, unpack(ARGV, 7))
 redis.call('HINCRBY', KEYS[1], 'refresh_count', 1)
 redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. nv)
+publish(ARGV[3], ARGV[4])
 -- The last hour's rotations, for operators: best effort, after the write
 -- and the message, so that a user whose ACL predates it (no
 -- ZREMRANGEBYSCORE) still rotates. Nothing is added unless trimming works,

@@ -6,9 +6,19 @@
 -- changed since the caller read it.
 -- KEYS[1] record hash, KEYS[2] intent hash
 -- ARGV[1] the version the caller read ('' if the record was missing),
--- ARGV[2] the family it read, ARGV[3] rotation channel, ARGV[4] grant name,
+-- ARGV[2] the family it read, ARGV[3] where to publish ("p:CHANNEL" or "s:CHANNEL"), ARGV[4] the message
+-- to publish ("GRANT V m1 RECORD"),
 -- ARGV[5] the new version, ARGV[6..] field/value pairs (family included)
 -- Returns 1 when written, 0 when the record changed meanwhile.
+local function publish(target, message)
+  -- target is "p:CHANNEL" (PUBLISH) or "s:CHANNEL" (SPUBLISH, sharded: the
+  -- grant's own channel, in its slot)
+  local cmd = 'PUBLISH'
+  if string.sub(target, 1, 2) == 's:' then
+    cmd = 'SPUBLISH'
+  end
+  redis.call(cmd, string.sub(target, 3), message)
+end
 local v = redis.call('HGET', KEYS[1], 'v') or ''
 local family = redis.call('HGET', KEYS[1], 'family') or ''
 if v ~= ARGV[1] or family ~= ARGV[2] then
@@ -16,5 +26,5 @@ if v ~= ARGV[1] or family ~= ARGV[2] then
 end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('HSET', KEYS[1], 'v', ARGV[5], unpack(ARGV, 6))
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. ARGV[5])
+publish(ARGV[3], ARGV[4])
 return 1

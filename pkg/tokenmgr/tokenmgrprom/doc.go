@@ -44,6 +44,8 @@
 //	tokenmgr_refreshes_left_to_refresher_total     LeftToRefresher
 //	tokenmgr_forced_refreshes_refused_total        Forced401Refused
 //	tokenmgr_secret_fallbacks_total                SecretFallbacks
+//	tokenmgr_rotations_adopted_total               Adopted
+//	tokenmgr_waits_for_holder_total                WaitedForHolder
 //
 // Histograms (NewObserver), in seconds:
 //

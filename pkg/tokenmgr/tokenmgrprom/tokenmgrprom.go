@@ -50,6 +50,8 @@ var counters = []counter{
 	{"tokenmgr_refreshes_left_to_refresher_total", "Background refreshes left to a live refresher.", func(s tokenmgr.Stats) int64 { return s.LeftToRefresher }},
 	{"tokenmgr_forced_refreshes_refused_total", "401 answers that did not force a refresh (already forced for that version and reason, or backing off).", func(s tokenmgr.Stats) int64 { return s.Forced401Refused }},
 	{"tokenmgr_secret_fallbacks_total", "Refreshes the provider accepted only with the previous client secret.", func(s tokenmgr.Stats) int64 { return s.SecretFallbacks }},
+	{"tokenmgr_rotations_adopted_total", "New versions installed from a rotation message, without a read of Redis.", func(s tokenmgr.Stats) int64 { return s.Adopted }},
+	{"tokenmgr_waits_for_holder_total", "Refreshes that found the lease held and waited for its holder's rotation message instead of trying it.", func(s tokenmgr.Stats) int64 { return s.WaitedForHolder }},
 }
 
 // Collector exports a Manager's Stats as counters.

@@ -1,16 +1,3 @@
-// Package tokenmgrtest provides a fake OAuth 2.0 identity provider with real
-// refresh-token rotation semantics, in the style of net/http/httptest.
-//
-// The provider models what breaks fleets that share one grant: rotating
-// refresh tokens, a reuse leeway for the previous refresh token, reuse
-// detection that revokes the whole token family, and access tokens revoked
-// before their expiry. Profiles (Atlassian, Strict, Okta, Xero,
-// NonRotating) select those behaviours; fault knobs (latency, 5xx, 429,
-// dropped responses) let tests reproduce the failures a token manager must
-// survive. Every expiry and leeway decision reads an injectable clock, so
-// tests need no sleeps.
-//
-// The IdP never logs tokens.
 package tokenmgrtest
 
 import (
