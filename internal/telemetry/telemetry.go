@@ -65,7 +65,8 @@ const (
 type Tracing struct {
 	// Provider is nil when tracing is off.
 	Provider trace.TracerProvider
-	// Endpoint and Protocol say where spans go ("" when off).
+	// Endpoint and Protocol say where spans go ("" when off); Endpoint
+	// has any password in the URL masked, for logs.
 	Endpoint, Protocol string
 	shutdown           func(context.Context) error
 }
@@ -123,16 +124,23 @@ func SetupTracing(ctx context.Context, service string, env func(string) string, 
 		resource.WithAttributes(semconv.ServiceName(service), semconv.ServiceVersion(buildinfo.Version)),
 		resource.WithFromEnv(), // OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win
 	)
-	if err != nil && res == nil {
-		return nil, fmt.Errorf("OpenTelemetry resource: %w", err)
+	if err != nil {
+		if res == nil {
+			return nil, fmt.Errorf("OpenTelemetry resource: %w", err)
+		}
+		log.Warn("opentelemetry: part of the resource could not be detected", "err", err)
 	}
 	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exp), sdktrace.WithResource(res))
 	otel.SetTracerProvider(tp)
 	otel.SetTextMapPropagator(propagation.NewCompositeTextMapPropagator(propagation.TraceContext{}, propagation.Baggage{}))
 	otel.SetErrorHandler(otel.ErrorHandlerFunc(func(err error) {
-		log.Warn("opentelemetry: could not export spans", "err", err)
+		log.Warn("opentelemetry", "err", err) // e.g. a collector that is down: spans dropped
 	}))
-	return &Tracing{Provider: tp, Endpoint: endpoint, Protocol: protocol, shutdown: tp.Shutdown}, nil
+	shown := endpoint
+	if u, err := url.Parse(endpoint); err == nil {
+		shown = u.Redacted()
+	}
+	return &Tracing{Provider: tp, Endpoint: shown, Protocol: protocol, shutdown: tp.Shutdown}, nil
 }
 
 // endpointFrom is the traces endpoint URL and protocol the environment

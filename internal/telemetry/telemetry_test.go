@@ -203,3 +203,17 @@ func TestTracingGRPC(t *testing.T) {
 	defer rc.mu.Unlock()
 	checkExport(t, rc.reqs, "svc-grpc", "op")
 }
+
+// Where spans go is logged by the services: a password in the URL is
+// masked.
+func TestTracingEndpointShownRedacted(t *testing.T) {
+	keepGlobals(t)
+	tr, err := SetupTracing(t.Context(), "svc", envOf(map[string]string{EnvEndpoint: "http://user:hunter2@127.0.0.1:1"}), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Shutdown(t.Context())
+	if strings.Contains(tr.Endpoint, "hunter2") || !strings.HasSuffix(tr.Endpoint, "@127.0.0.1:1/v1/traces") {
+		t.Errorf("Endpoint %q", tr.Endpoint)
+	}
+}
