@@ -18,6 +18,7 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/tokenmgr/tokenmgr/internal/cli"
+	"github.com/tokenmgr/tokenmgr/internal/logging"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
@@ -48,7 +49,7 @@ func openStore(ctx context.Context, c *cli.Common, needGrant, needKey bool, stde
 	if o.Sealer == nil {
 		fmt.Fprintln(stderr, "refresher: --insecure-plaintext: tokens are stored in Redis UNENCRYPTED")
 	}
-	o.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	o.Logger = slog.New(logging.NewHandler(stderr, logging.FormatText, slog.LevelWarn)) // an operator reads it
 	a, err := tokenmgr.NewAdmin(o)
 	if err == nil {
 		if perr := o.Redis.Ping(ctx).Err(); perr != nil {
@@ -297,7 +298,7 @@ func cmdRotate(ctx context.Context, args []string, env func(string) string, stdo
 		return err
 	}
 	defer cli.CloseClients(o)
-	o.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	o.Logger = slog.New(logging.NewHandler(stderr, logging.FormatText, slog.LevelWarn)) // an operator reads it
 	m, err := tokenmgr.New(ctx, o)
 	if err != nil {
 		return err
