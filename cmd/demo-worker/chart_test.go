@@ -65,6 +65,9 @@ func TestChartCommands(t *testing.T) {
 					t.Errorf("%s %v: %v", c.Workload, args, err)
 					continue
 				}
+				if tc.name == "full values" && cfg.log.Format != "json" {
+					t.Errorf("%s: --log-format %q, want the values' json", c.Workload, cfg.log.Format)
+				}
 				if cfg.embedded() {
 					t.Errorf("%s would run the embedded demo, not a worker", c.Workload)
 				}

@@ -14,13 +14,23 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/tokenmgr/tokenmgr/internal/buildinfo"
 	"github.com/tokenmgr/tokenmgr/internal/cli"
+	"github.com/tokenmgr/tokenmgr/internal/logging"
+	"github.com/tokenmgr/tokenmgr/internal/telemetry"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrprom"
 )
 
 func main() {
@@ -50,7 +60,10 @@ type config struct {
 	duration    time.Duration
 	requests    int64
 	report      string
-	logLevel    string
+	log         logging.Config
+	// metricsListen serves /metrics (off when empty).
+	metricsListen string
+	version       bool
 
 	// embedded demo only
 	waitGrant time.Duration
@@ -71,7 +84,9 @@ func parseFlags(args []string, env func(string) string, stderr io.Writer) (*conf
 	fs.DurationVar(&c.duration, "duration", 0, "how long to run (default 30s, or 12s for the embedded demo); 0 with --requests: until they are done")
 	fs.Int64Var(&c.requests, "requests", 0, "stop after this many requests in all (0: no limit)")
 	fs.StringVar(&c.report, "report", "text", "report format at exit: text or json")
-	fs.StringVar(&c.logLevel, "log-level", "warn", "log level: debug, info, warn, error")
+	c.log.Register(fs, "warn", logging.FormatText)
+	fs.StringVar(&c.metricsListen, "metrics-listen", "", "`address` to serve /metrics on (e.g. :9090): the library's counters and histograms (tokenmgrprom), build, Go and process metrics; off when empty")
+	fs.BoolVar(&c.version, "version", false, "print the version and exit")
 	fs.DurationVar(&c.waitGrant, "wait-for-grant", 0, "wait up to this long for the grant to be seeded before starting (e.g. in docker compose)")
 	fs.IntVar(&c.workers, "workers", 4, "embedded demo: workers in the fleet, each with its own Manager")
 	fs.StringVar(&c.profile, "profile", "atlassian", "embedded demo: fake IdP profile: atlassian, strict, grace, grace-xero, non-rotating")
@@ -80,6 +95,9 @@ func parseFlags(args []string, env func(string) string, stderr io.Writer) (*conf
 	fs.DurationVar(&c.stagger, "stagger", 2*time.Second, "embedded demo: workers start this far apart, as pods rolling out or scaling up, each deployed with the grant as it was first issued")
 	if err := cli.Parse(fs, args); err != nil {
 		return nil, err
+	}
+	if c.version {
+		return c, nil
 	}
 	var errs []error
 	if c.concurrency < 1 {
@@ -91,10 +109,13 @@ func parseFlags(args []string, env func(string) string, stderr io.Writer) (*conf
 	if c.report != "text" && c.report != "json" {
 		errs = append(errs, fmt.Errorf("--report %q: want text or json", c.report))
 	}
-	if _, err := parseLevel(c.logLevel); err != nil {
+	if err := c.log.Validate(); err != nil {
 		errs = append(errs, err)
 	}
 	if c.embedded() {
+		if c.metricsListen != "" {
+			errs = append(errs, errors.New("--metrics-listen is for a worker (--redis, --grant, --api-url...), not the embedded demo"))
+		}
 		if c.workers < 1 || c.workers > 1000 {
 			errs = append(errs, fmt.Errorf("--workers %d: 1 to 1000", c.workers))
 		}
@@ -136,38 +157,60 @@ func (c *config) embedded() bool {
 	return c.common.RedisURL == "" && c.apiURL == "" && c.common.TokenURL == "" && c.common.Grant == "" && c.common.ClientID == ""
 }
 
-func parseLevel(s string) (slog.Level, error) {
-	var l slog.Level
-	if err := l.UnmarshalText([]byte(s)); err != nil {
-		return l, fmt.Errorf("--log-level %q: want debug, info, warn or error", s)
-	}
-	return l, nil
-}
-
 func run(ctx context.Context, args []string, env func(string) string, stdout, stderr io.Writer) error {
 	c, err := parseFlags(args, env, stderr)
 	if err != nil {
 		return err
 	}
-	level, _ := parseLevel(c.logLevel)
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	if c.version {
+		fmt.Fprintln(stdout, buildinfo.String("demo-worker"))
+		return nil
+	}
+	log := c.log.New(stderr)
 	if c.embedded() {
 		return runEmbedded(ctx, c, log, stdout)
 	}
-	return runWorker(ctx, c, log, stdout)
+	tracing, err := telemetry.SetupTracing(ctx, "demo-worker", env, log)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		if err := tracing.Shutdown(sctx); err != nil {
+			log.Warn("could not flush the last spans", "err", cli.Shown(err.Error()))
+		}
+	}()
+	return runWorker(ctx, c, log, tracing.Provider, stdout, stderr)
 }
 
 // runWorker is the real worker: one Manager, the configured grant and API.
-func runWorker(ctx context.Context, c *config, log *slog.Logger, stdout io.Writer) error {
+func runWorker(ctx context.Context, c *config, log *slog.Logger, tp trace.TracerProvider, stdout, stderr io.Writer) error {
 	o, err := c.common.Options()
 	if err != nil {
 		return err
 	}
 	defer cli.CloseClients(o)
 	o.Logger = log
+	o.TracerProvider = tp // nil: the otel global
+	obs := tokenmgrprom.NewObserver(tokenmgrprom.Opts{})
+	o.Observer = obs
+	if c.common.HasPreviousSecret() {
+		log.Info("a previous client secret is configured: a refresh refused as invalid_client is tried once with it (tokenmgr_secret_fallbacks_total)")
+	}
 	m, err := tokenmgr.New(ctx, o)
 	if err != nil {
 		return err
+	}
+	if c.metricsListen != "" {
+		reg := telemetry.NewRegistry()
+		reg.MustRegister(obs, tokenmgrprom.NewCollector(m, tokenmgrprom.Opts{}))
+		stop, err := serveMetrics(c.metricsListen, reg, stderr, log)
+		if err != nil {
+			_ = m.Close(ctx)
+			return err
+		}
+		defer stop()
 	}
 	defer func() {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
@@ -210,4 +253,27 @@ func waitForGrant(ctx context.Context, m *tokenmgr.Manager, grant string, d time
 		case <-time.After(time.Second):
 		}
 	}
+}
+
+// serveMetrics serves reg on addr's /metrics until stop, and says where on
+// stderr (stdout is the report's), so that port 0 works.
+func serveMetrics(addr string, reg *prometheus.Registry, stderr io.Writer, log *slog.Logger) (stop func(), err error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics-listen: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("metrics server", "err", err)
+		}
+	}()
+	fmt.Fprintf(stderr, "demo-worker: metrics on http://%s/metrics\n", ln.Addr())
+	return func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}, nil
 }

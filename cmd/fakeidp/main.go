@@ -30,7 +30,9 @@ import (
 
 	"golang.org/x/oauth2"
 
+	"github.com/tokenmgr/tokenmgr/internal/buildinfo"
 	"github.com/tokenmgr/tokenmgr/internal/cli"
+	"github.com/tokenmgr/tokenmgr/internal/logging"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
@@ -48,6 +50,8 @@ type config struct {
 	accessTTL, latency, retryAfter                   time.Duration
 	fail5xx, fail429, drop                           int
 	consentPage                                      bool
+	log                                              logging.Config
+	version                                          bool
 }
 
 func parseFlags(args []string, stderr io.Writer) (config, error) {
@@ -68,7 +72,15 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.BoolVar(&c.consentPage, "consent-page", false, "at /authorize, show an Allow/Deny page instead of consenting at once (for browser tests)")
 	fs.StringVar(&c.seedGrant, "seed-grant", "", "at start, create a grant and seed it into --seed-redis under this `name` (for demos)")
 	fs.StringVar(&c.seedRedis, "seed-redis", "", "Redis `URL` for --seed-grant")
+	c.log.Register(fs, "info", logging.FormatText)
+	fs.BoolVar(&c.version, "version", false, "print the version and exit")
 	if err := cli.Parse(fs, args); err != nil {
+		return c, err
+	}
+	if c.version {
+		return c, nil
+	}
+	if err := c.log.Validate(); err != nil {
 		return c, err
 	}
 	if _, err := tokenmgrtest.ProfileByName(c.profile); err != nil {
@@ -192,7 +204,11 @@ func run(ctx context.Context, args []string, env func(string) string, stdout, st
 	if err != nil {
 		return err
 	}
-	log := slog.New(slog.NewTextHandler(stderr, nil))
+	if c.version {
+		fmt.Fprintln(stdout, buildinfo.String("fakeidp"))
+		return nil
+	}
+	log := c.log.New(stderr)
 	idp, handler := newIdP(c)
 	if c.seedGrant != "" {
 		if err := seedGrant(ctx, idp, c, env(cli.EnvEncryptionKey), log); err != nil {

@@ -1,6 +1,9 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
+	"context"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -9,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/tokenmgr/tokenmgr/internal/buildinfo"
 	"github.com/tokenmgr/tokenmgr/internal/cli"
 	"github.com/tokenmgr/tokenmgr/internal/compose"
 )
@@ -128,5 +132,40 @@ func TestExitStatus(t *testing.T) {
 		if got := cli.Exit("fakeidp", err, io.Discard); got != tc.want {
 			t.Errorf("fakeidp %v: exit %d (%v), want %d", tc.args, got, err, tc.want)
 		}
+	}
+}
+
+// --version prints the build; --log-format json logs JSON lines with
+// durations as Go duration strings; --log-format and --log-level values
+// are checked.
+func TestVersionAndLogFormat(t *testing.T) {
+	var out bytes.Buffer
+	if err := run(t.Context(), []string{"--version"}, func(string) string { return "" }, &out, io.Discard); err != nil || out.String() != buildinfo.String("fakeidp")+"\n" {
+		t.Errorf("--version: %q %v", out.String(), err)
+	}
+	for _, args := range [][]string{{"--log-format", "xml"}, {"--log-level", "loud"}} {
+		if _, err := parseFlags(args, io.Discard); err == nil {
+			t.Errorf("%v accepted", args)
+		}
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	pr, pw := io.Pipe()
+	var logs bytes.Buffer
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"--addr", "127.0.0.1:0", "--log-format", "json", "--access-ttl", "90s"}, func(string) string { return "" }, pw, &logs)
+		pw.Close()
+	}()
+	if _, err := bufio.NewReader(pr).ReadString('\n'); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _, _ = io.Copy(io.Discard, pr) }()
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(bytes.SplitN(logs.Bytes(), []byte("\n"), 2)[0], &m); err != nil || m["msg"] != "fake IdP serving" || m["access_ttl"] != "1m30s" {
+		t.Errorf("log %q (%v): want a JSON line with access_ttl 1m30s", logs.String(), err)
 	}
 }

@@ -125,6 +125,9 @@ func TestChartCommands(t *testing.T) {
 				}
 			}
 			checkListen("--listen", cfg.listen, "metrics", false)
+			if want := map[string]string{"full values": "text"}[tc.name]; want != "" && cfg.log.Format != want {
+				t.Errorf("--log-format %q, want the values' %q", cfg.log.Format, want)
+			}
 			switch _, exposed := ports["admin"]; {
 			case exposed:
 				checkListen("--admin-listen", cfg.operatorListen, "admin", false)

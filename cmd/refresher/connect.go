@@ -32,7 +32,6 @@ import (
 type connector struct {
 	routes   map[string]*route // grant -> its registration
 	fallback *route            // for grants of a registration that serves every grant
-	pkce     bool
 	rdb      redis.UniversalClient
 	prefix   string // Redis key prefix for pending states
 	stateTTL time.Duration
@@ -51,6 +50,7 @@ type route struct {
 	params     []oauth2.AuthCodeOption
 	store      grantStore
 	httpClient *http.Client // carries the code exchange (timeouts)
+	pkce       bool         // send a PKCE (S256) challenge: registration.usePKCE
 }
 
 const stateCookie = "tokenmgr_connect"
@@ -179,7 +179,7 @@ func (c *connector) handleConnect(w http.ResponseWriter, r *http.Request) {
 	state := base64.RawURLEncoding.EncodeToString(b)
 	p := pendingConnect{Grant: grant, Started: c.now(), Replace: replace}
 	opts := append([]oauth2.AuthCodeOption{}, rt.params...)
-	if c.pkce {
+	if rt.pkce {
 		p.Verifier = oauth2.GenerateVerifier()
 		opts = append(opts, oauth2.S256ChallengeOption(p.Verifier))
 	}

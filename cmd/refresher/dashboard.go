@@ -71,17 +71,19 @@ const (
 
 // dashboardRow is one grant as the page shows it.
 type dashboardRow struct {
-	Grant             string    `json:"grant"`
-	Registration      string    `json:"registration"`
-	State             string    `json:"state"`
-	Level             string    `json:"level"`
-	Reason            string    `json:"reason,omitempty"`
-	Version           int64     `json:"version"`
-	Expiry            time.Time `json:"expiry,omitzero"`
-	ExpiryLevel       string    `json:"expiry_level"`
-	RotatedAt         time.Time `json:"rotated_at,omitzero"`
-	RotatedBy         string    `json:"rotated_by,omitempty"`
-	RefreshesLastHour int64     `json:"refreshes_last_hour"`
+	Grant        string    `json:"grant"`
+	Registration string    `json:"registration"`
+	State        string    `json:"state"`
+	Level        string    `json:"level"`
+	Reason       string    `json:"reason,omitempty"`
+	Version      int64     `json:"version"`
+	Expiry       time.Time `json:"expiry,omitzero"`
+	ExpiryLevel  string    `json:"expiry_level"`
+	RotatedAt    time.Time `json:"rotated_at,omitzero"`
+	RotatedBy    string    `json:"rotated_by,omitempty"`
+	// RefreshesLastHour is null when unknown (a Redis user without the
+	// rotations set's commands), never a made-up -1.
+	RefreshesLastHour *int64    `json:"refreshes_last_hour"`
 	IdleExpiry        time.Time `json:"idle_expiry,omitzero"`
 	IdleLevel         string    `json:"idle_level"`
 	AbsoluteExpiry    time.Time `json:"absolute_expiry,omitzero"`
@@ -206,7 +208,10 @@ func (d *dashboard) row(now time.Time, grant string, rn *runner, st tokenmgr.Gra
 	}
 	st = shownStatus(st)
 	r.Version, r.Reason, r.Expiry, r.RotatedAt, r.RotatedBy = st.Version, st.Reason, st.Expiry, st.RotatedAt, st.RotatedBy
-	r.RefreshesLastHour, r.IdleExpiry, r.AbsoluteExpiry = st.RefreshesLastHour, st.IdleExpiry, st.AbsoluteExpiry
+	r.IdleExpiry, r.AbsoluteExpiry = st.IdleExpiry, st.AbsoluteExpiry
+	if st.RefreshesLastHour >= 0 {
+		r.RefreshesLastHour = new(st.RefreshesLastHour)
+	}
 	r.IdleLevel = countdownLevel(now, st.IdleExpiry, idleWarn, idleCrit)
 	r.AbsoluteLevel = countdownLevel(now, st.AbsoluteExpiry, d.warnAbsolute, absoluteCrit)
 	if st.Status != tokenmgr.StatusOK {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -311,7 +312,7 @@ func TestDashboardRows(t *testing.T) {
 	// is 5 days away: red.
 	h := rows["healthy"]
 	check(h, stateOK, levelCrit, false)
-	if h.Version != 2 || h.RefreshesLastHour != 1 || h.RotatedBy != "refresher-1" || h.ExpiryLevel != levelOK || h.AbsoluteLevel != levelCrit || h.Registration != "jira" {
+	if h.Version != 2 || h.RefreshesLastHour == nil || *h.RefreshesLastHour != 1 || h.RotatedBy != "refresher-1" || h.ExpiryLevel != levelOK || h.AbsoluteLevel != levelCrit || h.Registration != "jira" {
 		t.Errorf("healthy row %+v: want version 2, 1 refresh in the hour by refresher-1, expiry ok, absolute crit", h)
 	}
 	dead := rows["dead"]
@@ -873,5 +874,35 @@ func TestThrottleRefillsByTheClock(t *testing.T) {
 	w.clock.Advance(2 * time.Second)
 	if code := operatorFrom(rf.handler, "192.0.2.1", ""); code != http.StatusOK {
 		t.Errorf("two seconds later (one failure allowed per second): %d, want 200", code)
+	}
+}
+
+// The dashboard's JSON says null, and the page "?", for rotations of the
+// last hour that could not be counted; 0 stays 0.
+func TestDashboardUnknownRotations(t *testing.T) {
+	w := newWorld(t, tokenmgrtest.Strict)
+	rf, _ := dashboardServer(t, w, []string{"jira"}, nil)
+	d := &dashboard{now: w.clock.Now}
+	for _, tc := range []struct {
+		n    int64
+		want string
+	}{{-1, `"refreshes_last_hour":null`}, {0, `"refreshes_last_hour":0`}, {3, `"refreshes_last_hour":3`}} {
+		row := d.row(w.clock.Now(), "jira", rf.runner, tokenmgr.GrantStatus{Grant: "jira", Status: tokenmgr.StatusOK, Version: 1, RefreshesLastHour: tc.n}, nil)
+		js, _ := json.Marshal(row)
+		if !bytes.Contains(js, []byte(tc.want)) {
+			t.Errorf("%d in the last hour: %s, want %s", tc.n, js, tc.want)
+		}
+		var page bytes.Buffer
+		data := struct {
+			dashboardData
+			CSRF, Connected, ConnectedVersion string
+		}{dashboardData: dashboardData{Grants: []dashboardRow{row}}}
+		if err := dashboardPage.Execute(&page, data); err != nil {
+			t.Fatal(err)
+		}
+		cell := map[int64]string{-1: `<td class="refreshes">?</td>`, 0: `<td class="refreshes">0</td>`, 3: `<td class="refreshes">3</td>`}[tc.n]
+		if !strings.Contains(page.String(), cell) {
+			t.Errorf("%d in the last hour: the page lacks %s", tc.n, cell)
+		}
 	}
 }

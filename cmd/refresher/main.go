@@ -10,6 +10,8 @@
 //	refresher status [--grant G] [--json]
 //	refresher rotate --grant G        one fenced refresh now
 //	refresher rewrap [--grant G]      re-encrypt under the newest key
+//	refresher probe  --url URL        exit 0 if URL answers 2xx (container healthchecks)
+//	refresher version                 or --version
 package main
 
 import (
@@ -20,6 +22,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/tokenmgr/tokenmgr/internal/buildinfo"
 	"github.com/tokenmgr/tokenmgr/internal/cli"
 )
 
@@ -39,6 +42,8 @@ commands:
   status   show grants (metadata only, never a token)
   rotate   force one fenced refresh of --grant now
   rewrap   re-encrypt every grant (or --grant) under the newest encryption key
+  probe    GET --url and exit 0 on a 2xx answer, 1 otherwise (a healthcheck for images without curl)
+  version  print the version (also --version)
 
 Run 'refresher COMMAND -h' for the flags of a command.
 `
@@ -59,6 +64,11 @@ func run(ctx context.Context, args []string, env func(string) string, stdin io.R
 		return cmdRotate(ctx, args[1:], env, stdout, stderr)
 	case "rewrap":
 		return cmdRewrap(ctx, args[1:], env, stdout, stderr)
+	case "probe":
+		return cmdProbe(ctx, args[1:], stderr)
+	case "version", "--version", "-version":
+		fmt.Fprintln(stdout, buildinfo.String("refresher"))
+		return nil
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil

@@ -7,6 +7,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrprom"
 )
 
 // metrics are the refresher's Prometheus metrics. Never a token: labels
@@ -40,35 +41,54 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 	return mt
 }
 
-// addManager exports a Manager's counters, labelled with its registration.
-func (mt *metrics) addManager(reg *prometheus.Registry, name string, m *tokenmgr.Manager) {
-	stat := func(metric, help string, f func(tokenmgr.Stats) int64) {
-		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: metric, Help: help, ConstLabels: prometheus.Labels{"registration": name}},
-			func() float64 { return float64(f(m.Stats())) }))
-	}
-	stat("tokenmgr_provider_refreshes_total", "Successful provider refresh calls made by this process.", func(s tokenmgr.Stats) int64 { return s.Refreshes })
-	stat("tokenmgr_provider_refresh_failures_total", "Failed provider refresh calls made by this process.", func(s tokenmgr.Stats) int64 { return s.RefreshFailures })
-	stat("tokenmgr_leases_total", "Refresh leases taken.", func(s tokenmgr.Stats) int64 { return s.Leases })
-	stat("tokenmgr_lock_waits_total", "Lease attempts that found it held and waited.", func(s tokenmgr.Stats) int64 { return s.LockWaits })
-	stat("tokenmgr_leases_lost_total", "Leases lost during a provider call.", func(s tokenmgr.Stats) int64 { return s.LeasesLost })
-	stat("tokenmgr_write_conflicts_total", "Fenced writes refused because another holder wrote first.", func(s tokenmgr.Stats) int64 { return s.WriteConflicts })
-	stat("tokenmgr_pending_writes_total", "Rotated pairs held because Redis refused them.", func(s tokenmgr.Stats) int64 { return s.PendingWrites })
-	stat("tokenmgr_restores_total", "Records restored after Redis lost them.", func(s tokenmgr.Stats) int64 { return s.Restores })
+// addManager exports a Manager's counters and its Observer's histograms
+// (package tokenmgrprom), labelled with its registration.
+func (mt *metrics) addManager(reg *prometheus.Registry, name string, m *tokenmgr.Manager, obs *tokenmgrprom.Observer) {
+	reg.MustRegister(tokenmgrprom.NewCollector(m, registrationLabel(name)), obs)
 }
 
-// addReauthGauge exports the count of grants that need re-consent.
-func (mt *metrics) addReauthGauge(reg *prometheus.Registry, store grantStore) {
-	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-		Name: "tokenmgr_grants_reauth_required", Help: "Grants that need re-consent.",
-	}, func() float64 {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		n, err := store.DeadGrants(ctx)
-		if err != nil {
-			return -1
-		}
-		return float64(n)
-	}))
+// registrationLabel is the const label of one registration's metrics.
+func registrationLabel(name string) tokenmgrprom.Opts {
+	return tokenmgrprom.Opts{ConstLabels: prometheus.Labels{"registration": name}}
+}
+
+// reauthCollector exports the count of grants that need re-consent, read
+// from Redis at each scrape. When it cannot be read the gauge is left out
+// of that scrape (never a made-up value such as -1, which would read as
+// "fewer than none") and tokenmgr_grants_reauth_required_errors_total
+// counts the failure.
+type reauthCollector struct {
+	store   grantStore
+	timeout time.Duration
+	gauge   *prometheus.Desc
+	errs    prometheus.Counter
+}
+
+func newReauthCollector(store grantStore) *reauthCollector {
+	return &reauthCollector{
+		store: store, timeout: 2 * time.Second,
+		gauge: prometheus.NewDesc("tokenmgr_grants_reauth_required", "Grants that need re-consent (absent from a scrape when Redis could not be read: see tokenmgr_grants_reauth_required_errors_total).", nil, nil),
+		errs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tokenmgr_grants_reauth_required_errors_total",
+			Help: "Scrapes in which the count of grants that need re-consent could not be read from Redis.",
+		}),
+	}
+}
+
+func (c *reauthCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.gauge
+	c.errs.Describe(ch)
+}
+
+func (c *reauthCollector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
+	defer cancel()
+	if n, err := c.store.DeadGrants(ctx); err != nil {
+		c.errs.Inc()
+	} else {
+		ch <- prometheus.MustNewConstMetric(c.gauge, prometheus.GaugeValue, float64(n))
+	}
+	c.errs.Collect(ch)
 }
 
 func (mt *metrics) outcome(o string) {

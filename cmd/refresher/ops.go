@@ -18,6 +18,7 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/tokenmgr/tokenmgr/internal/cli"
+	"github.com/tokenmgr/tokenmgr/internal/logging"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
@@ -48,7 +49,7 @@ func openStore(ctx context.Context, c *cli.Common, needGrant, needKey bool, stde
 	if o.Sealer == nil {
 		fmt.Fprintln(stderr, "refresher: --insecure-plaintext: tokens are stored in Redis UNENCRYPTED")
 	}
-	o.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	o.Logger = slog.New(logging.NewHandler(stderr, logging.FormatText, slog.LevelWarn)) // an operator reads it
 	a, err := tokenmgr.NewAdmin(o)
 	if err == nil {
 		if perr := o.Redis.Ping(ctx).Err(); perr != nil {
@@ -132,7 +133,7 @@ func cmdSeed(ctx context.Context, args []string, env func(string) string, stdin 
 	var c cli.Common
 	fs := newFlagSet("seed", stderr)
 	c.Register(fs, env)
-	consented := fs.String("consented-at", "", "when the user consented (RFC 3339; default now): starts the absolute expiry countdown")
+	consented := fs.String("consented-at", "", "when the user consented (RFC 3339, e.g. 2026-03-01T09:30:00Z; default now): the absolute expiry (Atlassian: 365 days) counts from it, so give it when importing a grant consented earlier")
 	if err := parseArgs(fs, args); err != nil {
 		return err
 	}
@@ -141,6 +142,12 @@ func cmdSeed(ctx context.Context, args []string, env func(string) string, stdin 
 		t, err := time.Parse(time.RFC3339, *consented)
 		if err != nil {
 			return fmt.Errorf("--consented-at %q is not RFC 3339", *consented)
+		}
+		// A consent in the future would put the absolute expiry after the
+		// provider's: the countdown would say there is time left when there
+		// is none. A few minutes of clock skew are allowed.
+		if t.After(time.Now().Add(5 * time.Minute)) {
+			return fmt.Errorf("--consented-at %s is in the future", *consented)
 		}
 		so.ConsentedAt = t
 	}
@@ -291,7 +298,7 @@ func cmdRotate(ctx context.Context, args []string, env func(string) string, stdo
 		return err
 	}
 	defer cli.CloseClients(o)
-	o.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	o.Logger = slog.New(logging.NewHandler(stderr, logging.FormatText, slog.LevelWarn)) // an operator reads it
 	m, err := tokenmgr.New(ctx, o)
 	if err != nil {
 		return err

@@ -2,7 +2,9 @@ package main
 
 import (
 	"io"
+	"net/url"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -70,9 +72,54 @@ func TestComposeCommands(t *testing.T) {
 		if len(args) == 0 || args[0] != "run" {
 			t.Fatalf("%s: want 'refresher run ...', have %v", name, args)
 		}
-		if _, err := parseRunFlags(args[1:], f.Services[name].Env(), io.Discard); err != nil {
+		c, err := parseRunFlags(args[1:], f.Services[name].Env(), io.Discard)
+		if err != nil {
 			t.Errorf("service %s: %v", name, err)
+			continue
 		}
+		checkComposeHealthcheck(t, name, f.Services[name].Healthcheck, c.listen)
+	}
+}
+
+// checkComposeHealthcheck: the refresher's healthcheck is its own probe
+// (the image has no curl), parses with the probe's flags, asks /healthz
+// and /readyz on the port the service listens on, and its timeout leaves
+// time for every request.
+func checkComposeHealthcheck(t *testing.T, service string, hc *compose.Healthcheck, listen string) {
+	t.Helper()
+	if hc == nil {
+		t.Errorf("service %s has no healthcheck", service)
+		return
+	}
+	test, _ := hc.Test.([]any)
+	var cmd []string
+	for _, a := range test {
+		s, _ := a.(string)
+		cmd = append(cmd, s)
+	}
+	if len(cmd) < 3 || cmd[0] != "CMD" || cmd[1] != "refresher" || cmd[2] != "probe" {
+		t.Errorf("service %s: healthcheck %v, want [CMD refresher probe ...]", service, cmd)
+		return
+	}
+	urls, timeout, err := parseProbeFlags(cmd[3:], io.Discard)
+	if err != nil {
+		t.Errorf("service %s: healthcheck: %v", service, err)
+		return
+	}
+	_, port, _ := strings.Cut(listen, ":")
+	var paths []string
+	for _, raw := range urls {
+		u, _ := url.Parse(raw)
+		if u.Hostname() != "127.0.0.1" || u.Port() != port {
+			t.Errorf("service %s: healthcheck asks %s, not the refresher on 127.0.0.1:%s (--listen %s)", service, raw, port, listen)
+		}
+		paths = append(paths, u.Path)
+	}
+	if !slices.Contains(paths, "/healthz") || !slices.Contains(paths, "/readyz") {
+		t.Errorf("service %s: healthcheck asks %v, want /healthz and /readyz", service, paths)
+	}
+	if d, err := time.ParseDuration(hc.Timeout); err != nil || d <= time.Duration(len(urls))*timeout {
+		t.Errorf("service %s: healthcheck timeout %q, want more than %d x the probe's %s", service, hc.Timeout, len(urls), timeout)
 	}
 }
 

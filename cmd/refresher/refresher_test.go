@@ -283,10 +283,17 @@ func TestTwoReplicasAndWorkers(t *testing.T) {
 // fake IdP, callback, grant seeded, a worker uses it; no credentials,
 // another browser, a replayed or forged state, and replacing a healthy
 // grant without asking are refused.
+// The atlassian preset sends no PKCE challenge unless --pkce says so (its
+// 3LO documentation does not describe PKCE); the login works both ways.
 func TestConnectFlow(t *testing.T) {
+	t.Run("atlassian default, no PKCE", func(t *testing.T) { testConnectFlow(t, nil, false) })
+	t.Run("--pkce", func(t *testing.T) { testConnectFlow(t, new(true), true) })
+}
+
+func testConnectFlow(t *testing.T, pkce *bool, wantPKCE bool) {
 	w := newWorld(t, tokenmgrtest.Atlassian)
 	c := defaultRun()
-	c.pkce = true
+	c.pkce = pkce
 	c.common.Provider = "atlassian"
 	c.creds.password = "correct horse battery"
 	srv := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { singleHandler.ServeHTTP(rw, r) }))
@@ -309,8 +316,11 @@ func TestConnectFlow(t *testing.T) {
 		}
 		if strings.HasPrefix(req.URL.String(), w.idp.AuthURL()) {
 			q := req.URL.Query()
-			if q.Get("audience") != "api.atlassian.com" || q.Get("prompt") != "consent" || !strings.Contains(q.Get("scope"), "offline_access") || q.Get("code_challenge") == "" {
-				t.Errorf("authorize URL lacks the atlassian preset or PKCE: %s", req.URL.RawQuery)
+			if q.Get("audience") != "api.atlassian.com" || q.Get("prompt") != "consent" || !strings.Contains(q.Get("scope"), "offline_access") {
+				t.Errorf("authorize URL lacks the atlassian preset: %s", req.URL.RawQuery)
+			}
+			if (q.Get("code_challenge") != "") != wantPKCE {
+				t.Errorf("authorize URL: PKCE challenge %q, want one: %v", q.Get("code_challenge"), wantPKCE)
 			}
 		}
 		return nil
@@ -530,7 +540,7 @@ var singleHandler http.Handler
 // /callback, and the grant is untouched.
 func TestConnectRefusesForgedState(t *testing.T) {
 	w := newWorld(t, tokenmgrtest.Strict)
-	rf, srv := dashboardServer(t, w, []string{"jira", "new"}, func(c *runConfig) { c.pkce = true })
+	rf, srv := dashboardServer(t, w, []string{"jira", "new"}, func(c *runConfig) { c.pkce = new(true) })
 	if _, err := rf.m.Seed(t.Context(), "jira", w.idp.NewGrant(""), tokenmgr.SeedOptions{}); err != nil {
 		t.Fatal(err)
 	}

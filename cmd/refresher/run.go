@@ -12,11 +12,15 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/tokenmgr/tokenmgr/internal/buildinfo"
 	"github.com/tokenmgr/tokenmgr/internal/cli"
+	"github.com/tokenmgr/tokenmgr/internal/logging"
+	"github.com/tokenmgr/tokenmgr/internal/telemetry"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 )
 
@@ -34,10 +38,10 @@ type runConfig struct {
 	batch         int64
 	redirectURL   string
 	scopes        string
-	pkce          bool
+	pkce          *bool // --pkce; nil: on but for --provider atlassian
 	stateTTL      time.Duration
 	warnAbsolute  time.Duration
-	logLevel      string
+	log           logging.Config
 	// operatorListen is --admin-listen: a separate listener for the
 	// operator surface.
 	operatorListen string
@@ -45,31 +49,83 @@ type runConfig struct {
 	tokenFile      string // --admin-token-file
 	creds          credentials
 	trustedProxies []netip.Prefix // --admin-trusted-proxies
+
+	// wall, when set, is the clock of the liveness check (tests); else
+	// time.Now.
+	wall func() time.Time
 }
+
+func (c *runConfig) wallClock() func() time.Time {
+	if c.wall != nil {
+		return c.wall
+	}
+	return time.Now
+}
+
+// optBool is a boolean flag that knows whether it was given: --pkce,
+// whose default depends on the provider.
+type optBool struct{ p **bool }
+
+func (o optBool) String() string {
+	if o.p == nil || *o.p == nil {
+		return ""
+	}
+	return strconv.FormatBool(**o.p)
+}
+
+func (o optBool) Set(v string) error {
+	b, err := strconv.ParseBool(v)
+	if err != nil {
+		return errors.New("want true or false")
+	}
+	*o.p = &b
+	return nil
+}
+
+func (o optBool) IsBoolFlag() bool { return true }
 
 // registration is one client registration and the grants it refreshes.
 type registration struct {
 	name   string
 	common cli.Common
 	scopes string
+	pkce   *bool    // the registration's "pkce" in --config; nil: --pkce, else the provider's default
 	grants []string // nil: every grant in the schedule
+}
+
+// usePKCE is whether /connect sends a PKCE challenge for r: its own
+// setting, else --pkce, else on for every provider but atlassian, whose
+// 3LO documentation does not describe PKCE (a login must not depend on
+// what the provider may ignore or one day refuse).
+func (r *registration) usePKCE(flag *bool) bool {
+	switch {
+	case r.pkce != nil:
+		return *r.pkce
+	case flag != nil:
+		return *flag
+	}
+	return r.common.Provider != "atlassian"
 }
 
 // configFile is --config: several client registrations, each with its
 // grants. Redis, keys, timing and the listener stay flags.
 type configFile struct {
 	Registrations []struct {
-		Name             string   `json:"name"`
-		Provider         string   `json:"provider"`
-		TokenURL         string   `json:"token_url"`
-		AuthURL          string   `json:"auth_url"`
-		ClientID         string   `json:"client_id"`
-		ClientSecretFile string   `json:"client_secret_file"`
-		ClientSecretEnv  string   `json:"client_secret_env"`
-		AuthStyle        string   `json:"auth_style"`
-		HTTPTimeout      string   `json:"http_timeout"`
-		Scopes           string   `json:"scopes"`
-		Grants           []string `json:"grants"`
+		Name             string `json:"name"`
+		Provider         string `json:"provider"`
+		TokenURL         string `json:"token_url"`
+		AuthURL          string `json:"auth_url"`
+		ClientID         string `json:"client_id"`
+		ClientSecretFile string `json:"client_secret_file"`
+		ClientSecretEnv  string `json:"client_secret_env"`
+		// The client secret before the current one, while it rotates.
+		ClientSecretPreviousFile string   `json:"client_secret_previous_file"`
+		ClientSecretPreviousEnv  string   `json:"client_secret_previous_env"`
+		AuthStyle                string   `json:"auth_style"`
+		HTTPTimeout              string   `json:"http_timeout"`
+		Scopes                   string   `json:"scopes"`
+		PKCE                     *bool    `json:"pkce"`
+		Grants                   []string `json:"grants"`
 	} `json:"registrations"`
 }
 
@@ -97,11 +153,17 @@ func (c *runConfig) parseConfig(raw []byte, env func(string) string) error {
 	}
 	var errs []error
 	owner := map[string]string{}
+	names := map[string]bool{}
 	for i, r := range f.Registrations {
 		name := r.Name
 		if name == "" {
 			name = fmt.Sprintf("#%d", i+1)
 		}
+		if names[name] {
+			// Its metrics and logs would be those of the other.
+			errs = append(errs, fmt.Errorf("registration %s: the name is taken by another registration", name))
+		}
+		names[name] = true
 		cm := c.common // Redis, lock masters, keys
 		cm.Provider, cm.TokenURL, cm.AuthURL, cm.ClientID, cm.AuthStyle = r.Provider, r.TokenURL, r.AuthURL, r.ClientID, r.AuthStyle
 		cm.ClientSecretFile, cm.HTTPTimeout = r.ClientSecretFile, 0
@@ -125,6 +187,11 @@ func (c *runConfig) parseConfig(raw []byte, env func(string) string) error {
 		if cm.SecretEnv == "" {
 			cm.SecretEnv = cli.NoSecretEnv
 		}
+		// Likewise the previous secret: only what the registration names.
+		cm.PreviousSecretFile, cm.PreviousSecretEnv = r.ClientSecretPreviousFile, r.ClientSecretPreviousEnv
+		if cm.PreviousSecretEnv == "" {
+			cm.PreviousSecretEnv = cli.NoSecretEnv
+		}
 		cm.UseEnv(env)
 		if len(r.Grants) == 0 {
 			errs = append(errs, fmt.Errorf("registration %s: no grants", name))
@@ -144,7 +211,7 @@ func (c *runConfig) parseConfig(raw []byte, env func(string) string) error {
 			errs = append(errs, fmt.Errorf("registration %s: %w", name, err))
 		}
 		cm.Grant = ""
-		c.regs = append(c.regs, &registration{name: name, common: cm, scopes: r.Scopes, grants: r.Grants})
+		c.regs = append(c.regs, &registration{name: name, common: cm, scopes: r.Scopes, pkce: r.PKCE, grants: r.Grants})
 	}
 	return errors.Join(errs...)
 }
@@ -164,10 +231,10 @@ func parseRunFlags(args []string, env func(string) string, stderr io.Writer) (*r
 	fs.Int64Var(&c.batch, "batch", 1000, "grants read from the schedule per tick")
 	fs.StringVar(&c.redirectURL, "redirect-url", "", "public `URL` of /callback, registered with the provider (enables /connect)")
 	fs.StringVar(&c.scopes, "scopes", "", "space-separated scopes asked for by /connect (atlassian: offline_access is always added)")
-	fs.BoolVar(&c.pkce, "pkce", true, "use PKCE (S256) in /connect")
+	fs.Var(optBool{&c.pkce}, "pkce", "use PKCE (S256) in /connect (default: true, but false for --provider atlassian, whose 3LO documentation does not describe it; a --config registration's \"pkce\" wins)")
 	fs.DurationVar(&c.stateTTL, "state-ttl", 10*time.Minute, "how long a /connect login may take")
 	fs.DurationVar(&c.warnAbsolute, "warn-absolute", 30*24*time.Hour, "warn when a grant's absolute expiry is closer than this")
-	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	c.log.Register(fs, "info", logging.FormatJSON)
 	fs.StringVar(&c.config, "config", "", "JSON `file` of client registrations, each with its grants (see README); without it, the flags describe one registration, serving --grant or, if unset, every grant in the schedule")
 	fs.StringVar(&c.passwordFile, "admin-password-file", "", "`file` with the operator password (HTTP basic auth, user admin) for the dashboard and /connect (else env "+envPassword+"); setting it turns the operator surface on")
 	fs.Func("admin-trusted-proxies", "comma-separated `CIDRs` of reverse proxies in front of the operator surface: their X-Forwarded-For names the client whose failed logins are throttled (else every client behind a proxy shares its budget)", func(v string) error {
@@ -220,9 +287,8 @@ func parseRunFlags(args []string, env func(string) string, stderr io.Writer) (*r
 	if c.concurrency < 1 || c.batch < 1 || c.rate <= 0 {
 		errs = append(errs, errors.New("--concurrency, --batch and --rate must be positive"))
 	}
-	var l slog.Level
-	if err := l.UnmarshalText([]byte(c.logLevel)); err != nil {
-		errs = append(errs, fmt.Errorf("--log-level %q: want debug, info, warn or error", c.logLevel))
+	if err := c.log.Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if c.redirectURL != "" {
 		for _, r := range c.regs {
@@ -247,9 +313,19 @@ func cmdRun(ctx context.Context, args []string, env func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	var level slog.Level
-	_ = level.UnmarshalText([]byte(c.logLevel))
-	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
+	log := c.log.New(stderr)
+	tracing, err := telemetry.SetupTracing(ctx, "refresher", env, log)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		// After the Managers closed: their last spans go too.
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		if err := tracing.Shutdown(sctx); err != nil {
+			log.Warn("could not flush the last spans", "err", cli.Shown(err.Error()))
+		}
+	}()
 
 	var opts []tokenmgr.Options
 	defer func() {
@@ -263,7 +339,11 @@ func cmdRun(ctx context.Context, args []string, env func(string) string, stdout,
 			return fmt.Errorf("registration %s: %w", r.name, err)
 		}
 		o.Logger = log.With("registration", r.name)
+		o.TracerProvider = tracing.Provider // nil: the otel global, a no-op unless the program set one
 		opts = append(opts, o)
+		if r.common.HasPreviousSecret() {
+			o.Logger.Info("a previous client secret is configured: a refresh refused as invalid_client is tried once with it (tokenmgr_secret_fallbacks_total)")
+		}
 	}
 	srv, err := newServer(ctx, c, opts)
 	if err != nil {
@@ -279,14 +359,19 @@ func cmdRun(ctx context.Context, args []string, env func(string) string, stdout,
 	if c.common.InsecurePlain {
 		log.Error("--insecure-plaintext: tokens are stored in Redis UNENCRYPTED; anyone who can read Redis can use the grants")
 	}
-	log.Info("refresher running", "listen", c.listen, "admin_listen", c.operatorListen, "dashboard", srv.operator != nil, "registrations", len(c.regs), "refresh_before", c.refreshBefore, "jitter", c.jitter)
+	log.Info("refresher running", "version", buildinfo.Version, "listen", c.listen, "admin_listen", c.operatorListen, "dashboard", srv.operator != nil,
+		"registrations", len(c.regs), "refresh_before", c.refreshBefore, "jitter", c.jitter, "tick", c.tick, "liveness_bound", livenessBound(c.tick),
+		"tracing", tracing.Endpoint)
 
-	// SIGTERM ends ctx: no new work; refreshes in flight finish and are
-	// written; then the lease is released and held pairs flushed by Close.
+	// SIGTERM ends ctx: /readyz answers 503 (draining); no new work;
+	// refreshes in flight finish and are written; then the lease is
+	// released and held pairs flushed by Close.
 	var wg sync.WaitGroup
 	for _, rn := range srv.runners {
 		wg.Go(func() { rn.sched.loop(ctx, c.tick) })
 	}
+	<-ctx.Done()
+	log.Info("draining: /readyz answers 503; waiting for in-flight refreshes")
 	wg.Wait()
 	log.Info("shutting down: in-flight refreshes finished")
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)

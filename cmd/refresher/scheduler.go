@@ -11,6 +11,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/time/rate"
 
 	"github.com/tokenmgr/tokenmgr/internal/cli"
@@ -34,6 +37,9 @@ type scheduler struct {
 	limiter *rate.Limiter // provider rate limit
 	log     *slog.Logger
 	metrics *metrics
+	// tracer makes a span per scheduled refresh, the parent of the
+	// Manager's tokenmgr.refresh; its logs carry the trace id.
+	tracer trace.Tracer
 	// warnAbsolute: log a warning when a grant's absolute expiry (forced
 	// re-consent) is closer than this.
 	warnAbsolute time.Duration
@@ -53,9 +59,12 @@ type scheduler struct {
 	// wake tells the loop that a refresh finished, so that the grant's
 	// next due time can move its timer.
 	wake chan struct{}
-	// lastTick is when the loop last finished a tick (unix nanos, real
-	// time): /healthz fails when it is too long ago.
+	// lastTick is when the loop last finished a tick (unix nanos, by
+	// wall): /healthz fails when it is too long ago.
 	lastTick atomic.Int64
+	// wall is the clock of lastTick: time.Now but in tests (the Manager's
+	// clock, now, may stand still there).
+	wall func() time.Time
 
 	mu sync.Mutex // guards the fields below
 	// notBefore holds back a grant that was looked at and is not due yet,
@@ -90,10 +99,16 @@ func (s *scheduler) jitterFor(grant string, version int64, margin time.Duration)
 }
 
 // tick starts refreshes of the grants that are due now and returns how
-// many it started. It never blocks on a refresh.
+// many it started. It never waits for a refresh: when --concurrency are in
+// flight it stops, and the loop ticks again as soon as one finishes. Its
+// own Redis commands are bounded by readTimeout, so that a tick ends
+// while Redis hangs (the loop must keep ticking: /healthz, and the
+// announcement that keeps workers off the provider).
 func (s *scheduler) tick(ctx context.Context) int {
 	now := s.now()
-	due, err := s.m.DueGrants(ctx, now.Add(s.margin), s.batch)
+	tctx, cancel := context.WithTimeout(ctx, readTimeout(s.period))
+	defer cancel()
+	due, err := s.m.DueGrants(tctx, now.Add(s.margin), s.batch)
 	if err != nil {
 		s.log.Warn("could not read the schedule", logErr(err))
 		return 0
@@ -103,7 +118,7 @@ func (s *scheduler) tick(ctx context.Context) int {
 		if err := tokenmgr.ValidateGrantName(d.Grant); err != nil {
 			// No refresher can serve it, and left at the head it would
 			// take a place of every batch.
-			s.parkInvalid(ctx, d.Grant, err)
+			s.parkInvalid(tctx, d.Grant, err)
 			continue
 		}
 		if s.only != nil && !s.only[d.Grant] {
@@ -120,8 +135,10 @@ func (s *scheduler) tick(ctx context.Context) int {
 		}
 		select {
 		case s.sem <- struct{}{}:
-		case <-ctx.Done():
-			s.done(d.Grant, time.Time{})
+		default: // --concurrency in flight: the rest at the next tick
+			s.mu.Lock()
+			delete(s.running, d.Grant)
+			s.mu.Unlock()
 			return started
 		}
 		started++
@@ -209,10 +226,16 @@ func (s *scheduler) process(ctx context.Context, d tokenmgr.ScheduledGrant) time
 	// shutdown: an in-flight one finishes and is written.
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
 	defer cancel()
+	rctx, span := s.tracer.Start(rctx, "refresher.scheduled_refresh", trace.WithAttributes(
+		attribute.String("tokenmgr.grant", grant), attribute.Int64("tokenmgr.version", st.Version)))
+	defer span.End()
 	if err := s.limiter.Wait(rctx); err != nil {
 		return time.Time{}
 	}
 	after, err := s.m.RefreshIfDue(rctx, grant)
+	if err != nil {
+		span.SetStatus(codes.Error, cli.Shown(err.Error()))
+	}
 	var re *tokenmgr.RefreshError
 	switch {
 	case err == nil && after.Version != st.Version:
@@ -222,7 +245,7 @@ func (s *scheduler) process(ctx context.Context, d tokenmgr.ScheduledGrant) time
 			return time.Time{}
 		}
 		s.metrics.outcome("refreshed")
-		s.log.Info("grant pre-rotated", "grant", name, "version", after.Version, "expiry", after.Expiry)
+		s.log.InfoContext(rctx, "grant pre-rotated", "grant", name, "version", after.Version, "expiry", after.Expiry)
 		return time.Time{}
 	case err == nil && after.RetryAt.After(s.now()):
 		s.metrics.outcome("backing_off")
@@ -236,7 +259,7 @@ func (s *scheduler) process(ctx context.Context, d tokenmgr.ScheduledGrant) time
 		return next
 	case errors.Is(err, tokenmgr.ErrReauthRequired):
 		s.metrics.outcome("reauth_required")
-		s.log.Error("grant needs re-consent", "grant", name, logErr(err))
+		s.log.ErrorContext(rctx, "grant needs re-consent", "grant", name, logErr(err))
 		return time.Time{}
 	case errors.As(err, &re):
 		if re.Config {
@@ -245,11 +268,11 @@ func (s *scheduler) process(ctx context.Context, d tokenmgr.ScheduledGrant) time
 			s.metrics.outcome("transient_error")
 		}
 		wait := max(re.RetryAfter, time.Second)
-		s.log.Warn("refresh failed; postponed", "grant", name, "retry_in", wait, logErr(err))
+		s.log.WarnContext(rctx, "refresh failed; postponed", "grant", name, "retry_in", wait, logErr(err))
 		return s.now().Add(wait)
 	default:
 		s.metrics.outcome("error")
-		s.log.Warn("refresh failed", "grant", name, logErr(err))
+		s.log.WarnContext(rctx, "refresh failed", "grant", name, logErr(err))
 		return s.now().Add(5 * time.Second)
 	}
 }
@@ -288,12 +311,28 @@ func (s *scheduler) loop(ctx context.Context, every time.Duration) {
 		case <-t.C:
 		case <-s.wake:
 		}
-		s.announce(ctx, every)
-		s.tick(ctx)
-		s.lastTick.Store(time.Now().UnixNano())
+		s.step(ctx, every)
 		t.Reset(s.untilNext(every))
 	}
 }
+
+// step is one turn of the loop: announce, start what is due, and record
+// the tick for /healthz.
+func (s *scheduler) step(ctx context.Context, every time.Duration) {
+	s.announce(ctx, every)
+	s.tick(ctx)
+	s.lastTick.Store(s.wallNow().UnixNano())
+}
+
+func (s *scheduler) wallNow() time.Time {
+	if s.wall == nil {
+		return time.Now()
+	}
+	return s.wall()
+}
+
+// readTimeout bounds the schedule read of one tick.
+func readTimeout(every time.Duration) time.Duration { return max(every, 3*time.Second) }
 
 // untilNext is how long the loop may sleep: until the earliest time a grant
 // it looked at comes due, at most every.

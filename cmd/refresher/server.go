@@ -11,11 +11,14 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"github.com/redis/go-redis/v9"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/oauth2"
 	"golang.org/x/time/rate"
 
+	"github.com/tokenmgr/tokenmgr/internal/telemetry"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrprom"
 )
 
 // runner is one client registration at work: its Manager and the
@@ -50,22 +53,30 @@ var (
 )
 
 // newServer starts a runner per registration (opts[i] for c.regs[i]) and
-// builds the handlers.
+// builds the handlers. When ctx ends (SIGTERM), /readyz reports draining.
 func newServer(ctx context.Context, c *runConfig, opts []tokenmgr.Options) (*server, error) {
-	reg := prometheus.NewRegistry()
+	reg := telemetry.NewRegistry()
 	mt := newMetrics(reg)
 	srv := &server{}
+	wall := c.wallClock()
 	for i, r := range c.regs {
-		rn, err := newRunner(ctx, c, r, opts[i], mt)
+		obs := tokenmgrprom.NewObserver(registrationLabel(r.name))
+		o := opts[i]
+		o.Observer = obs
+		rn, err := newRunner(ctx, c, r, o, mt)
 		if err != nil {
 			closeRunners(ctx, srv.runners)
 			return nil, fmt.Errorf("registration %s: %w", r.name, err)
 		}
-		mt.addManager(reg, r.name, rn.m)
+		rn.sched.wall = wall
+		rn.sched.lastTick.Store(wall().UnixNano()) // the start counts as a tick: the first one has its bound to finish
+		mt.addManager(reg, r.name, rn.m, obs)
 		srv.runners = append(srv.runners, rn)
 	}
-	mt.addReauthGauge(reg, srv.runners[0].m)
-	mux := healthMux(opts[0].Redis, reg)
+	reg.MustRegister(newReauthCollector(srv.runners[0].m))
+	h := &health{runners: srv.runners, now: wall, bound: livenessBound(c.tick), draining: ctx.Done(),
+		ping: func(ctx context.Context) error { return opts[0].Redis.Ping(ctx).Err() }}
+	mux := healthMux(h, reg)
 	if c.operatorOn() {
 		srv.operator = newOperatorSurface(c, srv.runners, opts)
 		if c.operatorListen == "" {
@@ -90,6 +101,14 @@ func clock(o tokenmgr.Options) func() time.Time {
 	return o.Now
 }
 
+// tracerProvider is o's, as the Manager uses it.
+func tracerProvider(o tokenmgr.Options) trace.TracerProvider {
+	if o.TracerProvider == nil {
+		return otel.GetTracerProvider()
+	}
+	return o.TracerProvider
+}
+
 // newRunner starts r's Manager, with the refresher's margin, and its
 // scheduler.
 func newRunner(ctx context.Context, c *runConfig, r *registration, o tokenmgr.Options, mt *metrics) (*runner, error) {
@@ -106,7 +125,7 @@ func newRunner(ctx context.Context, c *runConfig, r *registration, o tokenmgr.Op
 	s := &scheduler{
 		m: m, now: clock(o), margin: c.refreshBefore, jitter: c.jitter, batch: c.batch,
 		sem: make(chan struct{}, c.concurrency), limiter: rate.NewLimiter(rate.Limit(c.rate), 1),
-		log: m.Logger(), metrics: mt, warnAbsolute: c.warnAbsolute, period: c.tick, holder: m.Holder(),
+		log: m.Logger(), metrics: mt, tracer: tracerProvider(o).Tracer("github.com/tokenmgr/tokenmgr/cmd/refresher"), warnAbsolute: c.warnAbsolute, period: c.tick, holder: m.Holder(),
 		notBefore: map[string]time.Time{}, running: map[string]bool{}, wake: make(chan struct{}, 1),
 	}
 	if r.grants != nil {
@@ -118,15 +137,65 @@ func newRunner(ctx context.Context, c *runConfig, r *registration, o tokenmgr.Op
 	return &runner{reg: r, m: m, sched: s, store: store}, nil
 }
 
-// healthMux serves /healthz, /readyz (Redis answers) and /metrics.
-func healthMux(rdb redis.UniversalClient, reg *prometheus.Registry) *http.ServeMux {
+// livenessBound is how long a scheduler loop may go without completing a
+// tick before /healthz fails: a few ticks, and at least 30 s, longer than a
+// tick takes while Redis is down (each of its two commands then waits out
+// a dial or read timeout), so that liveness never restarts a refresher for
+// what a restart cannot fix.
+func livenessBound(tick time.Duration) time.Duration { return max(3*tick, 30*time.Second) }
+
+// health is what /healthz and /readyz look at.
+type health struct {
+	runners  []*runner
+	now      func() time.Time // the clock the schedulers record their ticks by
+	bound    time.Duration
+	draining <-chan struct{} // closed on SIGTERM
+	ping     func(context.Context) error
+}
+
+// stuck lists the registrations whose scheduler loop has not completed a
+// tick within the bound.
+func (h *health) stuck() []string {
+	var out []string
+	now := h.now()
+	for _, rn := range h.runners {
+		if age := now.Sub(time.Unix(0, rn.sched.lastTick.Load())); age > h.bound {
+			out = append(out, fmt.Sprintf("registration %s: the scheduler has not completed a tick for %s (bound %s)", rn.reg.name, age.Round(time.Second), h.bound))
+		}
+	}
+	return out
+}
+
+func (h *health) isDraining() bool {
+	select {
+	case <-h.draining:
+		return true
+	default:
+		return false
+	}
+}
+
+// healthMux serves /healthz (every scheduler loop ticks), /readyz (not
+// draining, and Redis answers) and /metrics. Failures answer 503 with the
+// reason on one line.
+func healthMux(h *health, reg *prometheus.Registry) *http.ServeMux {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		if stuck := h.stuck(); len(stuck) > 0 {
+			http.Error(w, strings.Join(stuck, "; "), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		if h.isDraining() {
+			http.Error(w, "draining: shutting down after SIGTERM", http.StatusServiceUnavailable)
+			return
+		}
 		pctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
-		if err := rdb.Ping(pctx).Err(); err != nil {
-			http.Error(w, "redis unreachable", http.StatusServiceUnavailable)
+		if err := h.ping(pctx); err != nil {
+			http.Error(w, "not ready: "+redisTrouble(err), http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ok")
@@ -141,7 +210,7 @@ func newConnector(c *runConfig, runners []*runner, opts []tokenmgr.Options) *con
 	if c.redirectURL == "" {
 		return nil
 	}
-	conn := &connector{pkce: c.pkce, stateTTL: c.stateTTL, routes: map[string]*route{}, secure: secureURL(c.redirectURL),
+	conn := &connector{stateTTL: c.stateTTL, routes: map[string]*route{}, secure: secureURL(c.redirectURL),
 		limiter: rate.NewLimiter(1, 10), rdb: opts[0].Redis, log: runners[0].m.Logger(), prefix: opts[0].KeyPrefix, now: clock(opts[0]),
 		key: sync.OnceValue(func() []byte { return loginKey(c.creds, c.redirectURL) })}
 	if conn.prefix == "" {
@@ -164,7 +233,7 @@ func newRoute(c *runConfig, rn *runner, o tokenmgr.Options) *route {
 	cfg := *o.OAuth2
 	cfg.RedirectURL = c.redirectURL
 	cfg.Scopes = strings.Fields(rn.reg.scopes)
-	rt := &route{cfg: &cfg, store: rn.m, httpClient: &http.Client{Timeout: o.Provider.HTTPTimeout}}
+	rt := &route{cfg: &cfg, store: rn.m, httpClient: &http.Client{Timeout: o.Provider.HTTPTimeout}, pkce: rn.reg.usePKCE(c.pkce)}
 	if rn.reg.common.Provider == "atlassian" {
 		rt.params = append(rt.params, oauth2.SetAuthURLParam("audience", "api.atlassian.com"), oauth2.SetAuthURLParam("prompt", "consent"))
 		if !slices.Contains(cfg.Scopes, "offline_access") {

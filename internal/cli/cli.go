@@ -22,11 +22,14 @@ import (
 
 // Environment variables read as defaults for the shared flags.
 const (
-	EnvRedisURL      = "TOKENMGR_REDIS_URL"
-	EnvClientID      = "TOKENMGR_CLIENT_ID"
-	EnvClientSecret  = "TOKENMGR_CLIENT_SECRET"
-	EnvEncryptionKey = "TOKENMGR_ENCRYPTION_KEY"
-	EnvRedisCAFile   = "TOKENMGR_REDIS_CA_FILE"
+	EnvRedisURL     = "TOKENMGR_REDIS_URL"
+	EnvClientID     = "TOKENMGR_CLIENT_ID"
+	EnvClientSecret = "TOKENMGR_CLIENT_SECRET"
+	// EnvClientSecretPrevious holds the secret before the current one
+	// while a client secret rotates.
+	EnvClientSecretPrevious = "TOKENMGR_CLIENT_SECRET_PREVIOUS"
+	EnvEncryptionKey        = "TOKENMGR_ENCRYPTION_KEY"
+	EnvRedisCAFile          = "TOKENMGR_REDIS_CA_FILE"
 )
 
 // NoSecretEnv as Common.SecretEnv reads no variable for the client secret.
@@ -59,10 +62,19 @@ type Common struct {
 	// --config registration names its own (client_secret_env), or
 	// NoSecretEnv for one that names none (its caller reports that).
 	SecretEnv string
+	// PreviousSecretFile (--client-secret-previous-file) and
+	// PreviousSecretEnv (EnvClientSecretPrevious unless a --config
+	// registration names its own, client_secret_previous_env, or
+	// NoSecretEnv) give the client secret before the current one, while it
+	// rotates: a refresh refused as invalid_client is tried once with it
+	// (tokenmgr.Options.PreviousClientSecret).
+	PreviousSecretFile string
+	PreviousSecretEnv  string
 
-	clientSecret string // from the environment or the file, never a flag value
-	keyring      *tokenmgr.Keyring
-	env          func(string) string
+	clientSecret   string // from the environment or the file, never a flag value
+	previousSecret string // likewise
+	keyring        *tokenmgr.Keyring
+	env            func(string) string
 }
 
 // Register adds the shared flags to fs, with defaults from env.
@@ -78,6 +90,7 @@ func (c *Common) Register(fs *flag.FlagSet, env func(string) string) {
 	fs.StringVar(&c.AuthURL, "auth-url", "", "authorization endpoint `URL` (default for atlassian: "+AtlassianAuthURL+")")
 	fs.StringVar(&c.ClientID, "client-id", env(EnvClientID), "OAuth client `id` (env "+EnvClientID+")")
 	fs.StringVar(&c.ClientSecretFile, "client-secret-file", "", "`file` holding the OAuth client secret (else env "+EnvClientSecret+"; never a flag value)")
+	fs.StringVar(&c.PreviousSecretFile, "client-secret-previous-file", "", "`file` holding the previous client secret while the secret rotates: a refresh refused as invalid_client is tried once with it (else env "+EnvClientSecretPrevious+"; optional)")
 	fs.StringVar(&c.AuthStyle, "auth-style", "params", "how the client authenticates to the token endpoint: header (HTTP Basic) or params (form fields)")
 	fs.DurationVar(&c.HTTPTimeout, "http-timeout", 0, "timeout of one token-endpoint call (default: the provider profile's)")
 	fs.StringVar(&c.KeyFile, "encryption-key-file", "", "`file` of AES-256 keys, one \"ID:BASE64\" per line, the last one encrypting (else env "+EnvEncryptionKey+", same format, comma-separated)")
@@ -177,11 +190,45 @@ func (c *Common) Validate() error {
 	default:
 		errs = append(errs, errors.New("no client secret: set "+EnvClientSecret+" or --client-secret-file"))
 	}
+	if err := c.loadPrevious(); err != nil {
+		errs = append(errs, err)
+	}
 	if err := c.loadKeyring(); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
+
+// loadPrevious reads the previous client secret, which is optional. One
+// equal to the current secret is dropped: retrying with it would only
+// repeat the refused call.
+func (c *Common) loadPrevious() error {
+	c.previousSecret = ""
+	env := c.PreviousSecretEnv
+	if env == "" {
+		env = EnvClientSecretPrevious
+	}
+	switch {
+	case c.PreviousSecretFile != "":
+		b, err := os.ReadFile(c.PreviousSecretFile)
+		if err != nil {
+			return fmt.Errorf("--client-secret-previous-file: %w", err)
+		}
+		if c.previousSecret = strings.TrimSpace(string(b)); c.previousSecret == "" {
+			return fmt.Errorf("--client-secret-previous-file %s is empty", c.PreviousSecretFile)
+		}
+	case c.env != nil && env != NoSecretEnv:
+		c.previousSecret = c.env(env)
+	}
+	if c.previousSecret == c.clientSecret {
+		c.previousSecret = ""
+	}
+	return nil
+}
+
+// HasPreviousSecret reports whether a previous client secret is
+// configured (for a log line that says so, never the value).
+func (c *Common) HasPreviousSecret() bool { return c.previousSecret != "" }
 
 func (c *Common) profile() (tokenmgr.Provider, error) {
 	var p tokenmgr.Provider
@@ -271,7 +318,8 @@ func (c *Common) Options() (tokenmgr.Options, error) {
 	if err != nil {
 		return tokenmgr.Options{}, fmt.Errorf("--redis: %w", err)
 	}
-	o := tokenmgr.Options{Redis: rdb, OAuth2: c.OAuth2Config(), Sealer: c.sealer(), AllowPlaintext: c.InsecurePlain}
+	o := tokenmgr.Options{Redis: rdb, OAuth2: c.OAuth2Config(), Sealer: c.sealer(), AllowPlaintext: c.InsecurePlain,
+		PreviousClientSecret: c.previousSecret}
 	o.Provider, _ = c.profile()
 	if c.LockRedisURLs != "" {
 		for _, u := range strings.Split(c.LockRedisURLs, ",") {

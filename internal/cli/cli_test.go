@@ -126,3 +126,57 @@ func TestExit(t *testing.T) {
 		}
 	}
 }
+
+// The previous client secret, from its file or TOKENMGR_CLIENT_SECRET_PREVIOUS,
+// reaches tokenmgr.Options.PreviousClientSecret; it is optional, one equal
+// to the current secret is dropped, and no error quotes it.
+func TestPreviousClientSecret(t *testing.T) {
+	dir := t.TempDir()
+	prevFile, emptyFile := filepath.Join(dir, "prev"), filepath.Join(dir, "empty")
+	_ = os.WriteFile(prevFile, []byte("old-s3cret-from-file\n"), 0o600)
+	_ = os.WriteFile(emptyFile, []byte("\n"), 0o600)
+	env := map[string]string{EnvRedisURL: "redis://127.0.0.1:1", EnvClientID: "cid", EnvClientSecret: "new-s3cret", EnvClientSecretPrevious: "old-s3cret-from-env"}
+	noPrev := map[string]string{EnvRedisURL: "redis://127.0.0.1:1", EnvClientID: "cid", EnvClientSecret: "new-s3cret"}
+	same := map[string]string{EnvRedisURL: "redis://127.0.0.1:1", EnvClientID: "cid", EnvClientSecret: "new-s3cret", EnvClientSecretPrevious: "new-s3cret"}
+	for _, tc := range []struct {
+		name string
+		env  map[string]string
+		args []string
+		want string
+	}{
+		{"env", env, nil, "old-s3cret-from-env"},
+		{"file wins over env", env, []string{"--client-secret-previous-file", prevFile}, "old-s3cret-from-file"},
+		{"none", noPrev, nil, ""},
+		{"same as current", same, nil, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := parse(t, tc.env, append([]string{"--grant", "g", "--insecure-plaintext"}, tc.args...)...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			o, err := c.Options()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer CloseClients(o)
+			if o.PreviousClientSecret != tc.want || c.HasPreviousSecret() != (tc.want != "") {
+				t.Errorf("PreviousClientSecret %q, want %q", o.PreviousClientSecret, tc.want)
+			}
+			if o.OAuth2.ClientSecret != "new-s3cret" {
+				t.Errorf("the current secret changed: %q", o.OAuth2.ClientSecret)
+			}
+		})
+	}
+	// A registration that names no variable of its own reads none.
+	c, _ := parse(t, env, "--grant", "g", "--insecure-plaintext")
+	c.PreviousSecretEnv = NoSecretEnv
+	if err := c.Validate(); err != nil || c.HasPreviousSecret() {
+		t.Errorf("NoSecretEnv read a previous secret: %v", err)
+	}
+	for _, f := range []string{"/nonexistent", emptyFile} {
+		_, err := parse(t, env, "--grant", "g", "--insecure-plaintext", "--client-secret-previous-file", f)
+		if err == nil || !strings.Contains(err.Error(), "--client-secret-previous-file") || strings.Contains(err.Error(), "s3cret") {
+			t.Errorf("%s: error %v, want one naming the flag and no secret", f, err)
+		}
+	}
+}

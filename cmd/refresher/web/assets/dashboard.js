@@ -64,7 +64,7 @@ function row(g) {
     action.append(form);
   }
   tr.append(name, state, el("td", "version", String(g.version)),
-    countdown(ms(g.expiry), g.expiry_level), rotated, el("td", "refreshes", g.refreshes_last_hour < 0 ? "?" : String(g.refreshes_last_hour)),
+    countdown(ms(g.expiry), g.expiry_level), rotated, el("td", "refreshes", g.refreshes_last_hour == null ? "?" : String(g.refreshes_last_hour)),
     countdown(ms(g.idle_expiry), g.idle_level), countdown(ms(g.absolute_expiry), g.absolute_level), action);
   return tr;
 }
