@@ -209,8 +209,8 @@ func (d *dashboard) row(now time.Time, grant string, rn *runner, st tokenmgr.Gra
 	st = shownStatus(st)
 	r.Version, r.Reason, r.Expiry, r.RotatedAt, r.RotatedBy = st.Version, st.Reason, st.Expiry, st.RotatedAt, st.RotatedBy
 	r.IdleExpiry, r.AbsoluteExpiry = st.IdleExpiry, st.AbsoluteExpiry
-	if st.RefreshesLastHour >= 0 {
-		r.RefreshesLastHour = new(st.RefreshesLastHour)
+	if st.RefreshesLastHour != nil {
+		r.RefreshesLastHour = new(*st.RefreshesLastHour)
 	}
 	r.IdleLevel = countdownLevel(now, st.IdleExpiry, idleWarn, idleCrit)
 	r.AbsoluteLevel = countdownLevel(now, st.AbsoluteExpiry, d.warnAbsolute, absoluteCrit)

@@ -887,7 +887,11 @@ func TestDashboardUnknownRotations(t *testing.T) {
 		n    int64
 		want string
 	}{{-1, `"refreshes_last_hour":null`}, {0, `"refreshes_last_hour":0`}, {3, `"refreshes_last_hour":3`}} {
-		row := d.row(w.clock.Now(), "jira", rf.runner, tokenmgr.GrantStatus{Grant: "jira", Status: tokenmgr.StatusOK, Version: 1, RefreshesLastHour: tc.n}, nil)
+		st := tokenmgr.GrantStatus{Grant: "jira", Status: tokenmgr.StatusOK, Version: 1}
+		if tc.n >= 0 {
+			st.RefreshesLastHour = new(tc.n)
+		}
+		row := d.row(w.clock.Now(), "jira", rf.runner, st, nil)
 		js, _ := json.Marshal(row)
 		if !bytes.Contains(js, []byte(tc.want)) {
 			t.Errorf("%d in the last hour: %s, want %s", tc.n, js, tc.want)

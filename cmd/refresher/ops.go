@@ -241,12 +241,12 @@ func printStatus(w io.Writer, sts []tokenmgr.GrantStatus, now time.Time) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "GRANT\tVERSION\tSTATUS\tEXPIRES IN\tROTATED\tBY\tREFRESHES\tLAST HOUR\tIDLE EXPIRY IN\tABSOLUTE EXPIRY IN\tREASON")
 	for _, s := range sts {
-		status, lastHour := s.Status, strconv.FormatInt(s.RefreshesLastHour, 10)
+		status, lastHour := s.Status, "?" // unknown: an old ACL did not count a rotation
 		if s.Refreshing {
 			status += " (refreshing: " + s.RefreshHolder + ", " + ago(s.RefreshStartedAt, now) + ")"
 		}
-		if s.RefreshesLastHour < 0 {
-			lastHour = "?"
+		if s.RefreshesLastHour != nil {
+			lastHour = strconv.FormatInt(*s.RefreshesLastHour, 10)
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", s.Grant, s.Version, status, until(s.Expiry, now),
 			ago(s.RotatedAt, now), s.RotatedBy, s.RefreshCount, lastHour, until(s.IdleExpiry, now), until(s.AbsoluteExpiry, now), s.Reason)

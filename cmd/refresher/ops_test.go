@@ -156,8 +156,8 @@ func TestPrintStatus(t *testing.T) {
 	var out strings.Builder
 	printStatus(&out, []tokenmgr.GrantStatus{
 		{Grant: "busy", Version: 4, Status: tokenmgr.StatusOK, Expiry: now.Add(time.Hour), RotatedAt: now.Add(-time.Hour), RefreshCount: 3,
-			RefreshesLastHour: 2, Refreshing: true, RefreshHolder: "pod-b", RefreshStartedAt: now.Add(-3 * time.Second)},
-		{Grant: "old-acl", Version: 1, Status: tokenmgr.StatusOK, Expiry: now.Add(time.Hour), RefreshesLastHour: -1},
+			RefreshesLastHour: new(int64(2)), Refreshing: true, RefreshHolder: "pod-b", RefreshStartedAt: now.Add(-3 * time.Second)},
+		{Grant: "old-acl", Version: 1, Status: tokenmgr.StatusOK, Expiry: now.Add(time.Hour)},
 	}, now)
 	lines := strings.Split(out.String(), "\n")
 	if !strings.Contains(lines[0], "LAST HOUR") || !strings.Contains(lines[1], "ok (refreshing: pod-b, 3s ago)") || !regexp.MustCompile(`\b3\s+2\s`).MatchString(lines[1]) {

@@ -189,8 +189,8 @@ func TestACLRulesBeforeRotationsSet(t *testing.T) {
 	}
 	for name, m := range map[string]*tokenmgr.Manager{"worker": worker, "refresher": refresher} {
 		st, err := m.Status(t.Context(), "jira")
-		if err != nil || st.Version != 4 || st.RefreshesLastHour != -1 {
-			t.Errorf("%s's Status under the old ACL: version %d, %d in the last hour, %v; want 4 and unknown (-1)", name, st.Version, st.RefreshesLastHour, err)
+		if err != nil || st.Version != 4 || st.RefreshesLastHour != nil {
+			t.Errorf("%s's Status under the old ACL: version %d, %v in the last hour, %v; want 4 and unknown (nil)", name, st.Version, st.RefreshesLastHour, err)
 		}
 	}
 	if n := admin.Exists(t.Context(), "tm:{jira}:rotations").Val(); n != 0 {
@@ -204,8 +204,8 @@ func TestACLRulesBeforeRotationsSet(t *testing.T) {
 	if _, err := refresher.Rotate(t.Context(), "jira"); err != nil {
 		t.Fatal(err)
 	}
-	if st, _ := refresher.Status(t.Context(), "jira"); st.RefreshesLastHour != 1 {
-		t.Errorf("after the ACL update: %d in the last hour, want 1 (counting again)", st.RefreshesLastHour)
+	if st, _ := refresher.Status(t.Context(), "jira"); st.RefreshesLastHour == nil || *st.RefreshesLastHour != 1 {
+		t.Errorf("after the ACL update: %v in the last hour, want 1 (counting again)", st.RefreshesLastHour)
 	}
 }
 

@@ -128,7 +128,7 @@ func (c *core) seed(ctx context.Context, grant string, tok *oauth2.Token, so See
 	}
 	rec.V, rec.Family = v, family
 	c.schedule(ctx, grant, rec)
-	c.log.Info("grant seeded", "grant", grant, "version", v)
+	c.log.InfoContext(ctx, "grant seeded", "grant", grant, "version", v)
 	return rec, nil
 }
 
@@ -151,10 +151,11 @@ type GrantStatus struct {
 	Restored        bool      `json:"restored,omitempty"`
 	HasRefreshToken bool      `json:"has_refresh_token"`
 	// RefreshesLastHour counts the rotations of the last hour, fleet-wide;
-	// -1 when it could not be read (a Redis ACL without ZCOUNT). Far more
-	// than the token lifetime explains means something forces refreshes
-	// (401s, a misconfigured margin).
-	RefreshesLastHour int64 `json:"refreshes_last_hour"`
+	// nil (JSON null) when unknown: it could not be read (a Redis ACL
+	// without ZCOUNT) or a rotation was not counted. Far more than the
+	// token lifetime explains means something forces refreshes (401s, a
+	// misconfigured margin).
+	RefreshesLastHour *int64 `json:"refreshes_last_hour"`
 	// Refreshing: a holder recorded its intent to spend this version's
 	// refresh token and has not written the result yet. An intent much older
 	// than the provider's timeout is a holder that died mid-call; the next
@@ -210,11 +211,19 @@ func (c *core) statuses(ctx context.Context, grants []string) ([]GrantStatus, []
 			Expiry: rec.Expiry, Scope: rec.Scope, RotatedAt: rec.RotatedAt, RotatedBy: rec.RotatedBy,
 			RefreshCount: rec.RefreshCount, IdleExpiry: rec.IdleExpiry, AbsoluteExpiry: rec.AbsoluteExpiry,
 			RetryAt: rec.RetryAt, Restored: rec.Restored, HasRefreshToken: rec.hasRefresh,
-			RefreshesLastHour: meta.rotationsLastHour,
+			RefreshesLastHour: lastHour(meta.rotationsLastHour),
 			Refreshing:        meta.refreshing, RefreshHolder: meta.refreshHolder, RefreshStartedAt: meta.refreshStarted,
 		}
 	}
 	return sts, errs
+}
+
+// lastHour is the count of the last hour's rotations, nil when unknown.
+func lastHour(n int64) *int64 {
+	if n < 0 {
+		return nil
+	}
+	return &n
 }
 
 // ScheduledGrant is a grant's place in the refresher's schedule.
@@ -289,11 +298,11 @@ func (c *core) schedule(ctx context.Context, grant string, rec *record) {
 			// The README's worker ACL keeps workers out of the schedule;
 			// the refresher moves the grant when it next reads it.
 			if !c.scheduleDenied.Swap(true) {
-				c.log.Info("this Redis user may not write the refresh schedule (tm:due); the refresher keeps it", "grant", grant)
+				c.log.InfoContext(ctx, "this Redis user may not write the refresh schedule (tm:due); the refresher keeps it", "grant", grant)
 			}
 			return
 		}
-		c.log.Warn("could not update the refresh schedule", "grant", grant, "err", err)
+		c.log.WarnContext(ctx, "could not update the refresh schedule", "grant", grant, "err", err)
 	}
 }
 

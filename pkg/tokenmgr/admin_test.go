@@ -45,8 +45,8 @@ func testStatusRefreshingAndLastHour(t *testing.T, b backend) {
 	e := newEnv(t, b, tokenmgrtest.Atlassian)
 	m := e.manager(Atlassian, func(o *Options) { o.Holder = "pod-a" })
 	e.seed(m)
-	if st := e.status(m); st.Refreshing || st.RefreshesLastHour != 0 {
-		t.Fatalf("after seed: refreshing %v, %d refreshes in the last hour; want none", st.Refreshing, st.RefreshesLastHour)
+	if st := e.status(m); st.Refreshing || lastHourOf(st) != 0 {
+		t.Fatalf("after seed: refreshing %v, %d refreshes in the last hour; want none", st.Refreshing, lastHourOf(st))
 	}
 	var during GrantStatus
 	m.opts.IdPTransport = &hookTransport{before: func(*hookTransport) { during = e.status(m) }}
@@ -58,18 +58,18 @@ func testStatusRefreshingAndLastHour(t *testing.T, b backend) {
 			t.Errorf("during the provider call: refreshing %v by %q since %v; want true, pod-a, %v",
 				during.Refreshing, during.RefreshHolder, during.RefreshStartedAt, e.clock.Now())
 		}
-		if st := e.status(m); st.Refreshing || st.RefreshesLastHour != int64(i+1) {
-			t.Errorf("after rotation %d: refreshing %v, %d in the last hour", i+1, st.Refreshing, st.RefreshesLastHour)
+		if st := e.status(m); st.Refreshing || lastHourOf(st) != int64(i+1) {
+			t.Errorf("after rotation %d: refreshing %v, %d in the last hour", i+1, st.Refreshing, lastHourOf(st))
 		}
 		e.clock.Advance(20 * time.Minute)
 	}
 	// 60 minutes after the first rotation it has left the window.
-	if st := e.status(m); st.RefreshesLastHour != 2 {
-		t.Errorf("an hour after the first rotation: %d in the last hour, want 2", st.RefreshesLastHour)
+	if st := e.status(m); lastHourOf(st) != 2 {
+		t.Errorf("an hour after the first rotation: %d in the last hour, want 2", lastHourOf(st))
 	}
 	e.clock.Advance(time.Hour)
-	if st := e.status(m); st.RefreshesLastHour != 0 {
-		t.Errorf("two hours on: %d in the last hour, want 0", st.RefreshesLastHour)
+	if st := e.status(m); lastHourOf(st) != 0 {
+		t.Errorf("two hours on: %d in the last hour, want 0", lastHourOf(st))
 	}
 	// A rotation trims what left the window, so the set stays small.
 	m.opts.IdPTransport = nil
@@ -159,4 +159,12 @@ func TestSeedRefusesBadInput(t *testing.T) {
 	if _, err := m.Status(t.Context(), e.grant); !errors.As(err, &ce) || ce.Field != fType {
 		t.Errorf("Status = %v, want a CorruptRecordError for %s", err, fType)
 	}
+}
+
+// lastHourOf is st's count of the last hour's rotations, -1 when unknown.
+func lastHourOf(st GrantStatus) int64 {
+	if st.RefreshesLastHour == nil {
+		return -1
+	}
+	return *st.RefreshesLastHour
 }

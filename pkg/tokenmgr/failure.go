@@ -19,7 +19,7 @@ func (m *Manager) refreshFailed(ctx context.Context, g *grantState, rec *record,
 		// it without doubt.
 		g.clearLostAttempt()
 		if err := m.store.settleIntent(wctx, g.keys, rec.V, rec.Family, m.opts.Holder); err != nil {
-			m.log.Warn("could not record that the refresh token was not spent", "grant", g.name, "err", err)
+			m.log.WarnContext(ctx, "could not record that the refresh token was not spent", "grant", g.name, "err", err)
 		}
 	} else {
 		// No answer: the provider may have rotated, and the answer is
@@ -28,7 +28,7 @@ func (m *Manager) refreshFailed(ctx context.Context, g *grantState, rec *record,
 	}
 	class, retryAfter := classify(callErr, time.Now())
 	if retryAfter > maxRetryAfter {
-		m.log.Warn("provider asked to wait longer than the bound; clamped", "grant", g.name, "retry_after", retryAfter, "used", maxRetryAfter)
+		m.log.WarnContext(ctx, "provider asked to wait longer than the bound; clamped", "grant", g.name, "retry_after", retryAfter, "used", maxRetryAfter)
 		retryAfter = maxRetryAfter
 	}
 	switch class {
@@ -38,7 +38,7 @@ func (m *Manager) refreshFailed(ctx context.Context, g *grantState, rec *record,
 		// Every process would get the same answer: back off fleet-wide.
 		wait := max(retryAfter, m.policy.backoff(in.Attempts))
 		m.deferFleet(wctx, g, rec, wait)
-		m.log.Error("provider rejected the client or the request; check the client id, secret and auth style", "grant", g.name, "retry_in", wait, "err", describe(callErr))
+		m.log.ErrorContext(ctx, "provider rejected the client or the request; check the client id, secret and auth style", "grant", g.name, "retry_in", wait, "err", describe(callErr))
 		return nil, &RefreshError{Grant: g.name, RetryAfter: wait, Config: true, Err: callErr}
 	default:
 		wait := retryAfter
@@ -46,7 +46,7 @@ func (m *Manager) refreshFailed(ctx context.Context, g *grantState, rec *record,
 			wait = m.policy.backoff(in.Attempts)
 		}
 		m.deferFleet(wctx, g, rec, wait)
-		m.log.Warn("refresh failed; backing off", "grant", g.name, "version", rec.V, "retry_in", wait, "err", describe(callErr))
+		m.log.WarnContext(ctx, "refresh failed; backing off", "grant", g.name, "version", rec.V, "retry_in", wait, "err", describe(callErr))
 		return nil, &RefreshError{Grant: g.name, RetryAfter: wait, Err: callErr}
 	}
 }
@@ -54,7 +54,7 @@ func (m *Manager) refreshFailed(ctx context.Context, g *grantState, rec *record,
 // deferFleet stores a fleet-wide "not before now+wait" on rec's version.
 func (m *Manager) deferFleet(ctx context.Context, g *grantState, rec *record, wait time.Duration) {
 	if err := m.store.deferRefresh(ctx, g.name, g.keys, rec.V, rec.Family, m.opts.Now().Add(wait)); err != nil {
-		m.log.Warn("could not store the fleet-wide backoff", "grant", g.name, "err", err)
+		m.log.WarnContext(ctx, "could not store the fleet-wide backoff", "grant", g.name, "err", err)
 	}
 }
 
@@ -69,7 +69,7 @@ func (m *Manager) refreshTokenRefused(ctx context.Context, g *grantState, rec *r
 		return nil, &RefreshError{Grant: g.name, RetryAfter: m.policy.backoff(1), Err: fmt.Errorf("%s, and Redis could not be read to confirm: %w", describe(callErr), err)}
 	}
 	if cur.V != rec.V || cur.Family != rec.Family || cur.Status != StatusOK {
-		m.log.Info("provider rejected a refresh token that Redis had already replaced; using the stored pair", "grant", g.name, "version", cur.V)
+		m.log.InfoContext(ctx, "provider rejected a refresh token that Redis had already replaced; using the stored pair", "grant", g.name, "version", cur.V)
 		return m.install(g, cur), nil
 	}
 	reason := "provider rejected the refresh token: " + describe(callErr)
@@ -93,6 +93,6 @@ func (m *Manager) refreshTokenRefused(ctx context.Context, g *grantState, rec *r
 	dead := *rec
 	dead.V, dead.Status, dead.Reason = nv, StatusReauthRequired, reason
 	m.schedule(ctx, g.name, &dead)
-	m.log.Error("grant needs re-consent; every worker now fails fast until it is seeded again", "grant", g.name, "version", rec.V, "reason", reason)
+	m.log.ErrorContext(ctx, "grant needs re-consent; every worker now fails fast until it is seeded again", "grant", g.name, "version", rec.V, "reason", reason)
 	return m.install(g, &dead), nil
 }

@@ -81,7 +81,7 @@ func (ls *leases) acquire(ctx context.Context, grant, key string, wake func() <-
 		var taken *redsync.ErrTaken
 		busy := errors.As(err, &taken) || errors.Is(err, redsync.ErrFailed)
 		if !busy {
-			ls.log.Debug("lease attempt failed", "grant", grant, "err", err)
+			ls.log.DebugContext(ctx, "lease attempt failed", "grant", grant, "err", err)
 		}
 		// Another process holds the lease, or the lock servers are down:
 		// wait for its rotation message (or a jittered pause), then look.
@@ -155,7 +155,7 @@ func (l *lease) keepAlive(ctx context.Context, what string) (stop func()) {
 				ok, err := l.extend(ctx)
 				if !ok {
 					l.stats.leasesLost.Add(1)
-					l.log.Warn("refresh lease lost during "+what+"; the fenced write will decide", "grant", l.grant, "err", err)
+					l.log.WarnContext(ctx, "refresh lease lost during "+what+"; the fenced write will decide", "grant", l.grant, "err", err)
 					return
 				}
 			}

@@ -1,6 +1,8 @@
 package tokenmgr
 
 import (
+	"context"
+	"log/slog"
 	"net/http"
 	"strings"
 	"sync"
@@ -9,6 +11,7 @@ import (
 
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
@@ -172,4 +175,49 @@ func TestClientWithTimeout(t *testing.T) {
 	if m.Client(e.grant).Timeout != 0 {
 		t.Error("the default client has a timeout")
 	}
+}
+
+// spanRecorder is a slog.Handler that keeps the span of each record's
+// context.
+type spanRecorder struct {
+	mu    sync.Mutex
+	spans map[string]trace.SpanContext // message -> span
+}
+
+func (r *spanRecorder) Enabled(context.Context, slog.Level) bool { return true }
+func (r *spanRecorder) Handle(ctx context.Context, rec slog.Record) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.spans[rec.Message] = trace.SpanContextFromContext(ctx)
+	return nil
+}
+func (r *spanRecorder) WithAttrs([]slog.Attr) slog.Handler { return r }
+func (r *spanRecorder) WithGroup(string) slog.Handler      { return r }
+
+// Log lines written during a refresh carry its span in their context, so a
+// handler can add the trace id (internal/logging does).
+func TestLogsCarryTheSpan(t *testing.T) {
+	e := newEnv(t, miniredisBackend, tokenmgrtest.Strict)
+	exp := tracetest.NewInMemoryExporter()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSyncer(exp))
+	t.Cleanup(func() { _ = tp.Shutdown(t.Context()) })
+	rec := &spanRecorder{spans: map[string]trace.SpanContext{}}
+	m := e.manager(Strict, func(o *Options) { o.TracerProvider = tp; o.Logger = slog.New(rec) })
+	e.seed(m)
+	e.idp.Fail5xx(1)
+	if _, err := m.Rotate(t.Context(), e.grant); err == nil {
+		t.Fatal("Rotate through a 503 succeeded")
+	}
+	rec.mu.Lock()
+	sc := rec.spans["refresh failed; backing off"]
+	rec.mu.Unlock()
+	if !sc.IsValid() {
+		t.Fatal("the backoff's log line has no span in its context")
+	}
+	for _, s := range exp.GetSpans() {
+		if s.Name == "tokenmgr.refresh" && s.SpanContext.TraceID() == sc.TraceID() {
+			return
+		}
+	}
+	t.Errorf("the log line's trace %s is not the refresh's", sc.TraceID())
 }

@@ -43,7 +43,7 @@ func (m *Manager) write(ctx context.Context, g *grantState, fromV int64, next *r
 		g.held = p
 		g.mu.Unlock()
 		m.stats.pendingWrites.Add(1)
-		m.log.Error("Redis refused the rotated pair; holding it, with the refresh lease, and retrying", "grant", g.name, "from_version", fromV, "err", err)
+		m.log.ErrorContext(ctx, "Redis refused the rotated pair; holding it, with the refresh lease, and retrying", "grant", g.name, "from_version", fromV, "err", err)
 		e := m.install(g, next)
 		m.startFlusher(g, p)
 		return e, nil
@@ -67,7 +67,7 @@ func (m *Manager) flushHeld(ctx context.Context, g *grantState, p *heldWrite) er
 		return err
 	}
 	if res == casWritten && !counted && !m.warnedUncounted.Swap(true) {
-		m.log.Warn("rotation written but not counted for operators: the Redis user lacks ZREMRANGEBYSCORE (see the README's ACL rules); dashboards show the last hour's rotations as unknown",
+		m.log.WarnContext(ctx, "rotation written but not counted for operators: the Redis user lacks ZREMRANGEBYSCORE (see the README's ACL rules); dashboards show the last hour's rotations as unknown",
 			"grant", g.name)
 	}
 	p.written = true
@@ -87,7 +87,7 @@ func (m *Manager) flushHeld(ctx context.Context, g *grantState, p *heldWrite) er
 		return nil
 	case casConflict:
 		m.stats.writeConflicts.Add(1)
-		m.log.Warn("fenced write refused: another holder stored a newer pair, or the grant was marked or seeded, while this refresh was in flight; the stored record stands",
+		m.log.WarnContext(ctx, "fenced write refused: another holder stored a newer pair, or the grant was marked or seeded, while this refresh was in flight; the stored record stands",
 			"grant", g.name, "from_version", p.fromV, "stored_version", v)
 	case casMissing:
 		p.rec.V = p.fromV + 1
@@ -95,7 +95,7 @@ func (m *Manager) flushHeld(ctx context.Context, g *grantState, p *heldWrite) er
 			return err
 		}
 		m.stats.restores.Add(1)
-		m.log.Warn("grant record was missing from Redis when writing a rotated pair; restored it", "grant", g.name, "version", p.rec.V)
+		m.log.WarnContext(ctx, "grant record was missing from Redis when writing a rotated pair; restored it", "grant", g.name, "version", p.rec.V)
 	}
 	rec, err := m.read(ctx, g)
 	if err != nil {
@@ -126,7 +126,7 @@ func (m *Manager) startFlusher(g *grantState, p *heldWrite) {
 			err := m.flushHeld(ctx, g, p)
 			cancel()
 			if err == nil {
-				m.log.Info("held rotated pair written to Redis", "grant", g.name, "from_version", p.fromV)
+				m.log.InfoContext(ctx, "held rotated pair written to Redis", "grant", g.name, "from_version", p.fromV)
 				return
 			}
 			wait = min(2*wait, 5*time.Second)

@@ -153,7 +153,7 @@ func (m *Manager) refresh(ctx context.Context, g *grantState, rec *record, w wan
 	// Spend the token only while the lease is ours: after a long pause
 	// here another holder may have taken over.
 	if err := l.ensure(ctx, m.opts.LeaseTTL/2); err != nil {
-		m.log.Warn("refresh lease expired before the provider call; not spending the refresh token", "grant", g.name, "err", err)
+		m.log.WarnContext(ctx, "refresh lease expired before the provider call; not spending the refresh token", "grant", g.name, "err", err)
 		return m.reread(ctx, g, w)
 	}
 	stop := l.keepAlive(ctx, "the provider call and the write of its answer")
@@ -179,7 +179,7 @@ func (m *Manager) refresh(ctx context.Context, g *grantState, rec *record, w wan
 	m.stats.refreshes.Add(1)
 	g.clearLostAttempt()
 	m.noteForced(g, w)
-	next := m.nextRecord(g, rec, tok, sentAt, w)
+	next := m.nextRecord(ctx, g, rec, tok, sentAt, w)
 	if bad := unusableAnswer(next); bad != nil {
 		return m.keepRefreshToken(ctx, g, rec, next, sentAt, l, bad)
 	}
@@ -212,7 +212,7 @@ const unusableAccess = "unusable-access-token"
 func (m *Manager) keepRefreshToken(ctx context.Context, g *grantState, rec, next *record, sentAt time.Time, l *lease, bad error) (*entry, error) {
 	next.AccessToken, next.TokenType, next.Expiry = unusableAccess, "Bearer", sentAt
 	wait := m.policy.backoff(g.badAnswers.Add(1))
-	m.log.Error("provider answered an access token that cannot be used; keeping its new refresh token and refreshing again after a backoff",
+	m.log.ErrorContext(ctx, "provider answered an access token that cannot be used; keeping its new refresh token and refreshing again after a backoff",
 		"grant", g.name, "version", rec.V, "retry_in", wait, "err", bad)
 	if _, err := m.write(ctx, g, rec.V, next, l); err != nil {
 		return nil, err
@@ -231,7 +231,7 @@ func (m *Manager) keepRefreshToken(ctx context.Context, g *grantState, rec, next
 func (m *Manager) beforeRetry(ctx context.Context, g *grantState, rec *record, w want, retry int) (*entry, error, bool) {
 	m.stats.refreshFailures.Add(1)
 	if err := m.store.settleIntent(ctx, g.keys, rec.V, rec.Family, m.opts.Holder); err != nil {
-		m.log.Warn("could not record that the refresh token was not spent", "grant", g.name, "err", err)
+		m.log.WarnContext(ctx, "could not record that the refresh token was not spent", "grant", g.name, "err", err)
 	}
 	t := time.NewTimer(jitter(retryInLeasePause << (retry - 1)))
 	defer t.Stop()
@@ -249,7 +249,7 @@ func (m *Manager) beforeRetry(ctx context.Context, g *grantState, rec *record, w
 	if m.movedOn(rec, cur, w, m.opts.Now()) {
 		return m.install(g, cur), nil, true
 	}
-	m.log.Info("provider asked to retry the refresh; retrying under the same lease", "grant", g.name, "version", rec.V, "retry", retry)
+	m.log.InfoContext(ctx, "provider asked to retry the refresh; retrying under the same lease", "grant", g.name, "version", rec.V, "retry", retry)
 	return nil, nil, false
 }
 
@@ -354,10 +354,10 @@ func (m *Manager) decideOnDoubt(ctx context.Context, g *grantState, l *lease, re
 	args := []any{"grant", g.name, "version", rec.V, "earlier_holder", in.DoubtHolder, "since", in.DoubtSince, "attempt", in.Attempts}
 	switch {
 	case lw > 0 && now.Add(m.opts.Provider.HTTPTimeout).Before(in.DoubtSince.Add(lw)):
-		m.log.Warn("an earlier refresh of this version may have spent the refresh token; replaying it inside the provider's reuse leeway", args...)
+		m.log.WarnContext(ctx, "an earlier refresh of this version may have spent the refresh token; replaying it inside the provider's reuse leeway", args...)
 		return nil, nil, false
 	case lw == 0 && own:
-		m.log.Warn("this process's earlier refresh of this version got no answer; presenting the refresh token again", args...)
+		m.log.WarnContext(ctx, "this process's earlier refresh of this version got no answer; presenting the refresh token again", args...)
 		return nil, nil, false
 	}
 	if !own {
@@ -388,7 +388,7 @@ func (m *Manager) awaitHeldWrite(ctx context.Context, g *grantState, l *lease, r
 	stop := l.keepAlive(ctx, "the wait for an earlier holder's answer")
 	defer stop()
 	deadline := in.DoubtSince.Add(m.heldWriteWait())
-	m.log.Warn("an earlier refresh of this version may have spent the refresh token and its holder may still hold the answer; waiting for its write",
+	m.log.WarnContext(ctx, "an earlier refresh of this version may have spent the refresh token and its holder may still hold the answer; waiting for its write",
 		"grant", g.name, "version", rec.V, "earlier_holder", in.DoubtHolder, "since", in.DoubtSince, "until", deadline)
 	for {
 		left := deadline.Sub(m.opts.Now())
@@ -427,7 +427,7 @@ func (m *Manager) answerLost(ctx context.Context, g *grantState, rec *record, in
 	dead := *rec
 	dead.Status, dead.Reason = StatusReauthRequired, reason
 	m.schedule(wctx, g.name, &dead)
-	m.log.Error("grant needs re-consent: an answer that may have rotated its refresh token was lost", "grant", g.name, "version", rec.V, "reason", reason)
+	m.log.ErrorContext(ctx, "grant needs re-consent: an answer that may have rotated its refresh token was lost", "grant", g.name, "version", rec.V, "reason", reason)
 	return m.install(g, &dead), nil
 }
 
@@ -478,7 +478,7 @@ func refuseRedirect(req *http.Request, _ []*http.Request) error {
 }
 
 // nextRecord turns the provider's answer into the successor of rec.
-func (m *Manager) nextRecord(g *grantState, rec *record, tok *oauth2.Token, sentAt time.Time, w want) *record {
+func (m *Manager) nextRecord(ctx context.Context, g *grantState, rec *record, tok *oauth2.Token, sentAt time.Time, w want) *record {
 	now := m.opts.Now()
 	next := recordFromToken(tok, now, m.opts.Holder, m.opts.Provider)
 	next.V = rec.V + 1
@@ -494,7 +494,7 @@ func (m *Manager) nextRecord(g *grantState, rec *record, tok *oauth2.Token, sent
 	if next.RefreshToken == "" || next.RefreshToken == rec.RefreshToken {
 		next.RefreshToken = rec.RefreshToken
 		if m.opts.Provider.Rotates {
-			m.log.Info("provider response carried no new refresh token; keeping the previous one", "grant", g.name, "version", rec.V)
+			m.log.InfoContext(ctx, "provider response carried no new refresh token; keeping the previous one", "grant", g.name, "version", rec.V)
 		}
 	}
 	// The lifetime from expires_in, counted from when the request left
@@ -508,10 +508,10 @@ func (m *Manager) nextRecord(g *grantState, rec *record, tok *oauth2.Token, sent
 		ttl = time.Until(tok.Expiry)
 	default:
 		ttl = m.opts.Provider.DefaultAccessTTL
-		m.log.Warn("provider response had no expires_in; assuming the provider default", "grant", g.name, "assumed_ttl", ttl)
+		m.log.WarnContext(ctx, "provider response had no expires_in; assuming the provider default", "grant", g.name, "assumed_ttl", ttl)
 	}
 	if clamped, changed := clampAccessTTL(ttl); changed {
-		m.log.Warn("provider gave an access token lifetime out of bounds; clamped", "grant", g.name, "given", ttl, "used", clamped, "min", minAccessTTL, "max", maxAccessTTL)
+		m.log.WarnContext(ctx, "provider gave an access token lifetime out of bounds; clamped", "grant", g.name, "given", ttl, "used", clamped, "min", minAccessTTL, "max", maxAccessTTL)
 		ttl = clamped
 	}
 	next.Expiry = sentAt.Add(ttl)
@@ -555,10 +555,10 @@ func (m *Manager) readLease(ctx context.Context, g *grantState) (*record, bool, 
 		m.schedule(ctx, g.name, newest)
 		if rec == nil {
 			m.stats.restores.Add(1)
-			m.log.Warn("grant record was missing from Redis; restored it from this process's newest pair", "grant", g.name, "version", newest.V)
+			m.log.WarnContext(ctx, "grant record was missing from Redis; restored it from this process's newest pair", "grant", g.name, "version", newest.V)
 		} else {
 			m.stats.rollbacksRepaired.Add(1)
-			m.log.Warn("grant record in Redis is older than the pair this process holds (a failover that lost writes?); restored the newer pair instead of spending the old one",
+			m.log.WarnContext(ctx, "grant record in Redis is older than the pair this process holds (a failover that lost writes?); restored the newer pair instead of spending the old one",
 				"grant", g.name, "stored_version", rec.V, "restored_version", newest.V)
 		}
 	}

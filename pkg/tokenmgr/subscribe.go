@@ -39,11 +39,11 @@ func (m *Manager) chooseMessages(ctx context.Context) {
 		major, err := m.store.serverMajor(cctx)
 		cancel()
 		if err != nil || major < 7 {
-			m.log.Warn("rotation messages on the global channel: sharded pub/sub needs Redis 7 (every node carries every message)", "redis_major", major, "err", err)
+			m.log.WarnContext(ctx, "rotation messages on the global channel: sharded pub/sub needs Redis 7 (every node carries every message)", "redis_major", major, "err", err)
 			return
 		}
 		m.store.sharded = true
-		m.log.Info("rotation messages sharded: each grant on its own channel in its slot")
+		m.log.InfoContext(ctx, "rotation messages sharded: each grant on its own channel in its slot")
 	}
 }
 
