@@ -207,7 +207,8 @@ func (h headerCheck) RoundTrip(req *http.Request) (*http.Response, error) {
 	return h.base.RoundTrip(req)
 }
 
-// workerClient is m's client for grant, with the header check.
+// workerClient is m's client for grant, with the header check. The grant's
+// handle binds its name once: each request's token is two atomic loads.
 func workerClient(m *tokenmgr.Manager, grant string) *http.Client {
-	return &http.Client{Transport: m.Transport(grant, headerCheck{http.DefaultTransport})}
+	return &http.Client{Transport: m.Grant(grant).Transport(headerCheck{http.DefaultTransport})}
 }
