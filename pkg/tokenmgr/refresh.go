@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/oauth2"
 )
 
@@ -104,44 +105,23 @@ func (m *Manager) awaitHolder(ctx context.Context, g *grantState, rec *record) (
 // the new pair fenced or handle the failure.
 func (m *Manager) refresh(ctx context.Context, g *grantState, rec *record, w want) (e *entry, err error) {
 	ctx, span := m.startSpan(ctx, "tokenmgr.refresh", g, attribute.Int64("tokenmgr.version", rec.V), attribute.String("tokenmgr.want", w.mode.String()))
-	defer func() {
-		if e != nil {
-			span.SetAttributes(attribute.Int64("tokenmgr.version.after", e.v))
-		}
-		endSpan(span, err)
-	}()
+	defer func() { endRefreshSpan(span, e, err) }()
 	if e, err, done := m.backingOff(g, rec, w); done {
 		return e, err
 	}
-	if rec.Restored {
-		// Redis lost the record and some process put back the pair it
-		// held; a process with a newer pair may not have noticed yet.
-		// Spending an old refresh token would be reuse: give them time.
-		if cur, changed := m.waitForChange(ctx, g, rec, 2*m.opts.PollInterval+time.Second); changed {
-			return m.install(g, cur), nil
-		}
+	if cur, changed := m.waitOutRestore(ctx, g, rec); changed {
+		return m.install(g, cur), nil
 	}
 	l, e, err := m.takeLease(ctx, g, rec, w)
 	if l == nil {
 		return e, err
 	}
 	defer l.releaseUnlessKept(ctx)
-
-	// Re-read under the lease: nobody refreshes a token someone else
-	// already rotated.
-	cur, err := m.read(ctx, g)
-	if err != nil {
-		return m.fallback(g, w, "read under lease", err)
-	}
-	now := m.opts.Now()
-	if m.movedOn(rec, cur, w, now) {
-		return m.install(g, cur), nil
-	}
-	rec = cur
-	if e, err, done := m.backingOff(g, rec, w); done {
+	rec, e, err, ok := m.rereadUnderLease(ctx, g, rec, w)
+	if !ok {
 		return e, err
 	}
-	in, e, err, ok := m.recordIntent(ctx, g, rec, w, now)
+	in, e, err, ok := m.recordIntent(ctx, g, rec, w, m.opts.Now())
 	if !ok {
 		return e, err
 	}
@@ -158,24 +138,78 @@ func (m *Manager) refresh(ctx context.Context, g *grantState, rec *record, w wan
 	}
 	stop := l.keepAlive(ctx, "the provider call and the write of its answer")
 	defer stop()
-	tok, sentAt, callErr := m.callIdP(ctx, g, rec.RefreshToken)
-	attempts := in.Attempts // the fleet's backoff counts attempts, not the retries inside one
+	tok, sentAt, in, e, err, callErr := m.spend(ctx, g, rec, w, in)
+	switch {
+	case e != nil || err != nil:
+		return e, err
+	case callErr != nil:
+		return m.refreshFailed(ctx, g, rec, in, callErr)
+	}
+	return m.refreshed(ctx, g, rec, w, tok, sentAt, l)
+}
+
+// endRefreshSpan ends a refresh's span with the version it produced.
+func endRefreshSpan(span trace.Span, e *entry, err error) {
+	if e != nil {
+		span.SetAttributes(attribute.Int64("tokenmgr.version.after", e.v))
+	}
+	endSpan(span, err)
+}
+
+// waitOutRestore gives a record that some process restored (after Redis
+// lost it) time to be replaced by a newer one: a process with a newer pair
+// may not have noticed yet, and spending an old refresh token would be
+// reuse.
+func (m *Manager) waitOutRestore(ctx context.Context, g *grantState, rec *record) (*record, bool) {
+	if !rec.Restored {
+		return rec, false
+	}
+	return m.waitForChange(ctx, g, rec, 2*m.opts.PollInterval+time.Second)
+}
+
+// rereadUnderLease reads the record again once the lease is held: nobody
+// refreshes a token someone else already rotated. ok is false with what
+// the caller gets instead when it moved on or the fleet backs off.
+func (m *Manager) rereadUnderLease(ctx context.Context, g *grantState, rec *record, w want) (cur *record, e *entry, err error, ok bool) {
+	cur, err = m.read(ctx, g)
+	if err != nil {
+		e, err = m.fallback(g, w, "read under lease", err)
+		return nil, e, err, false
+	}
+	if m.movedOn(rec, cur, w, m.opts.Now()) {
+		return nil, m.install(g, cur), nil, false
+	}
+	if e, err, done := m.backingOff(g, cur, w); done {
+		return nil, e, err, false
+	}
+	return cur, nil, nil, true
+}
+
+// spend presents rec's refresh token to the provider, and again (up to
+// retriesInLease times, under the same lease) when it answers a client
+// error that is not about the token: Hydra's "retry the request" under
+// contention. in comes back with the fleet's attempt count, not counting
+// those retries. A non-nil e or err ends the refresh (the record moved on
+// meanwhile); else callErr is the last call's error.
+func (m *Manager) spend(ctx context.Context, g *grantState, rec *record, w want, in intent) (tok *oauth2.Token, sentAt time.Time, _ intent, e *entry, err error, callErr error) {
+	attempts := in.Attempts
+	tok, sentAt, callErr = m.callIdP(ctx, g, rec.RefreshToken)
 	for retry := 1; callErr != nil && retry <= retriesInLease && retryInLease(callErr); retry++ {
-		// A client error that is not about the token (Hydra's "retry the
-		// request" under contention): once Redis says nobody rotated
-		// meanwhile, ask again under this lease.
 		if e, err, done := m.beforeRetry(ctx, g, rec, w, retry); done {
-			return e, err
+			return nil, sentAt, in, e, err, nil
 		}
+		var ok bool
 		if in, e, err, ok = m.recordIntent(ctx, g, rec, w, m.opts.Now()); !ok {
-			return e, err
+			return nil, sentAt, in, e, err, nil
 		}
 		tok, sentAt, callErr = m.callIdP(ctx, g, rec.RefreshToken)
 	}
-	if callErr != nil {
-		in.Attempts = attempts
-		return m.refreshFailed(ctx, g, rec, in, callErr)
-	}
+	in.Attempts = attempts
+	return tok, sentAt, in, nil, nil, callErr
+}
+
+// refreshed writes the provider's answer as rec's successor, fenced.
+func (m *Manager) refreshed(ctx context.Context, g *grantState, rec *record, w want, tok *oauth2.Token, sentAt time.Time, l *lease) (*entry, error) {
 	m.stats.refreshes.Add(1)
 	g.clearLostAttempt()
 	m.noteForced(g, w)
