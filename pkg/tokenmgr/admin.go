@@ -58,6 +58,7 @@ func NewAdmin(o Options) (*Admin, error) {
 		return nil, fmt.Errorf("tokenmgr: invalid options: %w", errors.Join(errs...))
 	}
 	a := &Admin{newCore(o)}
+	a.chooseMessages(context.Background())
 	if o.Sealer == nil {
 		// Reads of metadata need no key; writing tokens in clear needs
 		// AllowPlaintext.

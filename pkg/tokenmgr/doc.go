@@ -60,8 +60,10 @@
 //     Transient provider errors back the whole fleet off (failure.go,
 //     retry_at in the record).
 //  7. The hot path does no I/O. [Manager.Token] on a fresh cached token is
-//     an atomic load and a clock read: no Redis, no lock, no allocation
-//     (manager.go: current). Staleness is bounded by the rotation message,
+//     atomic loads: no Redis, no lock, no allocation, and no clock read:
+//     each entry turns due and expired by timers at its deadlines
+//     (cache.go: publish, manager.go: current). Staleness is bounded by the
+//     rotation message, which carries the new record (subscribe.go: adopt),
 //     with a poll while the subscription is down and one comparison of every
 //     grant each time it comes back (subscribe.go).
 //  8. Secrets stay secret. Tokens are encrypted at rest ([Keyring]) and

@@ -53,6 +53,7 @@ type Manager struct {
 	stats     counters
 
 	refreshers refreshers // the live refreshers, as last read
+	shards     shards     // the sharded subscriptions, one per server
 }
 
 // New builds a Manager and starts its rotation subscription. ctx bounds
@@ -132,8 +133,9 @@ func (m *Manager) goBackground(fn func()) bool {
 }
 
 // Token returns a valid access token for grant. On a fresh cached token it
-// is an atomic load and a clock read: no Redis round trip, no lock, no
-// allocation. The returned token is shared and must not be modified.
+// is a few atomic loads: no Redis round trip, no lock, no allocation, and
+// with a Clock (the default) no clock read. The returned token is shared
+// and must not be modified.
 //
 // Errors: *ReauthRequiredError (ErrReauthRequired) for a dead grant, at once;
 // *NotFoundError (ErrGrantNotFound); *RefreshError when the provider failed
@@ -170,7 +172,9 @@ func (m *Manager) current(ctx context.Context, g *grantState) (*entry, error) {
 		case entryFresh:
 			return e, nil
 		case entryDue:
-			m.refreshInBackground(g, m.opts.Now())
+			if !g.bgRefresh.Load() { // one already running: no clock read
+				m.refreshInBackground(g, m.opts.Now())
+			}
 			return e, nil
 		}
 	}

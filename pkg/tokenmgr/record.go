@@ -2,7 +2,6 @@ package tokenmgr
 
 import (
 	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"strconv"
@@ -141,38 +140,58 @@ func (r *record) fields(grant string, s Sealer) ([]any, error) {
 }
 
 // messagePrefix marks a rotation message that carries its record:
-// "GRANT V m1 RECORD", RECORD the record's fields as JSON with its tokens
-// sealed, as they are stored. Subscribers install it without reading Redis.
+// "GRANT V m1 RECORD", RECORD the record's fields as stored, tokens sealed,
+// each as NAME=LEN:VALUE (LEN the value's length in bytes), one after the
+// other. Subscribers install it without reading Redis; the format is plain
+// to parse, since every process of a fleet decodes every message it hears.
 // Messages without it ("GRANT V", from older writers) make them read.
 const messagePrefix = "m1 "
 
 // message is the rotation message announcing rec (its version and fields,
 // fields as rec.fields encoded them).
 func message(grant string, rec *record, fields []any) (string, error) {
-	body := make(map[string]string, len(fields)/2+2)
+	var b strings.Builder
+	b.Grow(512)
+	b.WriteString(grant)
+	b.WriteByte(' ')
+	b.WriteString(strconv.FormatInt(rec.V, 10))
+	b.WriteByte(' ')
+	b.WriteString(messagePrefix)
+	put := func(name, value string) {
+		b.WriteString(name)
+		b.WriteByte('=')
+		b.WriteString(strconv.Itoa(len(value)))
+		b.WriteByte(':')
+		b.WriteString(value)
+	}
+	put(fV, strconv.FormatInt(rec.V, 10))
+	if rec.RefreshCount > 0 {
+		put(fCount, strconv.FormatInt(rec.RefreshCount, 10))
+	}
 	for i := 0; i+1 < len(fields); i += 2 {
 		name, _ := fields[i].(string)
 		value, _ := fields[i+1].(string)
 		if value != "" {
-			body[name] = value
+			put(name, value)
 		}
 	}
-	body[fV] = strconv.FormatInt(rec.V, 10)
-	if rec.RefreshCount > 0 {
-		body[fCount] = strconv.FormatInt(rec.RefreshCount, 10)
-	}
-	js, err := json.Marshal(body)
-	if err != nil {
-		return "", err
-	}
-	return grant + " " + strconv.FormatInt(rec.V, 10) + " " + messagePrefix + string(js), nil
+	return b.String(), nil
 }
 
 // decodeMessage opens the record a rotation message carries.
 func decodeMessage(grant, body string, s Sealer) (*record, error) {
-	var h map[string]string
-	if err := json.Unmarshal([]byte(body), &h); err != nil {
-		return nil, &CorruptRecordError{Grant: grant, Field: "message", Err: errors.New("not a JSON object of strings")}
+	h := make(map[string]string, 16)
+	for body != "" {
+		name, rest, ok := strings.Cut(body, "=")
+		if !ok {
+			return nil, &CorruptRecordError{Grant: grant, Field: "message", Err: errors.New("want NAME=LEN:VALUE")}
+		}
+		lenText, rest, ok := strings.Cut(rest, ":")
+		n, err := strconv.Atoi(lenText)
+		if !ok || err != nil || n < 0 || n > len(rest) {
+			return nil, &CorruptRecordError{Grant: grant, Field: "message", Err: errors.New("want NAME=LEN:VALUE")}
+		}
+		h[name], body = rest[:n], rest[n:]
 	}
 	return decodeRecord(grant, h, s)
 }

@@ -578,7 +578,10 @@ func (s *store) countParked(ctx context.Context) (int64, error) {
 
 // subscription is the rotation channel, in the terms the Manager's loop
 // needs: it hides go-redis's message types and its timeout semantics.
-type subscription struct{ ps *redis.PubSub }
+type subscription struct {
+	ps    *redis.PubSub
+	store *store
+}
 
 // grantChannel is a grant's own rotation channel, in its hash slot: with
 // sharded messages (SPUBLISH, SSUBSCRIBE) only its subscribers hear it, and
@@ -593,13 +596,60 @@ func (s *store) publishTo(grant string) string {
 	return "p:" + s.channel
 }
 
-// subscribe opens the rotation channel: the global one (grant ""), or with
-// sharded messages the grant's own. ctx bounds the subscription.
-func (s *store) subscribe(ctx context.Context, grant string) *subscription {
-	if s.sharded {
-		return &subscription{ps: s.rdb.SSubscribe(ctx, s.grantChannel(grant))}
-	}
+// subscribe opens the global rotation channel. ctx bounds the
+// subscription.
+func (s *store) subscribe(ctx context.Context) *subscription {
 	return &subscription{ps: s.rdb.Subscribe(ctx, s.channel)}
+}
+
+// shardOf names the server that carries a grant's sharded channel: its
+// slot's master on Cluster, "" for a single server. Grants of one server
+// share one subscription, so a process holds one connection per node, not
+// one per grant.
+func (s *store) shardOf(ctx context.Context, grant string) (string, error) {
+	c, ok := s.rdb.(*redis.ClusterClient)
+	if !ok {
+		return "", nil
+	}
+	node, err := c.MasterForKey(ctx, s.grantChannel(grant))
+	if err != nil {
+		return "", err
+	}
+	return node.Options().Addr, nil
+}
+
+// subscribeShard opens a sharded subscription to grant's channel on the
+// server that carries it (shardOf); add subscribes more of that server's
+// grants on the same connection.
+func (s *store) subscribeShard(ctx context.Context, grant string) (*subscription, error) {
+	ch := s.grantChannel(grant)
+	c, ok := s.rdb.(*redis.ClusterClient)
+	if !ok {
+		return &subscription{ps: s.rdb.SSubscribe(ctx, ch), store: s}, nil
+	}
+	node, err := c.MasterForKey(ctx, ch)
+	if err != nil {
+		return nil, err
+	}
+	return &subscription{ps: node.SSubscribe(ctx, ch), store: s}, nil
+}
+
+// add subscribes grant's sharded channel on this subscription's connection.
+func (sub *subscription) add(ctx context.Context, grant string) error {
+	return sub.ps.SSubscribe(ctx, sub.store.grantChannel(grant))
+}
+
+// grantOf is the grant whose sharded channel ch is ("" if none).
+func (s *store) grantOf(ch string) string {
+	g, ok := strings.CutPrefix(ch, s.prefix+":{")
+	if !ok {
+		return ""
+	}
+	g, ok = strings.CutSuffix(g, "}:rotated")
+	if !ok {
+		return ""
+	}
+	return g
 }
 
 // serverMajor is the major version of (one node of) the Redis server.
@@ -637,27 +687,28 @@ const (
 
 // receive waits up to timeout for the next event. A half-open connection
 // only ever times out (go-redis keeps a connection after a read timeout),
-// so quiet is reported as such for the caller to count.
-func (sub *subscription) receive(ctx context.Context, timeout time.Duration) (subEvent, string) {
+// so quiet is reported as such for the caller to count. channel is the
+// channel a subscription confirmation or a message came on.
+func (sub *subscription) receive(ctx context.Context, timeout time.Duration) (ev subEvent, payload, channel string) {
 	msg, err := sub.ps.ReceiveTimeout(ctx, timeout)
 	if err != nil {
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
-			return subQuiet, ""
+			return subQuiet, "", ""
 		}
-		return subFailed, ""
+		return subFailed, "", ""
 	}
 	switch msg := msg.(type) {
 	case *redis.Subscription:
 		if msg.Kind == "subscribe" || msg.Kind == "ssubscribe" {
-			return subSubscribed, ""
+			return subSubscribed, "", msg.Channel
 		}
 	case *redis.Pong:
-		return subAlive, ""
+		return subAlive, "", ""
 	case *redis.Message:
-		return subMessage, msg.Payload
+		return subMessage, msg.Payload, msg.Channel
 	}
-	return subOther, ""
+	return subOther, "", ""
 }
 
 // ping asks the server for an answer on the subscription's connection.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -26,42 +27,36 @@ const (
 )
 
 // chooseMessages decides where rotation messages go, logging the choice
-// once.
-func (m *Manager) chooseMessages(ctx context.Context) {
-	switch m.opts.Messages {
+// once. Admin and Manager both choose: an Admin's seed must reach the
+// channel the Managers listen on.
+func (c *core) chooseMessages(ctx context.Context) {
+	switch c.opts.Messages {
 	case MessagesSharded:
-		m.store.sharded = true
+		c.store.sharded = true
 	case MessagesAuto:
-		if !m.store.isCluster() {
+		if !c.store.isCluster() {
 			return
 		}
 		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		major, err := m.store.serverMajor(cctx)
+		major, err := c.store.serverMajor(cctx)
 		cancel()
 		if err != nil || major < 7 {
-			m.log.WarnContext(ctx, "rotation messages on the global channel: sharded pub/sub needs Redis 7 (every node carries every message)", "redis_major", major, "err", err)
+			c.log.WarnContext(ctx, "rotation messages on the global channel: sharded pub/sub needs Redis 7 (every node carries every message)", "redis_major", major, "err", err)
 			return
 		}
-		m.store.sharded = true
-		m.log.InfoContext(ctx, "rotation messages sharded: each grant on its own channel in its slot")
+		c.store.sharded = true
+		c.log.InfoContext(ctx, "rotation messages sharded: each grant on its own channel in its slot")
 	}
 }
 
 // startSubscription listens for rotation messages, and polls versions while
 // a subscription is down (invariant 7: staleness bounded by push, with a
-// poll as fallback). With sharded messages each grant gets its own
+// poll as fallback). With sharded messages each grant joins its server's
 // subscription when it is first used (subscribeGrant).
 func (m *Manager) startSubscription() {
 	m.goBackground(m.pollLoop)
 	if m.subscribe && !m.store.sharded {
-		m.goBackground(func() { m.subscribeLoop(nil) })
-	}
-}
-
-// subscribeGrant starts g's own subscription (sharded messages only).
-func (m *Manager) subscribeGrant(g *grantState) {
-	if m.subscribe && m.store.sharded {
-		m.goBackground(func() { m.subscribeLoop(g) })
+		m.goBackground(m.globalLoop)
 	}
 }
 
@@ -69,32 +64,47 @@ func (m *Manager) subscribeGrant(g *grantState) {
 // answers mark it down.
 func (m *Manager) healthEvery() time.Duration { return max(m.opts.PollInterval, 500*time.Millisecond) }
 
-// subscribeLoop keeps a subscription up: the global channel when g is nil,
-// else g's own.
-func (m *Manager) subscribeLoop(g *grantState) {
+// resubscribeAfter is the pause before a failed subscription is made anew.
+func (m *Manager) resubscribeAfter() time.Duration {
+	return jitter(min(m.opts.PollInterval, time.Second))
+}
+
+// globalLoop keeps the global channel's subscription up.
+func (m *Manager) globalLoop() {
 	for m.base.Err() == nil {
-		m.subscribeOnce(g)
+		m.listen(m.store.subscribe(m.base), listener{
+			subscribed: func(string) {
+				// Messages sent while we were away are lost: compare
+				// every grant once, then count as up.
+				m.pollOnce(nil)
+				m.setSubscribed(nil, true)
+			},
+			alive: func() { m.setSubscribed(nil, true) },
+			down:  func() { m.setSubscribed(nil, false) },
+		})
 		if m.base.Err() != nil {
 			return
 		}
-		m.setSubscribed(g, false)
+		m.setSubscribed(nil, false)
 		select {
 		case <-m.base.Done():
-		case <-time.After(jitter(min(m.opts.PollInterval, time.Second))):
+		case <-time.After(m.resubscribeAfter()):
 		}
 	}
 }
 
-// subscribeOnce runs one subscription until it fails or goes quiet. A
-// half-open connection only ever times out, and a PING just fills the
-// socket buffer, so a subscription that has not answered for three health
-// intervals is closed and made anew.
-func (m *Manager) subscribeOnce(g *grantState) {
-	grant := ""
-	if g != nil {
-		grant = g.name
-	}
-	sub := m.store.subscribe(m.base, grant)
+// listener is what a subscription's events do.
+type listener struct {
+	subscribed func(channel string) // a channel's subscription is confirmed
+	alive      func()               // the connection answered
+	down       func()               // the connection went quiet
+}
+
+// listen runs one subscription until it fails or goes quiet. A half-open
+// connection only ever times out, and a PING just fills the socket
+// buffer, so a subscription that has not answered for three health
+// intervals is closed (and made anew by the caller).
+func (m *Manager) listen(sub *subscription, l listener) {
 	stop := context.AfterFunc(m.base, sub.close) // unblocks receive at Close
 	defer func() {
 		stop()
@@ -102,7 +112,7 @@ func (m *Manager) subscribeOnce(g *grantState) {
 	}()
 	lastHeard := time.Now()
 	for {
-		ev, payload := sub.receive(m.base, m.healthEvery())
+		ev, payload, channel := sub.receive(m.base, m.healthEvery())
 		if m.base.Err() != nil {
 			return
 		}
@@ -112,7 +122,7 @@ func (m *Manager) subscribeOnce(g *grantState) {
 		case subQuiet:
 			quiet := time.Since(lastHeard)
 			if quiet > 2*m.healthEvery() {
-				m.setSubscribed(g, false)
+				l.down()
 			}
 			if quiet > 3*m.healthEvery() {
 				return
@@ -123,17 +133,150 @@ func (m *Manager) subscribeOnce(g *grantState) {
 		lastHeard = time.Now()
 		switch ev {
 		case subSubscribed:
-			// (Re)subscribed: messages sent while we were away are
-			// lost, so compare versions once; then the subscription
-			// counts as up.
-			m.pollOnce(g)
-			m.setSubscribed(g, true)
+			l.subscribed(channel)
 		case subAlive:
-			m.setSubscribed(g, true)
+			l.alive()
 		case subMessage:
 			m.stats.rotationMessages.Add(1)
 			m.onMessage(payload)
 		}
+	}
+}
+
+// shards are the sharded subscriptions, one per server: a process holds a
+// connection per node of the Cluster, whatever the number of grants.
+type shards struct {
+	mu    sync.Mutex
+	loops map[string]*shardLoop // server address ("" for a single server) -> its subscription
+}
+
+// shardLoop is one server's subscription and the grants on it.
+type shardLoop struct {
+	mu        sync.Mutex
+	sub       *subscription // nil while (re)connecting
+	grants    map[string]*grantState
+	confirmed map[string]bool // grants whose channel subscription was confirmed
+}
+
+// subscribeGrant has g join its server's sharded subscription (sharded
+// messages only).
+func (m *Manager) subscribeGrant(g *grantState) {
+	if m.subscribe && m.store.sharded {
+		m.goBackground(func() { m.joinShard(g) })
+	}
+}
+
+// joinShard adds g to the subscription of the server that carries its
+// channel, starting that subscription if there is none yet.
+func (m *Manager) joinShard(g *grantState) {
+	for m.base.Err() == nil {
+		ctx, cancel := context.WithTimeout(m.base, max(m.opts.PollInterval, time.Second))
+		node, err := m.store.shardOf(ctx, g.name)
+		cancel()
+		if err == nil {
+			m.shards.mu.Lock()
+			if m.shards.loops == nil {
+				m.shards.loops = map[string]*shardLoop{}
+			}
+			l := m.shards.loops[node]
+			if l == nil {
+				l = &shardLoop{grants: map[string]*grantState{g.name: g}, confirmed: map[string]bool{}}
+				m.shards.loops[node] = l
+				m.shards.mu.Unlock()
+				m.goBackground(func() { m.runShard(node, l) })
+				return
+			}
+			l.mu.Lock()
+			l.grants[g.name] = g
+			sub := l.sub
+			l.mu.Unlock()
+			m.shards.mu.Unlock()
+			if sub == nil || sub.add(m.base, g.name) == nil {
+				return // the loop subscribes it when it (re)connects, or just did
+			}
+		}
+		select {
+		case <-m.base.Done():
+		case <-time.After(m.resubscribeAfter()):
+		}
+	}
+}
+
+// runShard keeps one server's subscription up for its grants. When it
+// fails, the grants rejoin by the server that now carries them (after a
+// failover or a resharding it may be another).
+func (m *Manager) runShard(node string, l *shardLoop) {
+	l.mu.Lock()
+	grants := make([]*grantState, 0, len(l.grants))
+	for _, g := range l.grants {
+		grants = append(grants, g)
+	}
+	l.mu.Unlock()
+	sub, err := m.store.subscribeShard(m.base, grants[0].name)
+	if err == nil {
+		for _, g := range grants[1:] {
+			if err = sub.add(m.base, g.name); err != nil {
+				break
+			}
+		}
+	}
+	if err == nil {
+		l.mu.Lock()
+		l.sub = sub
+		l.mu.Unlock()
+		m.listen(sub, listener{
+			subscribed: func(channel string) {
+				g := m.lookup(m.store.grantOf(channel))
+				if g == nil {
+					return
+				}
+				m.pollOnce(g) // messages sent while it was away are lost
+				l.mu.Lock()
+				l.confirmed[g.name] = true
+				l.mu.Unlock()
+				m.setSubscribed(g, true)
+			},
+			alive: func() {
+				l.mu.Lock()
+				defer l.mu.Unlock()
+				for name := range l.confirmed {
+					m.setSubscribed(l.grants[name], true)
+				}
+			},
+			down: func() { l.each(func(g *grantState) { m.setSubscribed(g, false) }) },
+		})
+	}
+	// Down: dissolve, and let every grant rejoin where its channel now is.
+	m.shards.mu.Lock()
+	if m.shards.loops[node] == l {
+		delete(m.shards.loops, node)
+	}
+	m.shards.mu.Unlock()
+	l.mu.Lock()
+	l.sub = nil
+	l.mu.Unlock()
+	if m.base.Err() != nil {
+		return
+	}
+	l.each(func(g *grantState) { m.setSubscribed(g, false) })
+	select {
+	case <-m.base.Done():
+		return
+	case <-time.After(m.resubscribeAfter()):
+	}
+	l.each(m.subscribeGrant)
+}
+
+// each runs f for every grant of the loop.
+func (l *shardLoop) each(f func(*grantState)) {
+	l.mu.Lock()
+	grants := make([]*grantState, 0, len(l.grants))
+	for _, g := range l.grants {
+		grants = append(grants, g)
+	}
+	l.mu.Unlock()
+	for _, g := range grants {
+		f(g)
 	}
 }
 

@@ -301,6 +301,32 @@ func TestShardedMessagesOnCluster(t *testing.T) {
 		}
 	}
 	t.Logf("SPUBLISH calls per node before %v, after %v", before, after)
+	// A process using many grants holds one subscription per node, not
+	// one per grant.
+	many := manager()
+	for i := range 30 {
+		g := "g" + strconv.Itoa(i)
+		if _, err := rotator.Seed(t.Context(), g, idp.NewGrant(""), SeedOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := many.Token(t.Context(), g); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "30 grants' subscriptions", many.Subscribed)
+	many.shards.mu.Lock()
+	conns := len(many.shards.loops)
+	many.shards.mu.Unlock()
+	if conns > len(nodes) {
+		t.Errorf("30 grants on %d nodes hold %d subscriptions, want at most one per node", len(nodes), conns)
+	}
+	if _, err := rotator.Rotate(t.Context(), "g7"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "g7's rotation through the shared subscription", func() bool {
+		e := many.lookup("g7").entry.Load()
+		return e != nil && e.v == 2
+	})
 	if nodesUsed == 0 || nodesUsed > 3 {
 		t.Errorf("SPUBLISH ran on %d nodes for three grants", nodesUsed)
 	}
