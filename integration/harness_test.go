@@ -144,14 +144,17 @@ func (f *fleet) storedPair(grant string) (access, refresh string, err error) {
 	if err != nil {
 		return "", "", err
 	}
-	raw, err := f.rdb().HMGet(context.Background(), "tm:{"+grant+"}:tok", "access_token", "refresh_token").Result()
+	raw, err := f.rdb().HMGet(context.Background(), "tm:{"+grant+"}:tok", "access_token", "refresh_token", "family", "v").Result()
 	if err != nil {
 		return "", "", err
 	}
+	// Values are sealed for field@family/v (docs/design.md, invariant 8).
+	family, _ := raw[2].(string)
+	v, _ := raw[3].(string)
 	out := make([]string, 2)
 	for i, field := range []string{"access_token", "refresh_token"} {
 		s, _ := raw[i].(string)
-		b, err := kr.Open(grant, field, s)
+		b, err := kr.Open(grant, field+"@"+family+"/"+v, s)
 		if err != nil {
 			return "", "", fmt.Errorf("open %s of %s: %w", field, grant, err)
 		}

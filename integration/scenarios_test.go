@@ -190,9 +190,11 @@ func TestHolderKilledAtlassian(t *testing.T) {
 	}
 }
 
-// 2. The same on a strict provider: no leeway, so the grant is marked as
-// needing re-consent within one lease TTL, every worker fails fast, and
-// the provider sees no storm afterwards.
+// 2. The same on a strict provider: no leeway, so the next holder does not
+// present the token the dead one may have spent (a replay would revoke the
+// family, and with it a pair a live holder might still write). The grant
+// is marked as needing re-consent within the recovery window, saying why,
+// every worker fails fast, and the provider sees no storm afterwards.
 func TestHolderKilledStrict(t *testing.T) {
 	f := newFleet(t, "strict")
 	ref := f.refresher()
@@ -220,8 +222,11 @@ func TestHolderKilledStrict(t *testing.T) {
 	after := f.stats()
 	f.summary("2-kill-holder-strict", s, after)
 	t.Logf("killed at %s; status %s: %s", killedAt.Format(time.TimeOnly), status, reason)
-	if status != "reauth_required" || !strings.Contains(reason, "invalid_grant") {
-		t.Errorf("status %q reason %q, want reauth_required after the spent token was reused", status, reason)
+	if status != "reauth_required" || !strings.Contains(reason, "not presented again") {
+		t.Errorf("status %q reason %q, want reauth_required without presenting the spent token again", status, reason)
+	}
+	if after["reuse_detected"] != 0 || after["families_revoked"] != 0 {
+		t.Errorf("the spent token was presented again: IdP %v", after)
 	}
 	if !s.ReauthRequired || s.Failures["reauth_required"] == 0 {
 		t.Errorf("workers did not fail fast with the typed error: %v", s.Failures)
