@@ -12,12 +12,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -56,6 +56,7 @@ type fleet struct {
 	idpURL   string
 	profile  string
 	procs    []*exec.Cmd
+	logDir   string // process logs, printed when the test fails
 }
 
 func newFleet(t *testing.T, profile string, idpArgs ...string) *fleet {
@@ -180,13 +181,40 @@ func (f *fleet) start(name string, args ...string) (*exec.Cmd, *bytes.Buffer) {
 	cmd.Env = f.env()
 	var out bytes.Buffer
 	cmd.Stdout = &out
-	cmd.Stderr = io.Discard
+	cmd.Stderr = f.logFile(name)
 	if err := cmd.Start(); err != nil {
 		f.t.Fatal(err)
 	}
 	f.procs = append(f.procs, cmd)
 	f.t.Cleanup(func() { _ = cmd.Process.Kill(); _, _ = cmd.Process.Wait() })
 	return cmd, &out
+}
+
+// logFile is where a process's log goes (they hold no tokens: invariant 8).
+// When the test fails, the last lines of each are printed with it.
+func (f *fleet) logFile(name string) *os.File {
+	if f.logDir == "" {
+		f.logDir = f.t.TempDir()
+	}
+	file, err := os.CreateTemp(f.logDir, name+"-*.log")
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	f.t.Cleanup(func() {
+		file.Close()
+		if !f.t.Failed() {
+			return
+		}
+		b, _ := os.ReadFile(file.Name())
+		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+		if len(lines) > 30 {
+			lines = lines[len(lines)-30:]
+		}
+		if len(b) > 0 {
+			f.t.Logf("last lines of %s:\n%s", filepath.Base(file.Name()), strings.Join(lines, "\n"))
+		}
+	})
+	return file
 }
 
 // refresher starts a refresher pod.
@@ -215,6 +243,10 @@ func (f *fleet) workers(n int, d time.Duration, extra ...string) []report {
 		err error
 	}
 	results := make([]result, n)
+	logs := make([]*os.File, n)
+	for i := range logs {
+		logs[i] = f.logFile("demo-worker")
+	}
 	var wg sync.WaitGroup
 	for i := range n {
 		wg.Go(func() {
@@ -222,6 +254,7 @@ func (f *fleet) workers(n int, d time.Duration, extra ...string) []report {
 				"--duration", d.String(), "--report", "json", "--log-level", "error"}, f.common()...)
 			cmd := exec.Command(filepath.Join(binDir, "demo-worker"), append(args, extra...)...)
 			cmd.Env = f.env()
+			cmd.Stderr = logs[i]
 			out, err := cmd.Output()
 			if ee, ok := err.(*exec.ExitError); ok && ee.ExitCode() == 1 {
 				err = nil // failures are in the report

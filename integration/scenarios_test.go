@@ -4,6 +4,9 @@ package integration
 
 import (
 	"context"
+	"fmt"
+	"io"
+	"net/http"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -125,13 +128,28 @@ func TestProviderBursts(t *testing.T) {
 	}
 }
 
-// 10. Workers started and killed continuously during rotations: the
-// survivors see no failure.
+// 10. Workers started and killed with SIGKILL every 0.7 s during rotations,
+// beside a refresher (issue 13 item 6): the survivors see no failure, no
+// token is reused, and every provider call is the refresher's, so no worker
+// pod dies holding the only copy of a new pair. Five rounds, each a new
+// fleet: the kills land at different points of the protocol.
 func TestProcessChurn(t *testing.T) {
+	for round := 1; round <= 5; round++ {
+		t.Run(fmt.Sprintf("round%d", round), func(t *testing.T) { churnRound(t, round) })
+	}
+}
+
+func churnRound(t *testing.T, round int) {
 	f := newFleet(t, "strict")
-	f.refresher()
+	port, err := redisserver.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics := "http://127.0.0.1:" + strconv.Itoa(port) + "/metrics"
+	f.refresher("--listen", "127.0.0.1:"+strconv.Itoa(port))
 	stop := make(chan struct{})
 	var churned sync.WaitGroup
+	var started int
 	churned.Go(func() {
 		for i := 0; ; i++ {
 			select {
@@ -139,19 +157,66 @@ func TestProcessChurn(t *testing.T) {
 				return
 			case <-time.After(700 * time.Millisecond):
 			}
-			args := append([]string{"--api-url", f.idpURL + "/rest/api/3/myself", "--duration", "5s", "--report", "json"}, f.common()...)
+			args := append([]string{"--api-url", f.idpURL + "/rest/api/3/myself", "--duration", "5s", "--report", "json", "--log-level", "error"}, f.common()...)
 			cmd, _ := f.start("demo-worker", args...)
-			go func() {
+			started++
+			churned.Go(func() {
 				time.Sleep(time.Duration(300+i%7*300) * time.Millisecond)
 				signal(cmd, syscall.SIGKILL)
 				_, _ = cmd.Process.Wait()
-			}()
+			})
 		}
 	})
-	s := sum(f.workers(8, runFor))
+	s := sum(f.workers(8, churnFor))
 	close(stop)
 	churned.Wait()
-	checkSteady(t, "10-churn", f, s, f.stats())
+	idp := f.stats()
+	byRefresher := scrapeCounter(t, metrics, "tokenmgr_provider_refreshes_total")
+	f.summary(fmt.Sprintf("10-churn(round %d)", round), s, idp)
+	t.Logf("%d workers started and killed; provider refreshes: %d at the IdP, %d by the refresher", started, idp["refresh_ok"], byRefresher)
+	if idp["rotations"] < churnRotations {
+		t.Errorf("%d rotations, want at least %d", idp["rotations"], churnRotations)
+	}
+	if idp["reuse_detected"] != 0 || idp["families_revoked"] != 0 || idp["refresh_ok"] != idp["rotations"] || idp["refresh_failed"] != 0 {
+		t.Errorf("IdP %v: want one successful call per rotation and no reuse", idp)
+	}
+	if s.Failed != 0 || s.OK == 0 {
+		t.Errorf("%d failed requests of %d: %v", s.Failed, s.Requests, s.Failures)
+	}
+	if byRefresher != idp["refresh_ok"] {
+		t.Errorf("the refresher made %d of the %d provider calls: workers called the provider while it was alive", byRefresher, idp["refresh_ok"])
+	}
+}
+
+// A churn round runs for churnFor, long enough for churnRotations
+// rotations of 2-second tokens.
+const (
+	churnFor       = 35 * time.Second
+	churnRotations = 20
+)
+
+// scrapeCounter sums a counter's samples on a Prometheus endpoint.
+func scrapeCounter(t *testing.T, url, name string) int64 {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	var total int64
+	for _, line := range strings.Split(string(body), "\n") {
+		if !strings.HasPrefix(line, name+" ") && !strings.HasPrefix(line, name+"{") {
+			continue
+		}
+		fields := strings.Fields(line)
+		v, err := strconv.ParseFloat(fields[len(fields)-1], 64)
+		if err != nil {
+			t.Fatalf("%s: %q", url, line)
+		}
+		total += int64(v)
+	}
+	return total
 }
 
 // 6. A provider as slow as the HTTP timeout allows: leases are extended

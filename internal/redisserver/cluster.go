@@ -1,6 +1,7 @@
 package redisserver
 
 import (
+	"bufio"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -44,4 +45,50 @@ func StartCluster(t testing.TB, masters, replicas int) []*Server {
 		}
 	}
 	return nodes
+}
+
+// SlotOwner returns the master serving slot and one of its replicas, as
+// CLUSTER NODES on nodes[0] says.
+func SlotOwner(t testing.TB, nodes []*Server, slot int64) (master, replica *Server) {
+	t.Helper()
+	text, err := bulk(nodes[0].Addr(), "CLUSTER NODES\r\n")
+	if err != nil {
+		t.Fatalf("CLUSTER NODES: %v", err)
+	}
+	byPort := map[string]*Server{}
+	for _, n := range nodes {
+		byPort[strconv.Itoa(n.port)] = n
+	}
+	// A line: ID IP:PORT@BUS FLAGS MASTER-ID PING PONG EPOCH STATE SLOT...
+	type node struct{ id, port, masterID string }
+	var owner node
+	var all []node
+	sc := bufio.NewScanner(strings.NewReader(text))
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 8 {
+			continue
+		}
+		hostPort, _, _ := strings.Cut(fields[1], "@")
+		n := node{id: fields[0], port: hostPort[strings.LastIndex(hostPort, ":")+1:], masterID: fields[3]}
+		all = append(all, n)
+		for _, r := range fields[8:] {
+			lo, hi, ok := strings.Cut(r, "-")
+			if !ok {
+				hi = lo
+			}
+			a, err1 := strconv.ParseInt(lo, 10, 64)
+			b, err2 := strconv.ParseInt(hi, 10, 64)
+			if err1 == nil && err2 == nil && a <= slot && slot <= b {
+				owner = n
+			}
+		}
+	}
+	for _, n := range all {
+		if owner.id != "" && n.masterID == owner.id && byPort[owner.port] != nil && byPort[n.port] != nil {
+			return byPort[owner.port], byPort[n.port]
+		}
+	}
+	t.Fatalf("no master with a replica serves slot %d:\n%s", slot, text)
+	return nil, nil
 }

@@ -212,13 +212,23 @@ func (s *Server) Info(sections ...string) (string, error) {
 // extra listeners such as --tls-port).
 func FreePort() (int, error) { return freePort() }
 
+// maxPort keeps room for a Cluster node's bus port, which is its port plus
+// 10000.
+const maxPort = 65535 - 10000
+
 func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
+	for range 100 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return 0, err
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		l.Close()
+		if port <= maxPort {
+			return port, nil
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
+	return 0, fmt.Errorf("no free port at or below %d in 100 tries", maxPort)
 }
 
 // ping speaks just enough RESP to ask PING, so this package needs no client.

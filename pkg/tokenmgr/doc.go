@@ -76,7 +76,9 @@
 //     obeyed (refresh.go: read, scripts/restore.lua). Records are ordered by
 //     token family, then version: a seed names a new family after the Redis
 //     server's clock (scripts/seed.lua), so versions of a grant never repeat
-//     and a held pair of one family never lands on the next.
+//     and a held pair of one family never lands on the next. A Cluster
+//     client reloads its slot map on the first failed command (store.go:
+//     reloadOnFailure), so the repair reaches a promoted replica at once.
 //  10. Replay only inside the leeway. A refresh token that an earlier attempt
 //     may have spent (its outcome unknown: scripts/intent.lua) is presented
 //     again only while the provider's reuse leeway covers a whole call, or,
@@ -86,7 +88,9 @@
 //     grant as an answer lost, keeping the version so a late write revives
 //     it. The lease stays held while a rotated pair is held unwritten
 //     (pending.go), and a mark after the provider refused a token takes a
-//     new version, so no held pair resurrects a revoked family.
+//     new version and is marked refused, so no held pair resurrects a
+//     revoked family: not a write decided before it, and not a restore of a
+//     pair held from before a rollback (record.go: newerThan).
 //  11. The refresher calls the provider. While a live refresher announces
 //     itself for a grant (refresher.go, scripts/refreshers.lua), workers
 //     leave a token above its floor (the last 30% of the margin) to it, and

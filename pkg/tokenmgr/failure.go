@@ -91,7 +91,7 @@ func (m *Manager) refreshTokenRefused(ctx context.Context, g *grantState, rec *r
 	}
 	m.stats.markedDead.Add(1)
 	dead := *rec
-	dead.V, dead.Status, dead.Reason = nv, StatusReauthRequired, reason
+	dead.V, dead.Status, dead.Reason, dead.Refused = nv, StatusReauthRequired, reason, true
 	m.schedule(ctx, g.name, &dead)
 	m.log.ErrorContext(ctx, "grant needs re-consent; every worker now fails fast until it is seeded again", "grant", g.name, "version", rec.V, "reason", reason)
 	return m.install(g, &dead), nil

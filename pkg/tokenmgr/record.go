@@ -42,6 +42,12 @@ type record struct {
 	AbsoluteExpiry time.Time
 	RetryAt        time.Time // fleet-wide backoff after a transient provider error
 	Restored       bool
+	// Refused is set by a dead mark: the provider refused this family's
+	// refresh token, so it may have revoked the family. No pair of the
+	// family is live after it, whatever its version: a pair a process
+	// held from before a failover rolled the record back never overwrites
+	// the mark (invariant 10); only a seed, a new family, revives the grant.
+	Refused bool
 	// Forced401 is set when this version was produced by a refresh that a
 	// 401 forced: the 401's reason (its WWW-Authenticate challenge). A 401
 	// with the same reason on this version is the API's answer, not a
@@ -64,6 +70,9 @@ const (
 	// old ACL), so the last hour's count is unknown. Cleared by a counted
 	// rotation or a seed.
 	fUncounted = "rotations_untracked"
+	// fRefused: a dead mark (the provider refused the refresh token), as
+	// opposed to an answer declared lost. See record.Refused.
+	fRefused = "refused"
 )
 
 // recordFromToken is the part of a record that a provider's token gives,
@@ -208,7 +217,7 @@ func familyEpoch(family string) int64 {
 }
 
 // newerThan orders two records of one grant: by family (the later seed
-// wins), then by version. A process holding a record newer than the stored
+// wins), then a dead mark before any pair of its family, then by version. A process holding a record newer than the stored
 // one knows the store went back in time (invariant 9).
 func (r *record) newerThan(o *record) bool {
 	if r.Family != o.Family {
@@ -217,6 +226,9 @@ func (r *record) newerThan(o *record) bool {
 			return re > oe
 		}
 		return r.Family > o.Family
+	}
+	if r.Refused != o.Refused {
+		return r.Refused // a dead mark ends its family (see Refused)
 	}
 	return r.V > o.V
 }
@@ -296,6 +308,7 @@ func decodeRecord(grant string, h map[string]string, s Sealer) (*record, error) 
 		}
 	}
 	r.Restored = h[fRestored] == "1"
+	r.Refused = h[fRefused] == "1"
 	r.hasRefresh = !sealedEmpty(h[fRefresh])
 	if s == nil {
 		return r, nil // metadata only: no key needed

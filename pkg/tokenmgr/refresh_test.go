@@ -358,6 +358,71 @@ func testRollbackRepaired(t *testing.T, b backend) {
 	}
 }
 
+// Invariants 9 and 10 together: after a failover rolled the record back
+// two versions, a process with no memory of the newer ones spent the
+// rolled-back refresh token, the strict provider revoked the family and the
+// grant was marked dead at a version below the one the holder still has.
+// The holder's newer pair is of that revoked family: it must not be
+// restored over the mark (status flapping back to ok, then one more refused
+// call), and the holder fails fast.
+func testDeadMarkStandsAfterRollback(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Strict)
+	holder := e.manager(Strict, nil)
+	e.seed(holder)
+	rdb := e.client()
+	k := grantKeys("tm", e.grant)
+	if _, err := holder.Rotate(t.Context(), e.grant); err != nil {
+		t.Fatal(err)
+	}
+	v2, err := rdb.HGetAll(t.Context(), k.record).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if _, err := holder.Rotate(t.Context(), e.grant); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := holder.Token(t.Context(), e.grant); err != nil { // holds v4
+		t.Fatal(err)
+	}
+	if err := rdb.Del(t.Context(), k.record).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.HSet(t.Context(), k.record, v2).Err(); err != nil {
+		t.Fatal(err)
+	}
+	fresh := e.manager(Strict, nil) // started after the failover
+	if _, err := fresh.Rotate(t.Context(), e.grant); !errors.Is(err, ErrReauthRequired) {
+		t.Fatalf("the rolled-back token was not refused: %v", err)
+	}
+	marked := e.status(fresh)
+	if marked.Status != StatusReauthRequired || marked.Version != 3 {
+		t.Fatalf("stored %s at v%d, want reauth_required at v3", marked.Status, marked.Version)
+	}
+	calls := e.idp.Stats().RefreshOK + e.idp.Stats().RefreshFailed
+	holder.pollOnce(nil)
+	e.clock.Advance(time.Hour)
+	if _, err := holder.Token(t.Context(), e.grant); !errors.Is(err, ErrReauthRequired) {
+		t.Errorf("the holder's Token = %v, want the dead mark", err)
+	}
+	if n := holder.Stats().RollbacksRepaired; n != 0 {
+		t.Errorf("the holder restored its pair of the revoked family over the dead mark (%d repairs)", n)
+	}
+	if st := e.status(holder); st.Status != StatusReauthRequired || st.Version != 3 {
+		t.Errorf("stored %s at v%d after the holder looked, want the mark at v3 to stand", st.Status, st.Version)
+	}
+	if after := e.idp.Stats().RefreshOK + e.idp.Stats().RefreshFailed; after != calls {
+		t.Errorf("%d provider calls after the dead mark", after-calls)
+	}
+	// The script holds the line too, for a restore decided on a read from
+	// before the mark landed.
+	v4 := &record{V: 4, Family: marked.Family, Status: StatusOK, AccessToken: "a4", RefreshToken: "r4", Expiry: e.clock.Now().Add(time.Hour)}
+	if written, err := holder.store.restore(t.Context(), e.grant, k, v4); err != nil || written {
+		t.Errorf("restore.lua put a pair of the refused family over the dead mark (written=%v, err=%v)", written, err)
+	}
+}
+
 // Invariant 9: a Manager never installs a version older than one it served.
 func TestInstallIsMonotonic(t *testing.T) {
 	e := newEnv(t, miniredisBackend, tokenmgrtest.Strict)

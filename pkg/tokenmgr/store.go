@@ -8,9 +8,13 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
+	"weak"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -93,6 +97,9 @@ const rotationWindow = time.Hour
 var parked = time.Unix(1<<35, 0)
 
 func newStore(rdb redis.UniversalClient, prefix string, s Sealer) *store {
+	if cc, ok := rdb.(*redis.ClusterClient); ok {
+		reloadOnFailure(cc)
+	}
 	// The refreshers' hash sits in the grants' key pattern (tm:{*}:*), which
 	// the README's worker ACL allows: workers read it.
 	return &store{rdb: rdb, sealer: s, channel: prefix + ":rotated", due: prefix + ":due", refreshers: prefix + ":{refreshers}:live", prefix: prefix}
@@ -114,11 +121,11 @@ func (s *store) read(ctx context.Context, grant string, k keys) (*record, error)
 // readWithLease is read, and also reports, when the lease lives in this
 // Redis (withLease), whether it is held, in the same round trip.
 func (s *store) readWithLease(ctx context.Context, grant string, k keys, withLease bool) (rec *record, held bool, err error) {
-	lock := ""
+	ks := []string{k.record}
 	if withLease {
-		lock = k.lock
+		ks = append(ks, k.lock)
 	}
-	reply, err := readScript.Run(ctx, s.rdb, []string{k.record, lock}).Slice()
+	reply, err := readScript.Run(ctx, s.rdb, ks).Slice()
 	if err != nil {
 		return nil, false, err
 	}
@@ -715,3 +722,88 @@ func (sub *subscription) receive(ctx context.Context, timeout time.Duration) (ev
 func (sub *subscription) ping(ctx context.Context) { _ = sub.ps.Ping(ctx) }
 
 func (sub *subscription) close() { _ = sub.ps.Close() }
+
+// reloadOnFailure makes a Cluster client reload its slot map as soon as a
+// command fails in a way that may mean the map is stale (a dead or demoted
+// master). go-redis otherwise keeps sending a failed master's slots to it
+// until a MOVED reply or its periodic reload (ClusterStateReloadInterval,
+// 60 s by default): after a failover, the process holding the newest pair
+// could not reach the promoted replica for longer than a token lives, while
+// a process started after the failover read the rolled-back record and
+// spent its refresh token (integration/failover_test.go, scenario 12).
+// Each client is hooked once, however many Managers and Admins share it.
+func reloadOnFailure(cc *redis.ClusterClient) {
+	wp := weak.Make(cc)
+	if _, loaded := reloadHooked.LoadOrStore(wp, struct{}{}); loaded {
+		return
+	}
+	runtime.AddCleanup(cc, func(wp weak.Pointer[redis.ClusterClient]) { reloadHooked.Delete(wp) }, wp)
+	cc.AddHook(&clusterReloader{client: wp})
+}
+
+// reloadHooked holds the Cluster clients reloadOnFailure has hooked.
+var reloadHooked sync.Map
+
+// clusterReloader is the hook of reloadOnFailure. It holds the client
+// weakly: a hook the client holds must not keep it alive.
+type clusterReloader struct {
+	client weak.Pointer[redis.ClusterClient]
+	last   atomic.Int64 // unix ns of the last reload asked; one per reloadEvery
+}
+
+// reloadEvery bounds the reloads a burst of failures asks for (go-redis
+// also coalesces them).
+const reloadEvery = 250 * time.Millisecond
+
+func (h *clusterReloader) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h *clusterReloader) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		h.after(err)
+		return err
+	}
+}
+
+func (h *clusterReloader) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		err := next(ctx, cmds)
+		h.after(err)
+		return err
+	}
+}
+
+func (h *clusterReloader) after(err error) {
+	if !topologySuspect(err) {
+		return
+	}
+	now := time.Now().UnixNano()
+	last := h.last.Load()
+	if now-last < int64(reloadEvery) || !h.last.CompareAndSwap(last, now) {
+		return
+	}
+	if cc := h.client.Value(); cc != nil {
+		cc.ReloadState(context.Background())
+	}
+}
+
+// topologySuspect reports an error that a stale slot map can cause: the
+// connection failed or timed out, or the node answered that the cluster or
+// its master is down. A reply about the command itself (a script error, an
+// ACL refusal, a missing key) says nothing about the map.
+func topologySuspect(err error) bool {
+	if err == nil || errors.Is(err, redis.Nil) || errors.Is(err, context.Canceled) {
+		return false
+	}
+	var re redis.Error
+	if errors.As(err, &re) {
+		msg := re.Error()
+		for _, p := range []string{"CLUSTERDOWN", "MASTERDOWN", "TRYAGAIN", "LOADING"} {
+			if strings.HasPrefix(msg, p) {
+				return true
+			}
+		}
+		return false
+	}
+	return true
+}

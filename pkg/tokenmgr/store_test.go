@@ -11,6 +11,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"weak"
 
 	"github.com/redis/go-redis/v9"
 	"github.com/tokenmgr/tokenmgr/internal/redisserver"
@@ -271,3 +272,93 @@ func TestMinReplicasRealRedis(t *testing.T) {
 		t.Errorf("stored version %d, want 3: the write stands", st.Version)
 	}
 }
+
+// After a Cluster failover the store reaches the promoted replica within
+// seconds: a failed command reloads the slot map (reloadOnFailure). Without
+// that, go-redis sends the slot to the dead master until its periodic reload
+// (60 s by default), longer than a token lives.
+func TestClusterFailoverReachedAtOnce(t *testing.T) {
+	nodes := redisserver.StartCluster(t, 3, 1)
+	addrs := make([]string, len(nodes))
+	for i, n := range nodes {
+		addrs[i] = n.Addr()
+	}
+	cc := redis.NewClusterClient(&redis.ClusterOptions{Addrs: addrs, MaxRetries: 1, DialTimeout: 200 * time.Millisecond})
+	t.Cleanup(func() { cc.Close() })
+	s := newStore(cc, "tm", plaintext{})
+	newStore(cc, "tm", plaintext{}) // a second Manager on the client: hooked once
+	hooks := 0
+	reloadHooked.Range(func(k, _ any) bool {
+		if k.(weak.Pointer[redis.ClusterClient]).Value() == cc {
+			hooks++
+		}
+		return true
+	})
+	if hooks != 1 {
+		t.Errorf("the client is hooked %d times, want once", hooks)
+	}
+	k := grantKeys("tm", "jira")
+	ctx := t.Context()
+	if err := cc.HSet(ctx, k.record, "v", "1", "status", StatusOK).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if h := s.readHeads(ctx, []string{"jira"})[0]; h.failed || h.v != 1 {
+		t.Fatalf("read before the failover: %+v", h)
+	}
+	slot, err := cc.ClusterKeySlot(ctx, k.record).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	master, replica := redisserver.SlotOwner(t, nodes, slot)
+	replica.WaitInfo("master_link_status:up", 10*time.Second)
+	master.Kill()
+	rc := redis.NewClient(&redis.Options{Addr: replica.Addr()})
+	t.Cleanup(func() { rc.Close() })
+	if err := rc.Do(ctx, "CLUSTER", "FAILOVER", "FORCE").Err(); err != nil {
+		t.Fatal(err)
+	}
+	replica.WaitInfo("role:master", 10*time.Second)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := s.read(ctx, "jira", k)
+		var corrupt *CorruptRecordError
+		if err == nil || errors.As(err, &corrupt) { // reached the record
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the store still fails 10s after the failover: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func TestTopologySuspect(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want bool
+	}{
+		{nil, false},
+		{redis.Nil, false},
+		{context.Canceled, false},
+		{fmt.Errorf("read: %w", context.DeadlineExceeded), true},
+		{errors.New("dial tcp 127.0.0.1:1: connect: connection refused"), true},
+		{redis.ErrClosed, true},
+		{proto("CLUSTERDOWN The cluster is down"), true},
+		{proto("TRYAGAIN Multiple keys request during rehashing of slot"), true},
+		{proto("MASTERDOWN Link with MASTER is down"), true},
+		{proto("NOPERM this user has no permissions to run the 'eval' command"), false},
+		{proto("ERR Error running script"), false},
+	} {
+		if got := topologySuspect(tc.err); got != tc.want {
+			t.Errorf("topologySuspect(%v) = %v, want %v", tc.err, got, tc.want)
+		}
+	}
+}
+
+// proto is a reply error as go-redis returns it.
+func proto(msg string) error { return redisReplyError(msg) }
+
+type redisReplyError string
+
+func (e redisReplyError) Error() string { return string(e) }
+func (redisReplyError) RedisError()     {}

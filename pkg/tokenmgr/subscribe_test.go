@@ -330,4 +330,19 @@ func TestShardedMessagesOnCluster(t *testing.T) {
 	if nodesUsed == 0 || nodesUsed > 3 {
 		t.Errorf("SPUBLISH ran on %d nodes for three grants", nodesUsed)
 	}
+	// An Admin reads whole records without asking about the lease (Check,
+	// Rewrap); that read once named an empty lease key, which a Cluster
+	// refuses (CROSSSLOT).
+	c := redis.NewClusterClient(&redis.ClusterOptions{Addrs: addrs})
+	t.Cleanup(func() { c.Close() })
+	admin, err := NewAdmin(Options{Redis: c, OAuth2: idp.OAuthConfig(oauth2.AuthStyleInHeader), Provider: Strict, AllowPlaintext: true, Logger: discardLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, err := admin.Status(t.Context(), "g7"); err != nil || st.Version != 2 {
+		t.Errorf("Admin.Status on a Cluster: %+v, %v", st, err)
+	}
+	if err := admin.Check(t.Context(), "g7"); err != nil {
+		t.Errorf("Admin.Check on a Cluster: %v", err)
+	}
 }

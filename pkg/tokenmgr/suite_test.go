@@ -39,6 +39,7 @@ var suite = []struct {
 	{"StrictWaitsForHeldAnswer", testStrictWaitsForHeldAnswer},
 	{"LeewayReplayNeedsACallToSpare", testLeewayReplayNeedsACallToSpare},
 	{"RollbackRepairedNeverObeyed", testRollbackRepaired},
+	{"DeadMarkStandsAfterRollback", testDeadMarkStandsAfterRollback},
 	{"ExpiryAnchoredAtSend", testExpiryAnchoredAtSend},
 	{"PollSeesDeadMark", testPollSeesDeadMark},
 	{"BackgroundRefreshBoundedUnderFaults", testBackgroundRefreshBounded},

@@ -3,7 +3,9 @@
 --   dead:   the provider refused the refresh token (invariant 6 in doc.go);
 --           its family may be revoked. The version is bumped, which fences
 --           off every write decided before the mark: a held pair cannot
---           resurrect the grant (invariant 10).
+--           resurrect the grant (invariant 10). 'refused' marks it, so that
+--           a pair of the family held from before a rollback is not
+--           restored over it either (restore.lua).
 --   lost:   nobody refused the token, but an answer that may have rotated it
 --           was lost (a strict provider, or the leeway passed). The version
 --           stays, so a holder that still holds the answer can write it and
@@ -23,6 +25,7 @@ if not v or v ~= ARGV[1] or family ~= ARGV[2] then
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 if ARGV[5] == 'dead' then
+  redis.call('HSET', KEYS[1], 'refused', '1')
   v = redis.call('HINCRBY', KEYS[1], 'v', 1)
   redis.call('DEL', KEYS[2])
   publish(ARGV[3], ARGV[4] .. ' ' .. v .. ' reauth_required')

@@ -3,7 +3,8 @@
 -- without persistence or a mistaken DEL, or rolled back by a failover to a
 -- replica that had not seen the last writes. Never replaces a record as new
 -- or newer: records are ordered by family (its seed time, then its name),
--- then version. A corrupt record is left alone.
+-- then a dead mark before any pair of its family, then version. A corrupt
+-- record is left alone.
 -- KEYS[1] record hash
 -- ARGV[1] version of the pair, ARGV[2] its family, ARGV[3] where to publish ("p:CHANNEL" or "s:CHANNEL"),
 -- ARGV[4] the message to publish ("GRANT V m1 RECORD"), ARGV[5..] field/value pairs
@@ -26,6 +27,10 @@ if v then
     else
       older = family < ARGV[2]
     end
+  elseif redis.call('HGET', KEYS[1], 'refused') == '1' then
+    -- A dead mark ends its family: the provider may have revoked every
+    -- pair of it, the one restored included (record.go: Refused).
+    older = false
   else
     older = sv < tonumber(ARGV[1])
   end

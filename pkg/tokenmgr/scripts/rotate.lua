@@ -18,7 +18,7 @@ if v ~= ARGV[1] or family ~= ARGV[2] then
   return {0, tonumber(v) or -1}
 end
 local nv = tonumber(v) + 1
-redis.call('HDEL', KEYS[1], 'reason', 'retry_at', 'restored')
+redis.call('HDEL', KEYS[1], 'reason', 'retry_at', 'restored', 'refused')
 redis.call('HSET', KEYS[1], 'v', nv, unpack(ARGV, 7))
 redis.call('HINCRBY', KEYS[1], 'refresh_count', 1)
 redis.call('DEL', KEYS[2])
