@@ -20,6 +20,10 @@ import (
 type Options struct {
 	// Redis holds the token records. Required. Single, Sentinel (failover)
 	// and Cluster clients all work: every key of a grant shares a hash tag.
+	// A *redis.ClusterClient gets one hook (once, however many Managers
+	// share it): a command that fails on a dead or demoted node makes the
+	// client reload its slot map at once, instead of after go-redis's
+	// periodic reload, so a failover is followed within seconds.
 	Redis redis.UniversalClient
 	// LockRedis are independent Redis masters for Redlock. Default: Redis
 	// alone. With several, a lease needs a majority of them.
