@@ -80,8 +80,10 @@ type Options struct {
 	MaxBackoff time.Duration
 
 	// MinReplicas, when above 0, makes every write that creates a version
-	// (a rotation, a restore, a seed) wait until that many replicas have
-	// it (Redis WAIT), at most ReplicaTimeout. A write that times out
+	// (a rotation, a restore, a seed), and the intent written before a
+	// provider call, wait until that many replicas have it (Redis WAIT), at
+	// most ReplicaTimeout: after a failover the successor then finds the
+	// intent and does not spend the same refresh token again. A write that times out
 	// stands and is counted (Stats.ReplicaAckTimeouts). It makes a
 	// failover that loses a rotation rarer; it does not make Redis
 	// consistent: Sentinel or Cluster may still promote a replica that did

@@ -408,7 +408,9 @@ func (s *store) restore(ctx context.Context, grant string, k keys, rec *record) 
 	return len(res) > 0 && res[0] == 1, nil
 }
 
-// runDurable runs a script that creates a version. With MinReplicas it
+// runDurable runs a script that creates a version, or the intent to spend
+// a refresh token (which a successor must find after a failover). With
+// MinReplicas it
 // then waits, on the same connection (WAIT counts the writes of its own
 // connection), until that many replicas have the write or ReplicaTimeout
 // passes: a failover soon after then finds the version on a replica. It
@@ -482,7 +484,9 @@ func (in intent) inDoubt() bool { return !in.DoubtSince.IsZero() }
 // of family. errMissing or a conflict (ok false) means the record changed
 // underneath.
 func (s *store) beginRefresh(ctx context.Context, k keys, v int64, family, holder string, now time.Time, ttl time.Duration) (intent, bool, error) {
-	res, err := intentScript.Run(ctx, s.rdb, []string{k.record, k.intent},
+	// Durable like a rotation: an intent a failover lost would let a
+	// successor on the promoted replica spend the same token again.
+	res, err := s.runDurable(ctx, intentScript, []string{k.record, k.intent},
 		"begin", strconv.FormatInt(v, 10), family, holder, now.UnixMilli(), ttl.Milliseconds()).Slice()
 	if err != nil {
 		return intent{}, false, err

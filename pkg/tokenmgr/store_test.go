@@ -245,9 +245,9 @@ func TestStoreCommandsAllowedByReadmeACL(t *testing.T) {
 	}
 }
 
-// Options.MinReplicas: the writes that create a version wait for a
-// replica's acknowledgement; one that does not come in time is counted, and
-// the write stands.
+// Options.MinReplicas: the writes that create a version, and the intent
+// before a provider call, wait for a replica's acknowledgement; one that
+// does not come in time is counted, and the write stands.
 func TestMinReplicasRealRedis(t *testing.T) {
 	e := newEnv(t, realBackend, tokenmgrtest.Strict)
 	replica := redisserver.StartReplica(t, e.srv)
@@ -265,8 +265,8 @@ func TestMinReplicasRealRedis(t *testing.T) {
 	if err != nil || v != 3 {
 		t.Fatalf("rotate with the replica paused: %d %v, want version 3", v, err)
 	}
-	if n := m.Stats().ReplicaAckTimeouts; n != 1 {
-		t.Errorf("%d acknowledgement timeouts with the replica paused, want 1", n)
+	if n := m.Stats().ReplicaAckTimeouts; n != 2 {
+		t.Errorf("%d acknowledgement timeouts with the replica paused, want 2 (the intent, then the rotation)", n)
 	}
 	if st := e.status(m); st.Version != 3 {
 		t.Errorf("stored version %d, want 3: the write stands", st.Version)
