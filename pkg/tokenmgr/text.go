@@ -50,4 +50,12 @@ func bounded(s string, n int) string {
 }
 
 // quoted is strconv.Quote of a bounded value: for corrupt record values.
-func quoted(s string) string { return strconv.Quote(bounded(s, maxShownValue)) }
+func quoted(s string) string {
+	q := strconv.Quote(bounded(s, maxShownValue))
+	if len(q) > 2*maxShownValue {
+		// Mostly escapes (invalid UTF-8, control bytes): each byte would
+		// print as four characters. Show it with them replaced instead.
+		q = strconv.Quote(printable(s, maxShownValue))
+	}
+	return q
+}
