@@ -22,22 +22,56 @@ import (
 
 // fig8: MEMORY USAGE of one grant's record (encrypted), on a real
 // redis-server, for fake-IdP-sized and JWT-sized access tokens.
-func fig8(ctx context.Context, out io.Writer, _ string) error {
-	for _, conf := range [][]string{nil, {"--hash-max-listpack-value", "4096"}} {
+func fig8(ctx context.Context, out io.Writer, _ env) (verdict, error) {
+	var byConf [2][]memRow
+	for i, conf := range [][]string{nil, {"--hash-max-listpack-value", "4096"}} {
 		name := "default server config (hash-max-listpack-value 64)"
 		if conf != nil {
 			name = "hash-max-listpack-value 4096"
 		}
 		fmt.Fprintf(out, "%s:\n\n", name)
-		if err := memoryPerGrant(ctx, out, conf); err != nil {
-			return err
+		rows, err := memoryPerGrant(ctx, out, conf)
+		if err != nil {
+			return verdict{}, err
 		}
+		if rows == nil {
+			return verdict{skipped: true, result: "skipped: no redis-server"}, nil
+		}
+		byConf[i] = rows
 		fmt.Fprintln(out)
 	}
-	fmt.Fprintln(out, "51 B is the fake IdP's token size; Atlassian access tokens are JWTs of about 1-2.5 KB.")
+	fmt.Fprintln(out, "51 B is the fake IdP's token size; Atlassian access tokens are JWTs of about 1-2.5 KB. Beyond the token bytes: the per-grant bytes less the raw access and refresh token bytes.")
 	fmt.Fprintln(out)
-	return rotationsSetMemory(ctx, out)
+	if err := rotationsSetMemory(ctx, out); err != nil {
+		return verdict{}, err
+	}
+	v := verdict{met: true}
+	var parts []string
+	for _, r := range byConf[0] {
+		parts = append(parts, fmt.Sprintf("%.0f B with %d B tokens", r.beyond(), r.at))
+		if r.beyond() > 300 {
+			v.met = false
+		}
+	}
+	v.result = "beyond the raw token bytes, default config: " + strings.Join(parts, ", ") + fmt.Sprintf("; with `hash-max-listpack-value 4096` %.0f B for 51 B tokens", byConf[1][0].beyond())
+	if !v.met {
+		d, l := byConf[0][0], byConf[1][0]
+		v.why = fmt.Sprintf("With the default hash-max-listpack-value 64 the sealed token fields (%d and %d B for %d B tokens) are too long for a listpack, so the record is a %s: %.0f B beyond the token bytes, of which %d B are the encryption's expansion and %.0f B the schedule entry; with hash-max-listpack-value 4096 (a %s) it is %.0f B.",
+			d.sealedAT, d.sealedRT, d.at, d.encoding, d.beyond(), d.sealedAT+d.sealedRT-int64(d.at+d.rt), d.due, l.encoding, l.beyond())
+	}
+	return v, nil
 }
+
+// memRow is one token size's cost per grant.
+type memRow struct {
+	at, rt             int     // raw token bytes
+	rec                int64   // MEMORY USAGE of the record
+	due                float64 // what its schedule entry adds to tm:due
+	encoding           string  // OBJECT ENCODING of the record
+	sealedAT, sealedRT int64   // HSTRLEN of the sealed token fields
+}
+
+func (r memRow) beyond() float64 { return float64(r.rec) + r.due - float64(r.at+r.rt) }
 
 // rotationsSetMemory measures what a grant rotated in the last hour adds:
 // its rotations set (the dashboard's "refreshes in the last hour"), after
@@ -75,11 +109,11 @@ func rotationsSetMemory(ctx context.Context, out io.Writer) error {
 	return nil
 }
 
-func memoryPerGrant(ctx context.Context, out io.Writer, conf []string) error {
+func memoryPerGrant(ctx context.Context, out io.Writer, conf []string) ([]memRow, error) {
 	addr, stop, err := startRedis(conf...)
 	if err != nil {
 		fmt.Fprintf(out, "skipped: %v\n", err)
-		return nil
+		return nil, nil
 	}
 	defer stop()
 	rdb := redis.NewClient(&redis.Options{Addr: addr})
@@ -88,54 +122,81 @@ func memoryPerGrant(ctx context.Context, out io.Writer, conf []string) error {
 	kr, _ := tokenmgr.NewKeyring(key)
 	admin, err := tokenmgr.NewAdmin(tokenmgr.Options{Redis: rdb, Sealer: kr, Provider: tokenmgr.Atlassian, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
-		return err
+		return nil, err
 	}
-	fmt.Fprintln(out, "| access token | refresh token | record bytes (MEMORY USAGE) | schedule entry bytes | per grant |")
-	fmt.Fprintln(out, "|---|---|---|---|---|")
+	fmt.Fprintln(out, "| access token | refresh token | record bytes (MEMORY USAGE) | encoding | sealed access + refresh token | schedule entry bytes | per grant | beyond the token bytes |")
+	fmt.Fprintln(out, "|---|---|---|---|---|---|---|---|")
+	var rows []memRow
 	for _, sz := range []struct{ at, rt int }{{51, 51}, {1200, 64}, {2400, 64}} {
 		const grants = 1000
 		before, _ := rdb.MemoryUsage(ctx, "tm:due", 0).Result()
 		var rec int64
+		var last string
 		for i := range grants {
 			g := fmt.Sprintf("grant-%d-%d", sz.at, i)
 			tok := &oauth2.Token{AccessToken: strings.Repeat("a", sz.at), RefreshToken: strings.Repeat("r", sz.rt), TokenType: "Bearer", Expiry: time.Now().Add(time.Hour)}
 			tok = tok.WithExtra(map[string]any{"scope": "read:jira-work write:jira-work offline_access"})
 			if _, err := admin.Seed(ctx, g, tok, tokenmgr.SeedOptions{}); err != nil {
-				return err
+				return nil, err
 			}
-			n, err := rdb.MemoryUsage(ctx, "tm:{"+g+"}:tok", 0).Result()
+			last = "tm:{" + g + "}:tok"
+			n, err := rdb.MemoryUsage(ctx, last, 0).Result()
 			if err != nil {
-				return err
+				return nil, err
 			}
 			rec += n
 		}
 		after, _ := rdb.MemoryUsage(ctx, "tm:due", 0).Result()
-		due := float64(after-before) / grants
-		fmt.Fprintf(out, "| %d B | %d B | %d | %.0f | %.0f B |\n", sz.at, sz.rt, rec/grants, due, float64(rec)/grants+due)
+		r := memRow{at: sz.at, rt: sz.rt, rec: rec / grants, due: float64(after-before) / grants}
+		r.encoding, _ = rdb.ObjectEncoding(ctx, last).Result()
+		r.sealedAT, _ = rdb.HStrLen(ctx, last, "access_token").Result()
+		r.sealedRT, _ = rdb.HStrLen(ctx, last, "refresh_token").Result()
+		fmt.Fprintf(out, "| %d B | %d B | %d | %s | %d B | %.0f | %.0f B | %.0f B |\n", sz.at, sz.rt, r.rec, r.encoding, r.sealedAT+r.sealedRT, r.due, float64(r.rec)+r.due, r.beyond())
+		rows = append(rows, r)
 	}
-	return nil
+	return rows, nil
 }
 
-// startRedis runs a throwaway redis-server on a free loopback port.
+// startRedis runs a throwaway redis-server on a free loopback port (one
+// that leaves room for a Cluster node's bus, port+10000).
 func startRedis(extra ...string) (string, func(), error) {
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
 		return "", nil, fmt.Errorf("redis-server not found")
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	for range 5 { // a free port may be taken before the server binds it
+		port, err := freePort()
+		if err != nil {
+			return "", nil, err
+		}
+		if addr, stop, err := startRedisOn(bin, port, extra); err == nil {
+			return addr, stop, nil
+		}
+	}
+	return "", nil, fmt.Errorf("redis-server did not start")
+}
+
+func startRedisOn(bin string, port int, extra []string) (string, func(), error) {
+	dir, err := os.MkdirTemp("", "bench-redis-")
 	if err != nil {
 		return "", nil, err
 	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	dir, _ := os.MkdirTemp("", "bench-redis-")
 	cmd := exec.Command(bin, append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir}, extra...)...)
 	if err := cmd.Start(); err != nil {
+		os.RemoveAll(dir)
 		return "", nil, err
 	}
-	stop := func() { _ = cmd.Process.Kill(); _ = cmd.Wait(); os.RemoveAll(dir) }
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	stop := func() { _ = cmd.Process.Kill(); <-exited; os.RemoveAll(dir) }
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 	for range 100 {
+		select {
+		case <-exited:
+			os.RemoveAll(dir)
+			return "", nil, fmt.Errorf("redis-server on port %d exited", port)
+		default:
+		}
 		if c, err := net.DialTimeout("tcp", addr, 100*time.Millisecond); err == nil {
 			fmt.Fprint(c, "PING\r\n")
 			line, _ := bufio.NewReader(c).ReadString('\n')
@@ -147,5 +208,24 @@ func startRedis(extra ...string) (string, func(), error) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	stop()
-	return "", nil, fmt.Errorf("redis-server did not start")
+	return "", nil, fmt.Errorf("redis-server on port %d did not answer", port)
+}
+
+// maxPort keeps room for a Cluster node's bus port, its port plus 10000.
+const maxPort = 65535 - 10000
+
+// freePort is a loopback port that was free a moment ago, at most maxPort.
+func freePort() (int, error) {
+	for range 100 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return 0, err
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		l.Close()
+		if port <= maxPort {
+			return port, nil
+		}
+	}
+	return 0, fmt.Errorf("no free port at or below %d in 100 tries", maxPort)
 }

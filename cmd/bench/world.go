@@ -2,8 +2,11 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"sort"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -31,6 +34,7 @@ type world struct {
 	idp      *tokenmgrtest.Server
 	clock    *clock
 	commands atomic.Int64 // commands sent by counted clients
+	byName   sync.Map     // command name -> *atomic.Int64, for counted clients
 	closers  []func()
 }
 
@@ -64,41 +68,102 @@ func (w *world) close() {
 }
 
 // countHook counts commands, leaving out the handshake a new connection
-// sends (HELLO, CLIENT SETINFO): that is setup, not work.
-type countHook struct{ n *atomic.Int64 }
+// sends (HELLO, CLIENT SETINFO): that is setup, not work. With byName set
+// it counts them by name too.
+type countHook struct {
+	n      *atomic.Int64
+	byName *sync.Map
+}
+
+func (h countHook) count(cmd redis.Cmder) {
+	if handshake(cmd) {
+		return
+	}
+	h.n.Add(1)
+	if h.byName != nil {
+		c, _ := h.byName.LoadOrStore(strings.ToUpper(cmd.Name()), new(atomic.Int64))
+		c.(*atomic.Int64).Add(1)
+	}
+}
+
+// resetNames zeroes the counts by name.
+func (w *world) resetNames() { w.byName.Clear() }
+
+// names lists the counts by name, most first ("none" when there are none).
+func (w *world) names() string { return namesOf(&w.byName, 1) }
+
+// namesOf lists counts by name divided by per, most first.
+func namesOf(m *sync.Map, per float64) string {
+	type nc struct {
+		name string
+		n    int64
+	}
+	var all []nc
+	m.Range(func(k, v any) bool {
+		if n := v.(*atomic.Int64).Load(); n > 0 {
+			all = append(all, nc{k.(string), n})
+		}
+		return true
+	})
+	if len(all) == 0 {
+		return "no commands"
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i].n > all[j].n || all[i].n == all[j].n && all[i].name < all[j].name })
+	parts := make([]string, len(all))
+	for i, c := range all {
+		if per == 1 {
+			parts[i] = fmt.Sprintf("%d %s", c.n, c.name)
+		} else {
+			parts[i] = fmt.Sprintf("%.2f %s", float64(c.n)/per, c.name)
+		}
+	}
+	return strings.Join(parts, ", ")
+}
 
 func handshake(cmd redis.Cmder) bool { return cmd.Name() == "hello" || cmd.Name() == "client" }
 
 func (h countHook) DialHook(next redis.DialHook) redis.DialHook { return next }
 func (h countHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
-		if !handshake(cmd) {
-			h.n.Add(1)
-		}
+		h.count(cmd)
 		return next(ctx, cmd)
 	}
 }
 func (h countHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
 		for _, c := range cmds {
-			if !handshake(c) {
-				h.n.Add(1)
-			}
+			h.count(c)
 		}
 		return next(ctx, cmds)
 	}
 }
 
-// writeHook records when a fenced write (a script that publishes on
-// tm:rotated) is sent: the start of rotation-to-adoption latency.
+// writeHook records when a fenced write (a script that publishes a
+// rotation message) is sent: the start of rotation-to-adoption latency.
 type writeHook struct{ at *atomic.Int64 }
+
+// announces reports whether a script argument names where a rotation
+// message goes: the global channel, or a grant's own, with the "p:" or
+// "s:" the scripts are told to PUBLISH or SPUBLISH with.
+func announces(arg any) bool {
+	a, ok := arg.(string)
+	if !ok {
+		return false
+	}
+	if t, ok := strings.CutPrefix(a, "p:"); ok {
+		a = t
+	} else if t, ok := strings.CutPrefix(a, "s:"); ok {
+		a = t
+	}
+	return a == "tm:rotated" || strings.HasPrefix(a, "tm:{") && strings.HasSuffix(a, "}:rotated")
+}
 
 func (h writeHook) DialHook(next redis.DialHook) redis.DialHook { return next }
 func (h writeHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		if n := cmd.Name(); n == "evalsha" || n == "eval" {
 			for _, a := range cmd.Args() {
-				if a == "tm:rotated" {
+				if announces(a) {
 					h.at.Store(time.Now().UnixNano())
 					break
 				}
@@ -115,7 +180,7 @@ func (h writeHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Pro
 func (w *world) client(counted bool) *redis.Client {
 	c := redis.NewClient(&redis.Options{Addr: w.addr, PoolSize: 4})
 	if counted {
-		c.AddHook(countHook{&w.commands})
+		c.AddHook(countHook{&w.commands, &w.byName})
 	}
 	w.closers = append(w.closers, func() { c.Close() })
 	return c
