@@ -16,6 +16,7 @@ import (
 	"github.com/redis/go-redis/v9"
 	"golang.org/x/oauth2"
 
+	"github.com/tokenmgr/tokenmgr/internal/redisserver"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr"
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
@@ -165,7 +166,7 @@ func startRedis(extra ...string) (string, func(), error) {
 		return "", nil, fmt.Errorf("redis-server not found")
 	}
 	for range 5 { // a free port may be taken before the server binds it
-		port, err := freePort()
+		port, err := redisserver.FreePort() // leaves room for the Cluster bus
 		if err != nil {
 			return "", nil, err
 		}
@@ -209,23 +210,4 @@ func startRedisOn(bin string, port int, extra []string) (string, func(), error) 
 	}
 	stop()
 	return "", nil, fmt.Errorf("redis-server on port %d did not answer", port)
-}
-
-// maxPort keeps room for a Cluster node's bus port, its port plus 10000.
-const maxPort = 65535 - 10000
-
-// freePort is a loopback port that was free a moment ago, at most maxPort.
-func freePort() (int, error) {
-	for range 100 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return 0, err
-		}
-		port := l.Addr().(*net.TCPAddr).Port
-		l.Close()
-		if port <= maxPort {
-			return port, nil
-		}
-	}
-	return 0, fmt.Errorf("no free port at or below %d in 100 tries", maxPort)
 }
