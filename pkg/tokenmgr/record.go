@@ -217,8 +217,9 @@ func familyEpoch(family string) int64 {
 }
 
 // newerThan orders two records of one grant: by family (the later seed
-// wins), then a dead mark before any pair of its family, then by version. A process holding a record newer than the stored
-// one knows the store went back in time (invariant 9).
+// wins), then a dead mark before any pair of its family, then by version.
+// A process holding a record newer than the stored one knows the store went
+// back in time (invariant 9).
 func (r *record) newerThan(o *record) bool {
 	if r.Family != o.Family {
 		re, oe := familyEpoch(r.Family), familyEpoch(o.Family)

@@ -410,10 +410,9 @@ func (s *store) restore(ctx context.Context, grant string, k keys, rec *record) 
 
 // runDurable runs a script that creates a version, or the intent to spend
 // a refresh token (which a successor must find after a failover). With
-// MinReplicas it
-// then waits, on the same connection (WAIT counts the writes of its own
-// connection), until that many replicas have the write or ReplicaTimeout
-// passes: a failover soon after then finds the version on a replica. It
+// MinReplicas it then waits, on the same connection (WAIT counts the writes
+// of its own connection), until that many replicas have the write or
+// ReplicaTimeout passes: a failover soon after then finds it on a replica. It
 // narrows the window in which Redis can lose a rotation; it does not close
 // it (Sentinel may still promote a replica that did not acknowledge).
 func (s *store) runDurable(ctx context.Context, script *redis.Script, keys []string, args ...any) *redis.Cmd {
@@ -742,16 +741,16 @@ func reloadOnFailure(cc *redis.ClusterClient) {
 		return
 	}
 	runtime.AddCleanup(cc, func(wp weak.Pointer[redis.ClusterClient]) { reloadHooked.Delete(wp) }, wp)
-	cc.AddHook(&clusterReloader{client: wp})
+	cc.AddHook(&clusterReloader{client: cc})
 }
 
-// reloadHooked holds the Cluster clients reloadOnFailure has hooked.
+// reloadHooked holds the Cluster clients reloadOnFailure has hooked, weakly:
+// the set must not keep a client alive.
 var reloadHooked sync.Map
 
-// clusterReloader is the hook of reloadOnFailure. It holds the client
-// weakly: a hook the client holds must not keep it alive.
+// clusterReloader is the hook of reloadOnFailure.
 type clusterReloader struct {
-	client weak.Pointer[redis.ClusterClient]
+	client *redis.ClusterClient
 	last   atomic.Int64 // unix ns of the last reload asked; one per reloadEvery
 }
 
@@ -786,9 +785,7 @@ func (h *clusterReloader) after(err error) {
 	if now-last < int64(reloadEvery) || !h.last.CompareAndSwap(last, now) {
 		return
 	}
-	if cc := h.client.Value(); cc != nil {
-		cc.ReloadState(context.Background())
-	}
+	h.client.ReloadState(context.Background())
 }
 
 // topologySuspect reports an error that a stale slot map can cause: the
