@@ -4,6 +4,8 @@ package integration
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -22,12 +24,14 @@ type failoverFigures struct {
 	repaired  time.Duration // from the kill until the store held masterV or newer again
 }
 
-// rollBack holds replica back (stopped, its link cut) for two rotations, kills master,
-// resumes the replica and calls promote to make it master. The promoted
-// replica then holds a record older than the one the fleet has seen: its
-// refresh token is spent. It returns what it measured, and fails the test
-// if the replica was not behind (the scenario would prove nothing).
-func (f *fleet) rollBack(t *testing.T, master, replica *redisserver.Server, replicaConn func() *redis.Conn, promote func()) failoverFigures {
+// rollBack holds replica back (stopped, its link cut) for two rotations,
+// kills master, resumes the replica and calls promote to make it master.
+// The promoted replica then holds a record older than the one the fleet has
+// seen: its refresh token is spent. It returns what it measured, and an
+// error if the replica was not behind (the scenario would prove nothing).
+// It runs beside the workers, off the test's goroutine, so it returns
+// errors instead of calling t.Fatal.
+func (f *fleet) rollBack(master, replica *redisserver.Server, promote func() error) (failoverFigures, error) {
 	var fig failoverFigures
 	// SIGSTOP alone holds nothing back: the kernel keeps receiving the
 	// replication stream into the stopped replica's socket. Closing that
@@ -37,63 +41,87 @@ func (f *fleet) rollBack(t *testing.T, master, replica *redisserver.Server, repl
 	err := c.ClientKillByFilter(context.Background(), "TYPE", "replica").Err()
 	c.Close()
 	if err != nil {
-		t.Fatalf("cut the replication link: %v", err)
+		replica.Resume()
+		return fig, fmt.Errorf("cut the replication link: %w", err)
 	}
-	start := f.stats()["rotations"]
-	f.waitRotations(start + 2)
-	fig.masterV = versionOn(t, master, nil)
+	f.waitRotations(f.stats()["rotations"] + 2)
+	if fig.masterV, err = f.versionOn(master); err != nil {
+		replica.Resume()
+		return fig, err
+	}
 	master.Kill()
 	killed := time.Now()
 	replica.Resume()
-	fig.promotedV = versionOn(t, replica, replicaConn)
-	if fig.promotedV >= fig.masterV {
-		t.Fatalf("the replica holds version %d, the master had %d: not held back, nothing rolled back", fig.promotedV, fig.masterV)
+	if fig.promotedV, err = f.versionOn(replica); err != nil {
+		return fig, err
 	}
-	promote()
-	replica.WaitInfo("role:master", 30*time.Second)
+	if fig.promotedV >= fig.masterV {
+		return fig, fmt.Errorf("the replica holds version %d, the master had %d: not held back, nothing rolled back", fig.promotedV, fig.masterV)
+	}
+	if err := promote(); err != nil {
+		return fig, err
+	}
+	for deadline := killed.Add(30 * time.Second); !isMaster(replica); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			return fig, errors.New("the replica was not promoted within 30s")
+		}
+	}
 	fig.promoted = time.Since(killed)
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if v := versionOn(t, replica, replicaConn); v >= fig.masterV {
+		if v, err := f.versionOn(replica); err == nil && v >= fig.masterV {
 			fig.repaired = time.Since(killed)
-			break
+			return fig, nil
 		}
 		if time.Now().After(deadline) {
-			t.Errorf("the store still holds a version below %d 30s after the failover", fig.masterV)
-			break
+			return fig, fmt.Errorf("the store still holds a version below %d 30s after the failover", fig.masterV)
 		}
 	}
-	return fig
 }
 
-// versionOn reads the grant's version straight from one server (through
-// conn when given: a Cluster replica needs READONLY first).
-func versionOn(t *testing.T, s *redisserver.Server, conn func() *redis.Conn) int64 {
-	t.Helper()
-	key := "tm:{jira}:tok"
-	var cmd *redis.StringCmd
-	if conn != nil {
-		c := conn()
-		defer c.Close()
-		cmd = c.HGet(context.Background(), key, "v")
-	} else {
-		c := redis.NewClient(&redis.Options{Addr: s.Addr(), MaxRetries: -1})
-		defer c.Close()
-		cmd = c.HGet(context.Background(), key, "v")
-	}
-	v, err := cmd.Int64()
+func isMaster(s *redisserver.Server) bool {
+	info, _ := s.Info("replication")
+	return strings.Contains(info, "role:master")
+}
+
+// versionOn reads the grant's version straight from one server. READONLY
+// lets it read a Cluster replica; elsewhere it is refused and harmless.
+func (f *fleet) versionOn(s *redisserver.Server) (int64, error) {
+	ctx := context.Background()
+	c := redis.NewClient(&redis.Options{Addr: s.Addr(), MaxRetries: -1})
+	defer c.Close()
+	conn := c.Conn()
+	defer conn.Close()
+	_ = conn.ReadOnly(ctx).Err()
+	v, err := conn.HGet(ctx, "tm:{"+f.grant+"}:tok", "v").Int64()
 	if err != nil {
-		t.Fatalf("read the version on %s: %v", s.Addr(), err)
+		return 0, fmt.Errorf("read the version on %s: %w", s.Addr(), err)
 	}
-	return v
+	return v, nil
 }
 
-// checkFailover asserts what a failover scenario promises: no refresh token
-// presented twice, no family revoked, the grant alive, one provider call
-// per rotation, and no failed request once the failover completed.
-func checkFailover(t *testing.T, name string, f *fleet, during, after report, fig failoverFigures) {
-	t.Helper()
+// failover runs a failover scenario beside a refresher: 8 workers for 35 s,
+// during which rollBack rolls the record back, then 8 new workers for 20 s.
+// It asserts what a failover promises: no refresh token presented twice, no
+// family revoked, the grant alive, one provider call per rotation, and no
+// failed request once the failover completed.
+func (f *fleet) failover(name string, master, replica *redisserver.Server, promote func() error) {
+	t := f.t
+	f.refresher()
+	var fig failoverFigures
+	var faultErr error
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		f.waitRotations(10)
+		fig, faultErr = f.rollBack(master, replica, promote)
+	})
+	during := sum(f.workers(8, 35*time.Second))
+	wg.Wait()
+	if faultErr != nil {
+		t.Fatal(faultErr)
+	}
+	f.summary(name+"(during)", during, f.stats())
+	after := sum(f.workers(8, 20*time.Second))
 	idp := f.stats()
-	f.summary(name+"(during)", during, idp)
 	f.summary(name+"(after)", after, idp)
 	t.Logf("%s: master at v%d killed, replica promoted at v%d after %s, store back at v%d or newer after %s",
 		name, fig.masterV, fig.promotedV, fig.promoted.Round(time.Millisecond), fig.masterV, fig.repaired.Round(time.Millisecond))
@@ -106,8 +134,8 @@ func checkFailover(t *testing.T, name string, f *fleet, during, after report, fi
 	if after.Failed != 0 || after.OK == 0 || after.ReauthRequired {
 		t.Errorf("after the failover: %d failed of %d (%v)", after.Failed, after.Requests, after.Failures)
 	}
-	if f.version() <= fig.masterV {
-		t.Errorf("version %d after the run, want past %d (the fleet kept rotating from the newest pair)", f.version(), fig.masterV)
+	if v := f.version(); v <= fig.masterV {
+		t.Errorf("version %d after the run, want past %d (the fleet kept rotating from the newest pair)", v, fig.masterV)
 	}
 }
 
@@ -130,17 +158,7 @@ func TestSentinelFailover(t *testing.T) {
 	f.redisURL = "redis+sentinel://" + sentinels[0].Addr() + "?master_name=tm&addr=" + sentinels[1].Addr() + "&addr=" + sentinels[2].Addr()
 	f.startIdP(nil)
 	f.seed()
-	f.refresher()
-	var fig failoverFigures
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		f.waitRotations(10)
-		fig = f.rollBack(t, master, replica, nil, func() {}) // Sentinel promotes on its own
-	})
-	during := sum(f.workers(8, 35*time.Second))
-	wg.Wait()
-	after := sum(f.workers(8, 20*time.Second))
-	checkFailover(t, "11-sentinel-failover", f, during, after, fig)
+	f.failover("11-sentinel-failover", master, replica, func() error { return nil }) // Sentinel promotes on its own
 }
 
 // 12. The same on a three-master Cluster with a replica per master: the
@@ -163,26 +181,9 @@ func TestClusterFailover(t *testing.T) {
 	f.redisURL = "redis+cluster://" + nodes[0].Addr() + "?" + strings.Join(seeds, "&")
 	f.startIdP(nil)
 	f.seed()
-	f.refresher()
-	readonly := func() *redis.Conn {
-		c := redis.NewClient(&redis.Options{Addr: replica.Addr(), MaxRetries: -1}).Conn()
-		_ = c.ReadOnly(context.Background()).Err()
-		return c
-	}
-	var fig failoverFigures
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		f.waitRotations(10)
-		fig = f.rollBack(t, master, replica, readonly, func() {
-			c := redis.NewClient(&redis.Options{Addr: replica.Addr()})
-			defer c.Close()
-			if err := c.Do(context.Background(), "CLUSTER", "FAILOVER", "FORCE").Err(); err != nil {
-				t.Errorf("CLUSTER FAILOVER FORCE: %v", err)
-			}
-		})
+	f.failover("12-cluster-failover", master, replica, func() error {
+		c := redis.NewClient(&redis.Options{Addr: replica.Addr()})
+		defer c.Close()
+		return c.Do(context.Background(), "CLUSTER", "FAILOVER", "FORCE").Err()
 	})
-	during := sum(f.workers(8, 35*time.Second))
-	wg.Wait()
-	after := sum(f.workers(8, 20*time.Second))
-	checkFailover(t, "12-cluster-failover", f, during, after, fig)
 }
