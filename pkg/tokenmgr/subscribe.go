@@ -202,28 +202,52 @@ func (m *Manager) joinShard(g *grantState) {
 	}
 }
 
+// openShard subscribes every grant of l on one connection and publishes
+// it as l.sub. A grant that joins while the connection opens finds l.sub
+// nil and leaves itself to the loop, so the loop subscribes, under the
+// lock, every grant it has not yet subscribed before it publishes l.sub;
+// after that, joiners add themselves.
+func (m *Manager) openShard(l *shardLoop) (*subscription, error) {
+	var sub *subscription
+	done := map[string]bool{}
+	for {
+		l.mu.Lock()
+		var missed []string
+		for name := range l.grants {
+			if !done[name] {
+				missed = append(missed, name)
+			}
+		}
+		if len(missed) == 0 {
+			l.sub = sub
+			l.mu.Unlock()
+			return sub, nil
+		}
+		l.mu.Unlock()
+		for _, name := range missed {
+			var err error
+			if sub == nil {
+				sub, err = m.store.subscribeShard(m.base, name)
+			} else {
+				err = sub.add(m.base, name)
+			}
+			if err != nil {
+				if sub != nil {
+					sub.close()
+				}
+				return nil, err
+			}
+			done[name] = true
+		}
+	}
+}
+
 // runShard keeps one server's subscription up for its grants. When it
 // fails, the grants rejoin by the server that now carries them (after a
 // failover or a resharding it may be another).
 func (m *Manager) runShard(node string, l *shardLoop) {
-	l.mu.Lock()
-	grants := make([]*grantState, 0, len(l.grants))
-	for _, g := range l.grants {
-		grants = append(grants, g)
-	}
-	l.mu.Unlock()
-	sub, err := m.store.subscribeShard(m.base, grants[0].name)
+	sub, err := m.openShard(l)
 	if err == nil {
-		for _, g := range grants[1:] {
-			if err = sub.add(m.base, g.name); err != nil {
-				break
-			}
-		}
-	}
-	if err == nil {
-		l.mu.Lock()
-		l.sub = sub
-		l.mu.Unlock()
 		m.listen(sub, listener{
 			subscribed: func(channel string) {
 				g := m.lookup(m.store.grantOf(channel))
