@@ -141,11 +141,14 @@ func testBackgroundRefreshBounded(t *testing.T, b backend) {
 // re-check interval, not once per request; its error is served meanwhile.
 func testCorruptRecordCached(t *testing.T, b backend) {
 	e := newEnv(t, b, tokenmgrtest.Strict)
-	m := e.manager(Strict, nil)
-	e.seed(m)
+	// Seeded by another process before m starts: m must not hear the
+	// seed's message, whose record (a usable token) it would adopt
+	// whenever the message arrives, and then rightly serve.
+	e.seed(e.manager(Strict, nil))
 	if err := e.client().HSet(t.Context(), grantKeys("tm", e.grant).record, fV, "x").Err(); err != nil {
 		t.Fatal(err)
 	}
+	m := e.manager(Strict, nil)
 	if _, err := m.Token(t.Context(), e.grant); err == nil {
 		t.Fatal("a corrupt record served a token")
 	}
