@@ -68,6 +68,9 @@ func TestChartCommands(t *testing.T) {
 				if tc.name == "full values" && cfg.log.Format != "json" {
 					t.Errorf("%s: --log-format %q, want the values' json", c.Workload, cfg.log.Format)
 				}
+				if want := map[bool]string{true: "pair", false: "hash"}[tc.name == "full values"]; cfg.common.Layout != want {
+					t.Errorf("%s: --layout %q, want the values' %q", c.Workload, cfg.common.Layout, want)
+				}
 				if cfg.embedded() {
 					t.Errorf("%s would run the embedded demo, not a worker", c.Workload)
 				}

@@ -135,8 +135,15 @@ func TestChartCommands(t *testing.T) {
 				checkListen("--admin-listen", cfg.operatorListen, "", true)
 			}
 			var regs []string
+			wantLayout := map[string]string{"full values": "pair"}[tc.name]
+			if wantLayout == "" {
+				wantLayout = "hash"
+			}
 			for _, r := range cfg.regs {
 				regs = append(regs, r.name)
+				if r.common.Layout != wantLayout {
+					t.Errorf("registration %s: --layout %q, want the values' %q", r.name, r.common.Layout, wantLayout)
+				}
 			}
 			want := map[string][]string{"default values": {"default"}, "full values": {"jira", "xero"}, "one grant, dashboard on loopback": {"default"}}[tc.name]
 			if !slices.Equal(regs, want) {

@@ -225,3 +225,57 @@ func TestSeedConsentedAt(t *testing.T) {
 		t.Errorf("a consent in the future: %v", err)
 	}
 }
+
+// --layout (or TOKENMGR_LAYOUT) reaches every registration's Options and
+// the operator commands' Admin; a bad value is an error naming the flag.
+func TestLayoutFlag(t *testing.T) {
+	env := map[string]string{"TOKENMGR_REDIS_URL": "redis://127.0.0.1:1", "TOKENMGR_ENCRYPTION_KEY": testKey, "TOKENMGR_CLIENT_ID": "c",
+		"TOKENMGR_CLIENT_SECRET": "s", "S": "s"}
+	getenv := func(k string) string { return env[k] }
+	layouts := func(args ...string) []tokenmgr.Layout {
+		t.Helper()
+		c, err := parseRunFlags(args, getenv, io.Discard)
+		if err != nil {
+			t.Fatalf("%v: %v", args, err)
+		}
+		var out []tokenmgr.Layout
+		for _, r := range c.regs {
+			o, err := r.common.Options()
+			if err != nil {
+				t.Fatal(err)
+			}
+			cli.CloseClients(o)
+			a, err := r.common.AdminOptions()
+			if err != nil {
+				t.Fatal(err)
+			}
+			cli.CloseClients(a)
+			if a.Layout != o.Layout {
+				t.Errorf("%v: the Admin writes %v, the Manager %v", args, a.Layout, o.Layout)
+			}
+			out = append(out, o.Layout)
+		}
+		return out
+	}
+	if got := layouts(); got[0] != tokenmgr.LayoutHash {
+		t.Errorf("default: %v, want LayoutHash", got)
+	}
+	if got := layouts("--layout", "pair"); got[0] != tokenmgr.LayoutPair {
+		t.Errorf("--layout pair: %v", got)
+	}
+	cfg := writeConfig(t, `{"registrations": [
+		{"name": "a", "provider": "atlassian", "client_id": "a", "client_secret_env": "S", "grants": ["a"]},
+		{"name": "b", "provider": "atlassian", "client_id": "a", "client_secret_env": "S", "grants": ["b"]}]}`)
+	if got := layouts("--layout", "pair", "--config", cfg); len(got) != 2 || got[0] != tokenmgr.LayoutPair || got[1] != tokenmgr.LayoutPair {
+		t.Errorf("--config with --layout pair: %v", got)
+	}
+	env[cli.EnvLayout] = "pair"
+	if got := layouts(); got[0] != tokenmgr.LayoutPair {
+		t.Errorf("from %s: %v", cli.EnvLayout, got)
+	}
+	var out, errOut bytes.Buffer
+	err := run(t.Context(), []string{"run", "--layout", "split\x1b[31m"}, getenv, strings.NewReader(""), &out, &errOut)
+	if code := cli.Exit("refresher", err, &errOut); code != 1 || !strings.Contains(errOut.String(), "--layout") || strings.Contains(errOut.String(), "\x1b") {
+		t.Errorf("--layout with a bad value: exit %d, %q", code, errOut.String())
+	}
+}

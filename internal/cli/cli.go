@@ -30,6 +30,7 @@ const (
 	EnvClientSecretPrevious = "TOKENMGR_CLIENT_SECRET_PREVIOUS"
 	EnvEncryptionKey        = "TOKENMGR_ENCRYPTION_KEY"
 	EnvRedisCAFile          = "TOKENMGR_REDIS_CA_FILE"
+	EnvLayout               = "TOKENMGR_LAYOUT"
 )
 
 // NoSecretEnv as Common.SecretEnv reads no variable for the client secret.
@@ -71,6 +72,10 @@ type Common struct {
 	PreviousSecretFile string
 	PreviousSecretEnv  string
 
+	// Layout (--layout) is where records keep their sealed tokens:
+	// "hash" or "pair" (tokenmgr.Options.Layout).
+	Layout string
+
 	clientSecret   string // from the environment or the file, never a flag value
 	previousSecret string // likewise
 	keyring        *tokenmgr.Keyring
@@ -95,6 +100,11 @@ func (c *Common) Register(fs *flag.FlagSet, env func(string) string) {
 	fs.DurationVar(&c.HTTPTimeout, "http-timeout", 0, "timeout of one token-endpoint call (default: the provider profile's)")
 	fs.StringVar(&c.KeyFile, "encryption-key-file", "", "`file` of AES-256 keys, one \"ID:BASE64\" per line, the last one encrypting (else env "+EnvEncryptionKey+", same format, comma-separated)")
 	fs.BoolVar(&c.InsecurePlain, "insecure-plaintext", false, "store tokens in Redis unencrypted (never in production)")
+	layout := env(EnvLayout)
+	if layout == "" {
+		layout = "hash"
+	}
+	fs.StringVar(&c.Layout, "layout", layout, "where written records keep their sealed tokens: hash (fields of the record, as every release before pair) or pair (a key of their own: about half the memory per grant; set it once no process of an older release is left; env "+EnvLayout+")")
 }
 
 // UseEnv sets where Validate reads environment variables (Register does
@@ -150,6 +160,9 @@ func (c *Common) Validate() error {
 		errs = append(errs, fmt.Errorf("--grant: %w", err))
 	}
 	if _, err := c.profile(); err != nil {
+		errs = append(errs, err)
+	}
+	if _, err := c.layout(); err != nil {
 		errs = append(errs, err)
 	}
 	if c.Provider == "atlassian" {
@@ -252,6 +265,17 @@ func (c *Common) profile() (tokenmgr.Provider, error) {
 	return p, nil
 }
 
+// layout is --layout as a tokenmgr.Layout.
+func (c *Common) layout() (tokenmgr.Layout, error) {
+	switch c.Layout {
+	case "", "hash":
+		return tokenmgr.LayoutHash, nil
+	case "pair":
+		return tokenmgr.LayoutPair, nil
+	}
+	return 0, fmt.Errorf("--layout %s: want hash or pair", Shown(c.Layout))
+}
+
 func (c *Common) authStyle() (oauth2.AuthStyle, error) {
 	switch c.AuthStyle {
 	case "header":
@@ -282,6 +306,9 @@ func (c *Common) ValidateStore(needGrant, needKey bool) error {
 	if _, err := c.profile(); err != nil {
 		errs = append(errs, err)
 	}
+	if _, err := c.layout(); err != nil {
+		errs = append(errs, err)
+	}
 	if needKey || c.KeyFile != "" || (c.env != nil && c.env(EnvEncryptionKey) != "") {
 		if err := c.loadKeyring(); err != nil {
 			errs = append(errs, err)
@@ -298,7 +325,8 @@ func (c *Common) AdminOptions() (tokenmgr.Options, error) {
 		return tokenmgr.Options{}, fmt.Errorf("--redis: %w", err)
 	}
 	p, _ := c.profile()
-	return tokenmgr.Options{Redis: rdb, Provider: p, Sealer: c.sealer(), AllowPlaintext: c.InsecurePlain}, nil
+	layout, _ := c.layout()
+	return tokenmgr.Options{Redis: rdb, Provider: p, Sealer: c.sealer(), AllowPlaintext: c.InsecurePlain, Layout: layout}, nil
 }
 
 // OAuth2Config is the client registration from the flags.
@@ -321,6 +349,7 @@ func (c *Common) Options() (tokenmgr.Options, error) {
 	o := tokenmgr.Options{Redis: rdb, OAuth2: c.OAuth2Config(), Sealer: c.sealer(), AllowPlaintext: c.InsecurePlain,
 		PreviousClientSecret: c.previousSecret}
 	o.Provider, _ = c.profile()
+	o.Layout, _ = c.layout()
 	if c.LockRedisURLs != "" {
 		for _, u := range strings.Split(c.LockRedisURLs, ",") {
 			lc, err := NewRedisTLS(strings.TrimSpace(u), c.RedisCAFile)

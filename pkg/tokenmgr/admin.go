@@ -28,6 +28,9 @@ type core struct {
 
 func newCore(o Options) core {
 	c := core{opts: o, log: o.Logger.With("component", "tokenmgr", "holder", o.Holder), store: newStore(o.Redis, o.KeyPrefix, o.Sealer), scheduleDenied: new(atomic.Bool)}
+	if o.Layout == LayoutPair {
+		c.store.layout = "pair"
+	}
 	if o.MinReplicas > 0 {
 		timeout := o.ReplicaTimeout
 		if timeout == 0 {
@@ -51,7 +54,8 @@ type Admin struct {
 // NewAdmin builds an Admin. It uses Options.Redis (required), Provider (for
 // the expiry countdowns written by Seed), KeyPrefix, Sealer (needed to seed,
 // check or rewrap tokens; not to read metadata), AllowPlaintext, Holder, Now,
-// MinReplicas, ReplicaTimeout and Logger, and ignores the rest.
+// Messages, Layout, MinReplicas, ReplicaTimeout and Logger, and ignores the
+// rest.
 func NewAdmin(o Options) (*Admin, error) {
 	o, errs := o.withStoreDefaults()
 	if len(errs) > 0 {
@@ -331,7 +335,7 @@ func (a *Admin) Rewrap(ctx context.Context, grant string) (bool, error) {
 		if rec.Status != StatusOK {
 			return false, nil // a dead grant's tokens are not used again
 		}
-		sealedAccess, sealedRefresh, err := a.store.sealedTokenFields(ctx, k)
+		sealedAccess, sealedRefresh, err := a.store.sealedTokenFields(ctx, grant, k)
 		if err != nil {
 			return false, err
 		}

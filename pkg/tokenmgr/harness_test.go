@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -29,6 +30,9 @@ const (
 	// shardedBackend is a redis-server with each grant's rotation messages
 	// on its own sharded channel (SPUBLISH, SSUBSCRIBE).
 	shardedBackend backend = "redis-server, sharded messages"
+	// pairBackend is a redis-server with every record in LayoutPair (the
+	// sealed tokens in their own key).
+	pairBackend backend = "redis-server, pair layout"
 )
 
 // env is one behaviour test's world: a Redis, a fake IdP, a clock, and
@@ -40,10 +44,12 @@ type env struct {
 	srv  *redisserver.Server  // nil on miniredis
 	// sharded: Managers use sharded rotation messages.
 	sharded bool
-	clock   *tokenmgrtest.Clock // shared by the Managers and the fake IdP
-	idp     *tokenmgrtest.Server
-	logs    *testbin.Buffer
-	grant   string
+	// layout: every Manager and Admin of the env writes records in it.
+	layout Layout
+	clock  *tokenmgrtest.Clock // shared by the Managers and the fake IdP
+	idp    *tokenmgrtest.Server
+	logs   *testbin.Buffer
+	grant  string
 	// down simulates a Redis outage for every client of this env: each
 	// command fails with a network error while it is set.
 	down atomic.Bool
@@ -58,10 +64,13 @@ func newEnv(t *testing.T, b backend, profile tokenmgrtest.Profile) *env {
 	case miniredisBackend:
 		e.mr = miniredis.RunT(t)
 		e.addr = e.mr.Addr()
-	case realBackend, shardedBackend:
+	case realBackend, shardedBackend, pairBackend:
 		e.srv = redisserver.Start(t)
 		e.addr = e.srv.Addr()
 		e.sharded = b == shardedBackend
+		if b == pairBackend {
+			e.layout = LayoutPair
+		}
 	}
 	e.idp = tokenmgrtest.NewServer(tokenmgrtest.Config{Profile: profile, AuthStyle: oauth2.AuthStyleInHeader, Now: e.clock.Now})
 	t.Cleanup(e.idp.Close)
@@ -148,6 +157,7 @@ func (e *env) options(profile Provider) Options {
 	}
 	return Options{
 		Messages: messages,
+		Layout:   e.layout,
 		Redis:    e.client(),
 		OAuth2:   e.idp.OAuthConfig(oauth2.AuthStyleInHeader),
 		Provider: profile,
@@ -238,4 +248,82 @@ func (h *hookTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 		h.before(h)
 	}
 	return http.DefaultTransport.RoundTrip(r)
+}
+
+// stored is a grant's record as a replica holds it: the hash and, in
+// LayoutPair, the pair key ("" when there is none).
+type stored struct {
+	hash map[string]string
+	pair string
+}
+
+// snapshot reads the grant's stored record.
+func (e *env) snapshot(k keys) stored {
+	e.t.Helper()
+	rdb := e.client()
+	h, err := rdb.HGetAll(e.t.Context(), k.record).Result()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	pair, err := rdb.Get(e.t.Context(), k.pair).Result()
+	if err != nil && !errors.Is(err, redis.Nil) {
+		e.t.Fatal(err)
+	}
+	return stored{hash: h, pair: pair}
+}
+
+// rollBack puts an earlier snapshot back, as a failover to a replica that
+// missed the later writes does.
+func (e *env) rollBack(k keys, s stored) {
+	e.t.Helper()
+	rdb := e.client()
+	if err := rdb.Del(e.t.Context(), k.record, k.pair).Err(); err != nil {
+		e.t.Fatal(err)
+	}
+	if err := rdb.HSet(e.t.Context(), k.record, s.hash).Err(); err != nil {
+		e.t.Fatal(err)
+	}
+	if s.pair != "" {
+		if err := rdb.Set(e.t.Context(), k.pair, s.pair, 0).Err(); err != nil {
+			e.t.Fatal(err)
+		}
+	}
+}
+
+// sealedPair reads the stored sealed tokens, in either layout.
+func (e *env) sealedPair(k keys, grant string) (access, refresh string) {
+	e.t.Helper()
+	st := newStore(e.client(), "tm", plaintext{})
+	access, refresh, err := st.sealedTokenFields(e.t.Context(), grant, k)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return access, refresh
+}
+
+// putSealedPair overwrites the stored sealed tokens where the env's layout
+// keeps them, as an operator with redis-cli would.
+func (e *env) putSealedPair(k keys, access, refresh string) {
+	e.t.Helper()
+	rdb := e.client()
+	var err error
+	if e.layout == LayoutPair {
+		err = rdb.Set(e.t.Context(), k.pair, strconv.Itoa(len(access))+":"+access+refresh, 0).Err()
+	} else {
+		err = rdb.HSet(e.t.Context(), k.record, fAccess, access, fRefresh, refresh).Err()
+	}
+	if err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// admin builds an Admin on e's Redis, in e's layout.
+func (e *env) admin() *Admin {
+	e.t.Helper()
+	o := e.options(Strict)
+	a, err := NewAdmin(o)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return a
 }

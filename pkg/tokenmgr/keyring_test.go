@@ -138,9 +138,16 @@ func FuzzKeyringOpen(f *testing.F) {
 }
 
 // Rewrap moves a grant to the newest key, fenced on the version, and
-// workers with only the new key can then read it.
+// workers with only the new key can then read it; in either layout.
 func TestRewrap(t *testing.T) {
+	for _, layout := range []Layout{LayoutHash, LayoutPair} {
+		t.Run(layoutName(layout), func(t *testing.T) { testRewrap(t, layout) })
+	}
+}
+
+func testRewrap(t *testing.T, layout Layout) {
 	e := newEnv(t, miniredisBackend, tokenmgrtest.Atlassian)
+	e.layout = layout
 	k1, _ := GenerateKey("k1")
 	k2, _ := GenerateKey("k2")
 	oldRing, _ := NewKeyring(k1)
@@ -148,7 +155,7 @@ func TestRewrap(t *testing.T) {
 	newRing, _ := NewKeyring(k2)
 	m := e.manager(Atlassian, func(o *Options) { o.Sealer = oldRing })
 	seeded := e.seed(m)
-	admin, err := NewAdmin(Options{Redis: e.client(), Sealer: bothRing})
+	admin, err := NewAdmin(Options{Redis: e.client(), Sealer: bothRing, Layout: layout})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -158,9 +165,10 @@ func TestRewrap(t *testing.T) {
 	if wrote, err := admin.Rewrap(t.Context(), e.grant); err != nil || wrote {
 		t.Errorf("second Rewrap = %v, %v; want nothing to do", wrote, err)
 	}
-	raw, _ := e.client().HGetAll(t.Context(), grantKeys("tm", e.grant).record).Result()
-	if !strings.HasPrefix(raw[fAccess], "enc:v1:k2:") || !strings.HasPrefix(raw[fRefresh], "enc:v1:k2:") || raw[fV] != "1" {
-		t.Errorf("after rewrap: %s %s v=%s", raw[fAccess][:10], raw[fRefresh][:10], raw[fV])
+	k := grantKeys("tm", e.grant)
+	at, rt := e.sealedPair(k, e.grant)
+	if v := e.snapshot(k).hash[fV]; !strings.HasPrefix(at, "enc:v1:k2:") || !strings.HasPrefix(rt, "enc:v1:k2:") || v != "1" {
+		t.Errorf("after rewrap: %.10s %.10s v=%s", at, rt, v)
 	}
 	w := e.manager(Atlassian, func(o *Options) { o.Sealer = newRing })
 	tok, err := w.Token(t.Context(), e.grant)
@@ -170,7 +178,7 @@ func TestRewrap(t *testing.T) {
 	if err := admin.Check(t.Context(), e.grant); err != nil {
 		t.Errorf("Check: %v", err)
 	}
-	e.client().HSet(t.Context(), grantKeys("tm", e.grant).record, fRefresh, "enc:v1:k2:AAAA")
+	e.putSealedPair(k, at, "enc:v1:k2:AAAA")
 	var ce *CorruptRecordError
 	if err := admin.Check(t.Context(), e.grant); !errors.As(err, &ce) || ce.Field != fRefresh {
 		t.Errorf("Check of a damaged record = %v, want the refresh_token field named", err)
@@ -186,22 +194,16 @@ func testOldCiphertextRefused(t *testing.T, b backend) {
 	kr, _ := NewKeyring(k1)
 	m := e.manager(Strict, func(o *Options) { o.Sealer = kr })
 	e.seed(m)
-	rdb := e.client()
 	k := grantKeys("tm", e.grant)
-	v1, err := rdb.HMGet(t.Context(), k.record, fAccess, fRefresh).Result()
-	if err != nil {
-		t.Fatal(err)
-	}
+	at1, rt1 := e.sealedPair(k, e.grant)
 	if _, err := m.Rotate(t.Context(), e.grant); err != nil {
 		t.Fatal(err)
 	}
-	if err := rdb.HSet(t.Context(), k.record, fAccess, v1[0], fRefresh, v1[1]).Err(); err != nil {
-		t.Fatal(err)
-	}
+	e.putSealedPair(k, at1, rt1)
 	fresh := e.manager(Strict, func(o *Options) { o.Sealer = kr })
 	e.clock.Advance(time.Hour)
 	before := e.idp.Stats()
-	_, err = fresh.Token(t.Context(), e.grant)
+	_, err := fresh.Token(t.Context(), e.grant)
 	var ce *CorruptRecordError
 	if !errors.As(err, &ce) || ce.Field != fAccess {
 		t.Fatalf("Token after an old pair was copied back = %v, want a CorruptRecordError for %s", err, fAccess)

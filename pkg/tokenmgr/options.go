@@ -101,6 +101,13 @@ type Options struct {
 	// MessagesGlobal until every process runs this one.
 	Messages Messages
 
+	// Layout says where the sealed tokens are stored: LayoutHash (default,
+	// fields of the record hash, as in every earlier release) or LayoutPair
+	// (a string of their own, so the record hash stays compact: about half
+	// the memory per grant). Every process reads both; set LayoutPair once
+	// no process of a release before it is left.
+	Layout Layout
+
 	// KeyPrefix starts every key and channel name. Default "tm".
 	KeyPrefix string
 	// Holder names this process in intents and rotated_by. Default
@@ -164,7 +171,7 @@ func recoveryWindow(o Options) time.Duration {
 }
 
 // withStoreDefaults fills and checks what every user of the store needs,
-// Manager and Admin alike: Redis, KeyPrefix, Holder, Now and Logger.
+// Manager and Admin alike: Redis, KeyPrefix, Holder, Layout, Now and Logger.
 func (o Options) withStoreDefaults() (Options, []error) {
 	var errs []error
 	if o.Redis == nil {
@@ -178,6 +185,9 @@ func (o Options) withStoreDefaults() (Options, []error) {
 	}
 	if o.Holder == "" {
 		o.Holder = defaultHolder()
+	}
+	if o.Layout != LayoutHash && o.Layout != LayoutPair {
+		errs = append(errs, fmt.Errorf("Options.Layout %d is neither LayoutHash nor LayoutPair", o.Layout))
 	}
 	if o.Now == nil {
 		o.Now = time.Now

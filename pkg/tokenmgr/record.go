@@ -75,6 +75,76 @@ const (
 	fRefused = "refused"
 )
 
+// Layout says where a record's sealed tokens live (Options.Layout).
+type Layout int
+
+const (
+	// LayoutHash: the sealed tokens are fields of the record hash,
+	// tm:{GRANT}:tok, as in every release before LayoutPair. Default.
+	LayoutHash Layout = iota
+	// LayoutPair: the sealed pair is a string of its own, tm:{GRANT}:pair,
+	// and the record hash holds only the plain metadata. A sealed token is
+	// longer than Redis's hash-max-listpack-value (64 B by default), so in
+	// the hash it turns the whole record into a hashtable; without the
+	// tokens the hash stays a listpack: about half the memory per grant
+	// (BENCHMARKS.md, figure 8). Every release since LayoutPair reads both
+	// layouts; set it only when no process of an older release is left, as
+	// those read the tokens from the hash alone.
+	LayoutPair
+)
+
+// fPair is the field CorruptRecordError names for a LayoutPair record's pair key.
+const fPair = "pair"
+
+// splitPair parses a pair key's value, "LEN:ACCESSREFRESH" with LEN the
+// sealed access token's length in bytes (written by scripts/record.lua).
+// Sealed values never hold a space, but the length keeps the format
+// unambiguous whatever a Sealer writes.
+func splitPair(pair string) (access, refresh string, err error) {
+	lenText, rest, ok := strings.Cut(pair, ":")
+	n, perr := strconv.Atoi(lenText)
+	if !ok || perr != nil || n < 1 || n > len(rest) || len(lenText) > 6 || lenText[0] == '+' || lenText[0] == '-' {
+		return "", "", fmt.Errorf("want LEN:ACCESSREFRESH, have %s", quoted(pair))
+	}
+	return rest[:n], rest[n:], nil
+}
+
+// withPair puts a LayoutPair record's sealed tokens, read from its pair
+// key, where decodeRecord looks for them. Token fields in the hash win: a
+// process of a release before LayoutPair wrote them last, knowing nothing
+// of the pair key (every writer of this one clears the copy it does not
+// write, scripts/record.lua). A damaged pair key does not hide a dead
+// grant's status, whose tokens nobody needs.
+func withPair(grant string, h map[string]string, pair string) error {
+	return withPairOf(grant, h, pair, false)
+}
+
+// withPairOf is withPair for a pair key that may hold another type than a
+// string (notString: an operator's mistake).
+func withPairOf(grant string, h map[string]string, pair string, notString bool) error {
+	if (pair == "" && !notString) || len(h) == 0 {
+		return nil // no pair key; a pair key without a record is no record
+	}
+	if _, ok := h[fAccess]; ok {
+		return nil
+	}
+	if _, ok := h[fRefresh]; ok {
+		return nil
+	}
+	at, rt, err := splitPair(pair)
+	if notString {
+		err = errors.New("not a string")
+	}
+	if err != nil {
+		if h[fStatus] == StatusReauthRequired {
+			return nil
+		}
+		return &CorruptRecordError{Grant: grant, Field: fPair, Err: err}
+	}
+	h[fAccess], h[fRefresh] = at, rt
+	return nil
+}
+
 // recordFromToken is the part of a record that a provider's token gives,
 // shared by a seed and a refresh: the pair, its type (Bearer when the
 // provider says nothing), scope, and who wrote it when. Expiry is the

@@ -314,15 +314,11 @@ func testRollbackRepaired(t *testing.T, b backend) {
 	e := newEnv(t, b, tokenmgrtest.Strict)
 	m := e.manager(Strict, nil)
 	e.seed(m)
-	rdb := e.client()
 	k := grantKeys("tm", e.grant)
 	if _, err := m.Rotate(t.Context(), e.grant); err != nil {
 		t.Fatal(err)
 	}
-	v2, err := rdb.HGetAll(t.Context(), k.record).Result()
-	if err != nil {
-		t.Fatal(err)
-	}
+	v2 := e.snapshot(k)
 	if _, err := m.Rotate(t.Context(), e.grant); err != nil {
 		t.Fatal(err)
 	}
@@ -332,12 +328,7 @@ func testRollbackRepaired(t *testing.T, b backend) {
 	}
 	// The failover: the record is back at version 2, whose refresh token
 	// the provider already retired.
-	if err := rdb.Del(t.Context(), k.record).Err(); err != nil {
-		t.Fatal(err)
-	}
-	if err := rdb.HSet(t.Context(), k.record, v2).Err(); err != nil {
-		t.Fatal(err)
-	}
+	e.rollBack(k, v2)
 	m.pollOnce(nil) // as after the subscription comes back
 	e.clock.Advance(time.Hour)
 	tok, err := m.Token(t.Context(), e.grant)
@@ -369,15 +360,11 @@ func testDeadMarkStandsAfterRollback(t *testing.T, b backend) {
 	e := newEnv(t, b, tokenmgrtest.Strict)
 	holder := e.manager(Strict, nil)
 	e.seed(holder)
-	rdb := e.client()
 	k := grantKeys("tm", e.grant)
 	if _, err := holder.Rotate(t.Context(), e.grant); err != nil {
 		t.Fatal(err)
 	}
-	v2, err := rdb.HGetAll(t.Context(), k.record).Result()
-	if err != nil {
-		t.Fatal(err)
-	}
+	v2 := e.snapshot(k)
 	for range 2 {
 		if _, err := holder.Rotate(t.Context(), e.grant); err != nil {
 			t.Fatal(err)
@@ -386,12 +373,7 @@ func testDeadMarkStandsAfterRollback(t *testing.T, b backend) {
 	if _, err := holder.Token(t.Context(), e.grant); err != nil { // holds v4
 		t.Fatal(err)
 	}
-	if err := rdb.Del(t.Context(), k.record).Err(); err != nil {
-		t.Fatal(err)
-	}
-	if err := rdb.HSet(t.Context(), k.record, v2).Err(); err != nil {
-		t.Fatal(err)
-	}
+	e.rollBack(k, v2)
 	fresh := e.manager(Strict, nil) // started after the failover
 	if _, err := fresh.Rotate(t.Context(), e.grant); !errors.Is(err, ErrReauthRequired) {
 		t.Fatalf("the rolled-back token was not refused: %v", err)

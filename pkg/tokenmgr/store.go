@@ -38,6 +38,10 @@ type store struct {
 	// sharded: rotation messages go to each grant's own channel
 	// (Options.Messages).
 	sharded bool
+	// layout is "pair" when this process writes the sealed tokens to the
+	// grant's pair key, "hash" when to the record hash (Options.Layout). It
+	// reads both.
+	layout string
 }
 
 // durability is Options.MinReplicas and ReplicaTimeout, and what to do when
@@ -51,21 +55,23 @@ type durability struct {
 var (
 	//go:embed scripts/publish.lua
 	publishSrc string
+	//go:embed scripts/record.lua
+	recordSrc string
 	//go:embed scripts/rotate.lua
 	rotateSrc    string
-	rotateScript = redis.NewScript(publishSrc + rotateSrc)
+	rotateScript = redis.NewScript(publishSrc + recordSrc + rotateSrc)
 	//go:embed scripts/seed.lua
 	seedSrc    string
-	seedScript = redis.NewScript(publishSrc + seedSrc)
+	seedScript = redis.NewScript(publishSrc + recordSrc + seedSrc)
 	//go:embed scripts/restore.lua
 	restoreSrc    string
-	restoreScript = redis.NewScript(publishSrc + restoreSrc)
+	restoreScript = redis.NewScript(publishSrc + recordSrc + restoreSrc)
 	//go:embed scripts/intent.lua
 	intentSrc    string
 	intentScript = redis.NewScript(intentSrc)
 	//go:embed scripts/mark.lua
 	markSrc    string
-	markScript = redis.NewScript(publishSrc + markSrc)
+	markScript = redis.NewScript(publishSrc + recordSrc + markSrc)
 	//go:embed scripts/read.lua
 	readSrc    string
 	readScript = redis.NewScript(readSrc)
@@ -79,11 +85,12 @@ var (
 type keys struct {
 	record, lock, intent string
 	rotations            string // sorted set of the last hour's rotations, for operators
+	pair                 string // the sealed tokens of a LayoutPair record
 }
 
 func grantKeys(prefix, grant string) keys {
 	tag := prefix + ":{" + grant + "}:"
-	return keys{record: tag + "tok", lock: tag + "lock", intent: tag + "intent", rotations: tag + "rotations"}
+	return keys{record: tag + "tok", lock: tag + "lock", intent: tag + "intent", rotations: tag + "rotations", pair: tag + "pair"}
 }
 
 // rotationWindow is how far back the rotations set reaches: operators see
@@ -102,7 +109,7 @@ func newStore(rdb redis.UniversalClient, prefix string, s Sealer) *store {
 	}
 	// The refreshers' hash sits in the grants' key pattern (tm:{*}:*), which
 	// the README's worker ACL allows: workers read it.
-	return &store{rdb: rdb, sealer: s, channel: prefix + ":rotated", due: prefix + ":due", refreshers: prefix + ":{refreshers}:live", prefix: prefix}
+	return &store{rdb: rdb, sealer: s, channel: prefix + ":rotated", due: prefix + ":due", refreshers: prefix + ":{refreshers}:live", prefix: prefix, layout: "hash"}
 }
 
 var errMissing = errors.New("record missing")
@@ -121,7 +128,7 @@ func (s *store) read(ctx context.Context, grant string, k keys) (*record, error)
 // readWithLease is read, and also reports, when the lease lives in this
 // Redis (withLease), whether it is held, in the same round trip.
 func (s *store) readWithLease(ctx context.Context, grant string, k keys, withLease bool) (rec *record, held bool, err error) {
-	ks := []string{k.record}
+	ks := []string{k.record, k.pair}
 	if withLease {
 		ks = append(ks, k.lock)
 	}
@@ -129,7 +136,7 @@ func (s *store) readWithLease(ctx context.Context, grant string, k keys, withLea
 	if err != nil {
 		return nil, false, err
 	}
-	if len(reply) != 2 {
+	if len(reply) != 3 {
 		return nil, false, fmt.Errorf("read script: unexpected reply of %d elements", len(reply))
 	}
 	flat, _ := reply[0].([]any)
@@ -142,6 +149,11 @@ func (s *store) readWithLease(ctx context.Context, grant string, k keys, withLea
 	n, _ := reply[1].(int64)
 	if len(h) == 0 {
 		return nil, n == 1, errMissing
+	}
+	pair, _ := reply[2].(string)
+	_, notString := reply[2].(int64)
+	if err := withPairOf(grant, h, pair, notString); err != nil {
+		return nil, n == 1, err
 	}
 	rec, err = decodeRecord(grant, h, s.sealer)
 	return rec, n == 1, err
@@ -214,6 +226,7 @@ func (s *store) readMeta(ctx context.Context, grants []string, now time.Time) ([
 	metas, errs := make([]grantMeta, len(grants)), make([]error, len(grants))
 	type reads struct {
 		record  *redis.MapStringStringCmd
+		pair    *redis.StringCmd
 		intent  *redis.SliceCmd
 		rotated *redis.IntCmd
 	}
@@ -227,6 +240,7 @@ func (s *store) readMeta(ctx context.Context, grants []string, now time.Time) ([
 			k := grantKeys(s.prefix, g)
 			rs[i] = reads{
 				record:  p.HGetAll(ctx, k.record),
+				pair:    p.Get(ctx, k.pair),
 				intent:  p.HMGet(ctx, k.intent, "holder", "from_v", "started_at"),
 				rotated: p.ZCount(ctx, k.rotations, since, "+inf"),
 			}
@@ -251,6 +265,10 @@ func (s *store) readMeta(ctx context.Context, grants []string, now time.Time) ([
 		}
 		if len(h) == 0 {
 			errs[i] = &NotFoundError{Grant: grants[i]}
+			continue
+		}
+		if err := withPairOf(grants[i], h, r.pair.Val(), wrongType(r.pair.Err())); err != nil {
+			errs[i] = err
 			continue
 		}
 		rec, err := decodeRecord(grants[i], h, nil)
@@ -278,15 +296,37 @@ func (s *store) readMeta(ctx context.Context, grants []string, now time.Time) ([
 }
 
 // sealedTokenFields returns the stored (sealed) access and refresh token
-// values as they are, for rewrap to see which key sealed them.
-func (s *store) sealedTokenFields(ctx context.Context, k keys) (access, refresh string, err error) {
-	raw, err := s.rdb.HMGet(ctx, k.record, fAccess, fRefresh).Result()
-	if err != nil {
+// values as they are, in either layout, for rewrap to see which key sealed
+// them.
+func (s *store) sealedTokenFields(ctx context.Context, grant string, k keys) (access, refresh string, err error) {
+	var fields *redis.SliceCmd
+	var pair *redis.StringCmd
+	if _, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		fields = p.HMGet(ctx, k.record, fV, fStatus, fAccess, fRefresh)
+		pair = p.Get(ctx, k.pair)
+		return nil
+	}); err != nil && !errors.Is(err, redis.Nil) && !wrongType(err) {
 		return "", "", err
 	}
-	access, _ = raw[0].(string)
-	refresh, _ = raw[1].(string)
-	return access, refresh, nil
+	if err := fields.Err(); err != nil {
+		return "", "", err
+	}
+	h := map[string]string{}
+	for i, name := range []string{fV, fStatus, fAccess, fRefresh} {
+		if v, ok := fields.Val()[i].(string); ok {
+			h[name] = v
+		}
+	}
+	if err := withPairOf(grant, h, pair.Val(), wrongType(pair.Err())); err != nil {
+		return "", "", err
+	}
+	return h[fAccess], h[fRefresh], nil
+}
+
+// wrongType reports Redis's answer to a command on a key of another type.
+func wrongType(err error) bool {
+	var re redis.Error
+	return errors.As(err, &re) && strings.HasPrefix(re.Error(), "WRONGTYPE")
 }
 
 type casResult int
@@ -311,8 +351,8 @@ func (s *store) rotate(ctx context.Context, grant string, k keys, fromV int64, r
 	if err != nil {
 		return 0, 0, false, err
 	}
-	args := append([]any{strconv.FormatInt(fromV, 10), rec.Family, s.publishTo(grant), msg, rec.RotatedAt.UnixMilli(), rotationWindow.Milliseconds()}, f...)
-	reply, err := s.runDurable(ctx, rotateScript, []string{k.record, k.intent, k.rotations}, args...).Int64Slice()
+	args := append([]any{strconv.FormatInt(fromV, 10), rec.Family, s.publishTo(grant), msg, rec.RotatedAt.UnixMilli(), rotationWindow.Milliseconds(), s.layout}, f...)
+	reply, err := s.runDurable(ctx, rotateScript, []string{k.record, k.intent, k.rotations, k.pair}, args...).Int64Slice()
 	if err != nil {
 		return 0, 0, false, err
 	}
@@ -368,8 +408,8 @@ func (s *store) seed(ctx context.Context, grant string, k keys, rec *record) (in
 		if err != nil {
 			return 0, "", err
 		}
-		args := append([]any{storedV, storedFamily, s.publishTo(grant), msg, rec.V}, f...)
-		ok, err := s.runDurable(ctx, seedScript, []string{k.record, k.intent}, args...).Int64()
+		args := append([]any{storedV, storedFamily, s.publishTo(grant), msg, rec.V, s.layout}, f...)
+		ok, err := s.runDurable(ctx, seedScript, []string{k.record, k.intent, k.pair}, args...).Int64()
 		if err != nil {
 			return 0, "", err
 		}
@@ -400,8 +440,8 @@ func (s *store) restore(ctx context.Context, grant string, k keys, rec *record) 
 	if err != nil {
 		return false, err
 	}
-	args := append([]any{strconv.FormatInt(rec.V, 10), rec.Family, s.publishTo(grant), msg}, f...)
-	res, err := s.runDurable(ctx, restoreScript, []string{k.record}, args...).Int64Slice()
+	args := append([]any{strconv.FormatInt(rec.V, 10), rec.Family, s.publishTo(grant), msg, s.layout}, f...)
+	res, err := s.runDurable(ctx, restoreScript, []string{k.record, k.pair}, args...).Int64Slice()
 	if err != nil {
 		return false, err
 	}
@@ -549,8 +589,8 @@ func (s *store) rewrap(ctx context.Context, grant string, k keys, v int64, famil
 
 // mark runs mark.lua; 0 means the record moved on.
 func (s *store) mark(ctx context.Context, grant string, k keys, v int64, family, mode string, fields ...any) (int64, error) {
-	args := append([]any{strconv.FormatInt(v, 10), family, s.publishTo(grant), grant, mode}, fields...)
-	return markScript.Run(ctx, s.rdb, []string{k.record, k.intent}, args...).Int64()
+	args := append([]any{strconv.FormatInt(v, 10), family, s.publishTo(grant), grant, mode, s.layout}, fields...)
+	return markScript.Run(ctx, s.rdb, []string{k.record, k.intent, k.pair}, args...).Int64()
 }
 
 // schedule records the grant's place in the refresher's schedule (the

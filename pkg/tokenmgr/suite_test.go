@@ -74,3 +74,11 @@ func TestRealRedisSharded(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) { tc.run(t, shardedBackend) })
 	}
 }
+
+// TestRealRedisPairLayout runs the suite again with every record's sealed
+// tokens in their own key (LayoutPair).
+func TestRealRedisPairLayout(t *testing.T) {
+	for _, tc := range suite {
+		t.Run(tc.name, func(t *testing.T) { tc.run(t, pairBackend) })
+	}
+}

@@ -12,10 +12,11 @@
 --           revive the grant.
 --   defer:  a fleet-wide retry_at after a transient provider error.
 --   rewrap: the same tokens re-encrypted under a new key.
--- KEYS[1] record hash, KEYS[2] intent hash
+-- KEYS[1] record hash, KEYS[2] intent hash, KEYS[3] pair key
 -- ARGV[1] version, ARGV[2] family, ARGV[3] where to publish ("p:CHANNEL" or
 -- "s:CHANNEL"), ARGV[4] grant,
--- ARGV[5] mode, ARGV[6..] field/value pairs
+-- ARGV[5] mode, ARGV[6] the writer's layout ("hash" or "pair", record.lua),
+-- ARGV[7..] field/value pairs
 -- Returns the record's version after the write, or 0 when the version or
 -- family moved on or the record is gone.
 local v = redis.call('HGET', KEYS[1], 'v')
@@ -23,7 +24,7 @@ local family = redis.call('HGET', KEYS[1], 'family') or ''
 if not v or v ~= ARGV[1] or family ~= ARGV[2] then
   return 0
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+write_record(KEYS[1], KEYS[3], ARGV[6] == 'pair', 7)
 if ARGV[5] == 'dead' then
   redis.call('HSET', KEYS[1], 'refused', '1')
   v = redis.call('HINCRBY', KEYS[1], 'v', 1)

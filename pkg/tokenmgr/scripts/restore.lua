@@ -5,9 +5,10 @@
 -- or newer: records are ordered by family (its seed time, then its name),
 -- then a dead mark before any pair of its family, then version. A corrupt
 -- record is left alone.
--- KEYS[1] record hash
+-- KEYS[1] record hash, KEYS[2] pair key
 -- ARGV[1] version of the pair, ARGV[2] its family, ARGV[3] where to publish ("p:CHANNEL" or "s:CHANNEL"),
--- ARGV[4] the message to publish ("GRANT V m1 RECORD"), ARGV[5..] field/value pairs
+-- ARGV[4] the message to publish ("GRANT V m1 RECORD"), ARGV[5] the writer's
+-- layout ("hash" or "pair", record.lua), ARGV[6..] field/value pairs
 -- Returns {1, v} when written, {0, stored_v} when left alone.
 local v = redis.call('HGET', KEYS[1], 'v')
 if v then
@@ -37,9 +38,9 @@ if v then
   if not older then
     return {0, sv}
   end
-  redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1], KEYS[2])
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+write_record(KEYS[1], KEYS[2], ARGV[5] == 'pair', 6)
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'family', ARGV[2], 'restored', '1')
 publish(ARGV[3], ARGV[4])
 return {1, tonumber(ARGV[1])}

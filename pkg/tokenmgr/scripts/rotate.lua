@@ -1,11 +1,13 @@
 -- Fenced write of a rotated token pair (invariant 1 in doc.go): only onto
 -- the version and family the refresh token was read at.
--- KEYS[1] record hash, KEYS[2] intent hash, KEYS[3] rotations sorted set
+-- KEYS[1] record hash, KEYS[2] intent hash, KEYS[3] rotations sorted set,
+-- KEYS[4] pair key
 -- ARGV[1] the version the refresh token was read at, ARGV[2] its family
 -- ARGV[3] where to publish ("p:CHANNEL" or "s:CHANNEL"), ARGV[4] the rotation message (published as is:
 -- "GRANT V m1 RECORD", the new record, its tokens sealed)
 -- ARGV[5] now (unix ms), ARGV[6] rotations window (ms); KEYS[3] members are "V:NOW"
--- ARGV[7..] field/value pairs of the new record (v excluded)
+-- ARGV[7] the writer's layout ("hash" or "pair", record.lua)
+-- ARGV[8..] field/value pairs of the new record (v excluded)
 -- Returns {1, new_v, counted} on success (counted: 1 when the rotations set
 -- took it), {0, stored_v} when another writer got there first or the grant
 -- was seeded anew, {-1, 0} when the record is gone.
@@ -18,8 +20,9 @@ if v ~= ARGV[1] or family ~= ARGV[2] then
   return {0, tonumber(v) or -1}
 end
 local nv = tonumber(v) + 1
+write_record(KEYS[1], KEYS[4], ARGV[7] == 'pair', 8)
 redis.call('HDEL', KEYS[1], 'reason', 'retry_at', 'restored', 'refused')
-redis.call('HSET', KEYS[1], 'v', nv, unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], 'v', nv)
 redis.call('HINCRBY', KEYS[1], 'refresh_count', 1)
 redis.call('DEL', KEYS[2])
 publish(ARGV[3], ARGV[4])

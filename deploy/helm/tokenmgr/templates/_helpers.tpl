@@ -109,6 +109,7 @@ URL expands. Pass (list $ clientID); returns YAML, for fromYamlArray.
 {{- else }}
 {{- $env = append $env (dict "name" "TOKENMGR_REDIS_URL" "value" (required "redis.url or secrets.redisURL is required" $.Values.redis.url)) }}
 {{- end }}
+{{- $env = append $env (dict "name" "TOKENMGR_LAYOUT" "value" (default "hash" $.Values.redis.layout)) }}
 {{- if or $.Values.redis.ca.secretName $.Values.redis.ca.configMapName }}
 {{- $env = append $env (dict "name" "TOKENMGR_REDIS_CA_FILE" "value" (printf "/etc/tokenmgr/redis-ca/%s" $.Values.redis.ca.key)) }}
 {{- end }}

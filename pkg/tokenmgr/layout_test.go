@@ -1,0 +1,277 @@
+package tokenmgr
+
+import (
+	"errors"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
+)
+
+func layoutName(l Layout) string {
+	if l == LayoutPair {
+		return "pair"
+	}
+	return "hash"
+}
+
+// A LayoutPair record keeps its tokens out of the hash, so Redis keeps the
+// hash a listpack under the default hash-max-listpack-value (64 B); a
+// record first written in LayoutHash (a hashtable, which Redis never turns
+// back) becomes one at its first LayoutPair write, its metadata intact.
+func TestPairLayoutKeepsRecordCompact(t *testing.T) {
+	e := newEnv(t, realBackend, tokenmgrtest.Atlassian)
+	k := grantKeys("tm", e.grant)
+	rdb := e.client()
+	encoding := func() string {
+		t.Helper()
+		enc, err := rdb.ObjectEncoding(t.Context(), k.record).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return enc
+	}
+	key, _ := GenerateKey("k1")
+	kr, _ := NewKeyring(key)
+	sealed := func(o *Options) { o.Sealer = kr } // sealed tokens are longer than 64 B
+	old := e.manager(Atlassian, sealed) // LayoutHash, as before LayoutPair
+	e.seed(old)
+	for range 2 {
+		if _, err := old.Rotate(t.Context(), e.grant); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if enc := encoding(); enc != "hashtable" {
+		t.Fatalf("a LayoutHash record is a %s; this test expects the tokens to make it a hashtable", enc)
+	}
+	before := e.snapshot(k).hash
+
+	e.layout = LayoutPair
+	m := e.manager(Atlassian, sealed)
+	if _, err := m.Rotate(t.Context(), e.grant); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := m.Token(t.Context(), e.grant)
+	if err != nil {
+		t.Fatal(err)
+	}
+	after := e.snapshot(k)
+	if enc := encoding(); enc != "listpack" {
+		t.Errorf("after a LayoutPair rotation the record is a %s, want a listpack", enc)
+	}
+	if _, ok := after.hash[fAccess]; ok {
+		t.Errorf("the access token is still in the hash")
+	}
+	if _, ok := after.hash[fRefresh]; ok {
+		t.Errorf("the refresh token is still in the hash")
+	}
+	if after.pair == "" {
+		t.Fatalf("no pair key after a LayoutPair rotation")
+	}
+	for _, f := range []string{fFamily, fScope, fAbsExpiry, fType} {
+		if after.hash[f] != before[f] || before[f] == "" {
+			t.Errorf("field %s: %q before the first LayoutPair write, %q after", f, before[f], after.hash[f])
+		}
+	}
+	if c, _ := strconv.Atoi(before[fCount]); after.hash[fCount] != strconv.Itoa(c+1) {
+		t.Errorf("refresh_count %s after %s", after.hash[fCount], before[fCount])
+	}
+	if !e.idp.AccessTokenValid(tok.AccessToken) {
+		t.Errorf("the rotated token is not the IdP's current one")
+	}
+	// A process of either layout reads it; a LayoutHash write moves the
+	// tokens back into the hash and leaves no pair key behind.
+	w := e.manager(Atlassian, func(o *Options) { o.Layout, o.Sealer = LayoutHash, kr })
+	if got, err := w.Token(t.Context(), e.grant); err != nil || got.AccessToken != tok.AccessToken {
+		t.Fatalf("a LayoutHash process reading a LayoutPair record: %v", err)
+	}
+	if _, err := w.Rotate(t.Context(), e.grant); err != nil {
+		t.Fatal(err)
+	}
+	back := e.snapshot(k)
+	if back.pair != "" || back.hash[fAccess] == "" || back.hash[fRefresh] == "" {
+		t.Errorf("after a LayoutHash write: pair key %q, tokens in the hash %v", back.pair, back.hash[fAccess] != "")
+	}
+	if s := e.idp.Stats(); s.ReuseDetected != 0 || s.FamiliesRevoked != 0 {
+		t.Errorf("a spent refresh token was presented: %+v", s)
+	}
+}
+
+// A fleet in both layouts at once, as while LayoutPair rolls out: every
+// rotation by either is read by the other, one refresh per rotation, and
+// no spent refresh token is presented.
+func TestMixedLayoutsShareTheGrant(t *testing.T) {
+	for _, b := range []backend{miniredisBackend, realBackend} {
+		t.Run(string(b), func(t *testing.T) {
+			e := newEnv(t, b, tokenmgrtest.Strict)
+			hash := e.manager(Strict, nil)
+			pair := e.manager(Strict, func(o *Options) { o.Layout = LayoutPair })
+			e.seed(hash)
+			ms := []*Manager{hash, pair}
+			for i := range 6 {
+				writer, reader := ms[i%2], ms[(i+1)%2]
+				if _, err := writer.Rotate(t.Context(), e.grant); err != nil {
+					t.Fatalf("rotation %d: %v", i, err)
+				}
+				tok, err := writer.Token(t.Context(), e.grant)
+				if err != nil {
+					t.Fatal(err)
+				}
+				reader.pollOnce(nil)
+				got, err := reader.Token(t.Context(), e.grant)
+				if err != nil || got.AccessToken != tok.AccessToken {
+					t.Fatalf("rotation %d by the %s process: the other read %v", i, layoutName(writer.opts.Layout), err)
+				}
+			}
+			s := e.idp.Stats()
+			if s.RefreshOK != 6 || s.ReuseDetected != 0 || s.FamiliesRevoked != 0 {
+				t.Errorf("IdP saw %+v, want 6 refreshes and no reuse", s)
+			}
+		})
+	}
+}
+
+// A process of a release before LayoutPair writes the tokens into the hash
+// and knows nothing of the pair key: its write, the newer, wins over the
+// pair key it left behind.
+func TestHashTokensWinOverStalePair(t *testing.T) {
+	e := newEnv(t, miniredisBackend, tokenmgrtest.Strict)
+	e.layout = LayoutPair
+	m := e.manager(Strict, nil)
+	e.seed(m)
+	k := grantKeys("tm", e.grant)
+	stale := e.snapshot(k).pair
+	if _, err := m.Rotate(t.Context(), e.grant); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := m.Token(t.Context(), e.grant)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The older release's rotation: the tokens of the stored version in
+	// the hash, the pair key left as it was (a pair of an older version).
+	at, rt := e.sealedPair(k, e.grant)
+	rdb := e.client()
+	if err := rdb.Set(t.Context(), k.pair, stale, 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.HSet(t.Context(), k.record, fAccess, at, fRefresh, rt).Err(); err != nil {
+		t.Fatal(err)
+	}
+	fresh := e.manager(Strict, nil)
+	got, err := fresh.Token(t.Context(), e.grant)
+	if err != nil || got.AccessToken != tok.AccessToken {
+		t.Fatalf("Token = %v; want the pair in the hash", err)
+	}
+	if err := e.admin().Check(t.Context(), e.grant); err != nil {
+		t.Errorf("Check: %v", err)
+	}
+}
+
+// A damaged pair key is a corrupt record, named as such, never a Redis
+// error every read repeats; a dead grant's status still shows through it.
+func TestDamagedPairKey(t *testing.T) {
+	for _, b := range []backend{miniredisBackend, realBackend} {
+		t.Run(string(b), func(t *testing.T) {
+			e := newEnv(t, b, tokenmgrtest.Strict)
+			e.layout = LayoutPair
+			m := e.manager(Strict, nil)
+			e.seed(m)
+			k := grantKeys("tm", e.grant)
+			rdb := e.client()
+			for _, damage := range []struct {
+				name string
+				do   func() error
+			}{
+				{"garbage", func() error { return rdb.Set(t.Context(), k.pair, "no length here", 0).Err() }},
+				{"length past the end", func() error { return rdb.Set(t.Context(), k.pair, "900:plain:x", 0).Err() }},
+				{"a list", func() error {
+					if err := rdb.Del(t.Context(), k.pair).Err(); err != nil {
+						return err
+					}
+					return rdb.RPush(t.Context(), k.pair, "x").Err()
+				}},
+			} {
+				if err := damage.do(); err != nil {
+					t.Fatal(err)
+				}
+				fresh := e.manager(Strict, nil)
+				var ce *CorruptRecordError
+				if _, err := fresh.Token(t.Context(), e.grant); !errors.As(err, &ce) || ce.Field != fPair {
+					t.Errorf("%s: Token = %v, want a CorruptRecordError naming the pair", damage.name, err)
+				}
+				if _, err := fresh.Status(t.Context(), e.grant); !errors.As(err, &ce) || ce.Field != fPair {
+					t.Errorf("%s: Status = %v, want a CorruptRecordError naming the pair", damage.name, err)
+				}
+				if err := e.admin().Check(t.Context(), e.grant); !errors.As(err, &ce) || ce.Field != fPair {
+					t.Errorf("%s: Check = %v, want a CorruptRecordError naming the pair", damage.name, err)
+				}
+			}
+			if err := rdb.HSet(t.Context(), k.record, fStatus, StatusReauthRequired, fReason, "refused").Err(); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := e.manager(Strict, nil).Token(t.Context(), e.grant); !errors.Is(err, ErrReauthRequired) {
+				t.Errorf("a dead grant with a damaged pair key: Token = %v, want ErrReauthRequired", err)
+			}
+			if s := e.idp.Stats(); s.RefreshOK+s.RefreshFailed != 0 {
+				t.Errorf("%d provider calls for a damaged record", s.RefreshOK+s.RefreshFailed)
+			}
+		})
+	}
+}
+
+func TestSplitPair(t *testing.T) {
+	for _, tc := range []struct {
+		in, at, rt string
+		ok         bool
+	}{
+		{"3:abcdef", "abc", "def", true},
+		{"6:abcdef", "abcdef", "", true},
+		{"0:abc", "", "", false},
+		{"7:abcdef", "", "", false},
+		{"-1:abc", "", "", false},
+		{"+3:abcdef", "", "", false},
+		{"abc", "", "", false},
+		{"", "", "", false},
+		{"1234567:" + strings.Repeat("a", 1234567), "", "", false},
+	} {
+		at, rt, err := splitPair(tc.in)
+		if (err == nil) != tc.ok || at != tc.at || rt != tc.rt {
+			t.Errorf("splitPair(%.20q) = %q, %q, %v", tc.in, at, rt, err)
+		}
+	}
+}
+
+func FuzzDecodePair(f *testing.F) {
+	f.Add("12:plain:accessplain:refresh", StatusOK)
+	f.Add("5:plain:", StatusOK)
+	f.Add("x", StatusReauthRequired)
+	f.Add("\x1b[31m:", StatusOK)
+	f.Fuzz(func(t *testing.T, pair, status string) {
+		h := map[string]string{fV: "2", fStatus: status, fExpiry: strconv.FormatInt(time.Now().UnixMilli(), 10)}
+		err := withPair("g", h, pair)
+		if err != nil {
+			var ce *CorruptRecordError
+			if !errors.As(err, &ce) || ce.Field != fPair {
+				t.Fatalf("error %v, want a CorruptRecordError naming the pair", err)
+			}
+			if msg := err.Error(); len(msg) > 600 || strings.ContainsAny(msg, "\r\n\x1b") {
+				t.Fatalf("an error a person reads is unbounded or carries control characters: %q", msg)
+			}
+			return
+		}
+		at, hasAT := h[fAccess]
+		rt := h[fRefresh]
+		if hasAT && strconv.Itoa(len(at))+":"+at+rt != pair {
+			t.Fatalf("split %q into %q and %q", pair, at, rt)
+		}
+		if _, err := decodeRecord("g", h, plaintext{}); err != nil {
+			var ce *CorruptRecordError
+			if !errors.As(err, &ce) {
+				t.Fatalf("decode error of type %T", err)
+			}
+		}
+	})
+}
