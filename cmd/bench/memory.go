@@ -76,8 +76,15 @@ func fig8(ctx context.Context, out io.Writer, _ env) (verdict, error) {
 		fmt.Sprintf("; `LayoutHash` %.0f B for 51 B tokens (%.0f%% more)", hash.beyond(), 100*(hash.beyond()/pair.beyond()-1))
 	if !v.met {
 		fixed := float64(pair.sealing()) + float64(pair.pairKey-pair.pairLen) + pair.due
-		v.why = fmt.Sprintf("With the tokens out of the hash the record is a %s, but %.0f B per grant are fixed costs whatever the layout (sealing each token %d B, a second Redis key %d B, the refresher's schedule entry %.0f B), which leaves %.0f B of the goal for the %d B of plain metadata operators read with redis-cli and the record key itself (%d B).",
-			pair.encoding, fixed, pair.sealing(), pair.pairKey-pair.pairLen, pair.due, 300-fixed, pair.metaBytes, pair.rec-pair.metaBytes)
+		costs := fmt.Sprintf("sealing the two tokens %d B, the pair key %d B, the refresher's schedule entry %.0f B", pair.sealing(), pair.pairKey-pair.pairLen, pair.due)
+		meta := fmt.Sprintf("the %d B of plain metadata operators read in redis-cli and Redis's %d B for the record's key and listpack", pair.metaBytes, pair.rec-pair.metaBytes)
+		if fixed >= 300 {
+			v.why = fmt.Sprintf("With the tokens out of the hash the record is a %s (%.0f B beyond the token bytes against %.0f B in `LayoutHash`), but costs no layout removes (%s) add up to %.0f B, over the goal before %s.",
+				pair.encoding, pair.beyond(), hash.beyond(), costs, fixed, meta)
+		} else {
+			v.why = fmt.Sprintf("With the tokens out of the hash the record is a %s (%.0f B beyond the token bytes against %.0f B in `LayoutHash`); costs no layout removes (%s) take %.0f B, which leaves %.0f B of the goal for %s.",
+				pair.encoding, pair.beyond(), hash.beyond(), costs, fixed, 300-fixed, meta)
+		}
 	}
 	return v, nil
 }
