@@ -238,6 +238,11 @@ type report struct {
 
 // workers runs n demo-workers for d and returns their reports.
 func (f *fleet) workers(n int, d time.Duration, extra ...string) []report {
+	return f.workersWith(n, d, func(int) []string { return extra })
+}
+
+// workersWith is workers with worker i's extra flags from extra(i).
+func (f *fleet) workersWith(n int, d time.Duration, extra func(i int) []string) []report {
 	type result struct {
 		rep report
 		err error
@@ -252,7 +257,7 @@ func (f *fleet) workers(n int, d time.Duration, extra ...string) []report {
 		wg.Go(func() {
 			args := append([]string{"--api-url", f.idpURL + "/rest/api/3/myself", "--concurrency", "2",
 				"--duration", d.String(), "--report", "json", "--log-level", "error"}, f.common()...)
-			cmd := exec.Command(filepath.Join(binDir, "demo-worker"), append(args, extra...)...)
+			cmd := exec.Command(filepath.Join(binDir, "demo-worker"), append(args, extra(i)...)...)
 			cmd.Env = f.env()
 			cmd.Stderr = logs[i]
 			out, err := cmd.Output()

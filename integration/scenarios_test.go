@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -437,4 +438,45 @@ func TestCluster(t *testing.T) {
 	f.refresher()
 	s := sum(f.workers(8, runFor))
 	checkSteady(t, "9-cluster", f, s, f.stats())
+}
+
+// 13. LayoutPair rolling out: workers of both layouts at once, and the
+// refresher replaced mid-run by one writing the other layout (SIGTERM, as
+// a Deployment's rolling update does). Every process reads what the others
+// wrote, and the record is seen in both layouts.
+func TestMixedLayouts(t *testing.T) {
+	f := newFleet(t, "strict")
+	old := f.refresher("--layout", "hash")
+	var seenHash, seenPair atomic.Bool
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		rdb := f.rdb()
+		ctx := context.Background()
+		for {
+			select {
+			case <-done:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			if n, err := rdb.HExists(ctx, "tm:{"+f.grant+"}:tok", "access_token").Result(); err == nil && n {
+				seenHash.Store(true)
+			}
+			if n, err := rdb.Exists(ctx, "tm:{"+f.grant+"}:pair").Result(); err == nil && n == 1 {
+				seenPair.Store(true)
+			}
+		}
+	})
+	wg.Go(func() {
+		f.waitRotations(12)
+		f.refresher("--layout", "pair")
+		signal(old, syscall.SIGTERM)
+	})
+	reps := f.workersWith(8, runFor, func(i int) []string { return []string{"--layout", []string{"hash", "pair"}[i%2]} })
+	close(done)
+	wg.Wait()
+	checkSteady(t, "13-mixed-layouts", f, sum(reps), f.stats())
+	if !seenHash.Load() || !seenPair.Load() {
+		t.Errorf("record seen with its tokens in the hash: %v, in the pair key: %v; want both", seenHash.Load(), seenPair.Load())
+	}
 }
