@@ -36,7 +36,7 @@ func TestPairLayoutKeepsRecordCompact(t *testing.T) {
 	key, _ := GenerateKey("k1")
 	kr, _ := NewKeyring(key)
 	sealed := func(o *Options) { o.Sealer = kr } // sealed tokens are longer than 64 B
-	old := e.manager(Atlassian, sealed) // LayoutHash, as before LayoutPair
+	old := e.manager(Atlassian, sealed)          // LayoutHash, as before LayoutPair
 	e.seed(old)
 	for range 2 {
 		if _, err := old.Rotate(t.Context(), e.grant); err != nil {
