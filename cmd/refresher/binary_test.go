@@ -259,3 +259,31 @@ func TestRewrapCommand(t *testing.T) {
 		t.Errorf("status does not show the damaged field: %s", out)
 	}
 }
+
+// rewrap --layout moves every grant into that layout at once, and back
+// (before going back to a release that reads the hash alone).
+func TestRewrapMovesLayout(t *testing.T) {
+	b := newBinEnv(t, "--profile", "strict")
+	grantJSON, _ := b.newGrantJSON()
+	if _, errOut, code := b.refresher(grantJSON, "seed", "--grant", "jira"); code != 0 {
+		t.Fatalf("seed: %s", errOut)
+	}
+	rdb := redis.NewClient(&redis.Options{Addr: b.redis.Addr()})
+	defer rdb.Close()
+	for _, tc := range []struct {
+		layout string
+		pair   int64
+	}{{"pair", 1}, {"hash", 0}} {
+		out, errOut, code := b.refresher("", "rewrap", "--layout", tc.layout)
+		if code != 0 || !strings.Contains(out, "rewrapped 1 of 1 grants") {
+			t.Fatalf("rewrap --layout %s: %d %q %q", tc.layout, code, out, errOut)
+		}
+		inHash, _ := rdb.HExists(t.Context(), "tm:{jira}:tok", "access_token").Result()
+		if n, _ := rdb.Exists(t.Context(), "tm:{jira}:pair").Result(); n != tc.pair || inHash == (tc.pair == 1) {
+			t.Errorf("after rewrap --layout %s: pair key %d, tokens in the hash %v", tc.layout, n, inHash)
+		}
+		if out, errOut, code := b.refresher("", "status", "--json"); code != 0 || !strings.Contains(out, `"status": "ok"`) {
+			t.Errorf("status after rewrap --layout %s: %d %q %q", tc.layout, code, out, errOut)
+		}
+	}
+}

@@ -312,10 +312,10 @@ func (c *core) schedule(ctx context.Context, grant string, rec *record) {
 }
 
 // Rewrap re-encrypts grant's tokens under the Sealer's active key (after a
-// key was added to a Keyring), fenced on the version like any write: if a
-// rotation lands meanwhile, it has written fresh values already. It reports
-// whether it wrote. The tokens themselves do not change, so workers are
-// not told.
+// key was added to a Keyring), and moves them into the Admin's
+// Options.Layout, fenced on the version like any write: if a rotation lands
+// meanwhile, it has written fresh values already. It reports whether it
+// wrote. The tokens themselves do not change, so workers are not told.
 func (a *Admin) Rewrap(ctx context.Context, grant string) (bool, error) {
 	kr, ok := a.opts.Sealer.(*Keyring)
 	if !ok {
@@ -335,13 +335,13 @@ func (a *Admin) Rewrap(ctx context.Context, grant string) (bool, error) {
 		if rec.Status != StatusOK {
 			return false, nil // a dead grant's tokens are not used again
 		}
-		sealedAccess, sealedRefresh, err := a.store.sealedTokenFields(ctx, grant, k)
+		sealedAccess, sealedRefresh, layout, err := a.store.sealedTokenFields(ctx, grant, k)
 		if err != nil {
 			return false, err
 		}
 		current := encPrefix + kr.ActiveKeyID() + ":"
-		if strings.HasPrefix(sealedAccess, current) && strings.HasPrefix(sealedRefresh, current) {
-			return false, nil // already under the active key
+		if strings.HasPrefix(sealedAccess, current) && strings.HasPrefix(sealedRefresh, current) && layout == a.store.layout {
+			return false, nil // already under the active key, where this layout keeps it
 		}
 		at, err := kr.Seal(grant, boundField(fAccess, rec.Family, rec.V), []byte(rec.AccessToken))
 		if err != nil {

@@ -294,7 +294,7 @@ func (e *env) rollBack(k keys, s stored) {
 func (e *env) sealedPair(k keys, grant string) (access, refresh string) {
 	e.t.Helper()
 	st := newStore(e.client(), "tm", plaintext{})
-	access, refresh, err := st.sealedTokenFields(e.t.Context(), grant, k)
+	access, refresh, _, err := st.sealedTokenFields(e.t.Context(), grant, k)
 	if err != nil {
 		e.t.Fatal(err)
 	}

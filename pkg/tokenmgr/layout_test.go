@@ -186,7 +186,7 @@ func TestDamagedPairKey(t *testing.T) {
 				do   func() error
 			}{
 				{"garbage", func() error { return rdb.Set(t.Context(), k.pair, "no length here", 0).Err() }},
-				{"length past the end", func() error { return rdb.Set(t.Context(), k.pair, "900:plain:x", 0).Err() }},
+				{"length past the end", func() error { return rdb.Set(t.Context(), k.pair, "900:plain:at-in-clearplain:rt-in-clear", 0).Err() }},
 				{"a list", func() error {
 					if err := rdb.Del(t.Context(), k.pair).Err(); err != nil {
 						return err
@@ -199,8 +199,12 @@ func TestDamagedPairKey(t *testing.T) {
 				}
 				fresh := e.manager(Strict, nil)
 				var ce *CorruptRecordError
-				if _, err := fresh.Token(t.Context(), e.grant); !errors.As(err, &ce) || ce.Field != fPair {
+				_, err := fresh.Token(t.Context(), e.grant)
+				if !errors.As(err, &ce) || ce.Field != fPair {
 					t.Errorf("%s: Token = %v, want a CorruptRecordError naming the pair", damage.name, err)
+				}
+				if err != nil && strings.Contains(err.Error(), "plain:") {
+					t.Errorf("%s: the error quotes the stored tokens: %v", damage.name, err)
 				}
 				if _, err := fresh.Status(t.Context(), e.grant); !errors.As(err, &ce) || ce.Field != fPair {
 					t.Errorf("%s: Status = %v, want a CorruptRecordError naming the pair", damage.name, err)
@@ -254,8 +258,11 @@ func FuzzDecodePair(f *testing.F) {
 		err := withPair("g", h, pair)
 		if err != nil {
 			var ce *CorruptRecordError
-			if !errors.As(err, &ce) || ce.Field != fPair {
-				t.Fatalf("error %v, want a CorruptRecordError naming the pair", err)
+			if !errors.As(err, &ce) || (ce.Field != fPair && ce.Field != fTokens) {
+				t.Fatalf("error %v, want a CorruptRecordError naming the pair or the tokens", err)
+			}
+			if len(pair) > 8 && strings.Contains(err.Error(), pair[4:]) {
+				t.Fatalf("the error quotes the stored value: %v", err)
 			}
 			if msg := err.Error(); len(msg) > 600 || strings.ContainsAny(msg, "\r\n\x1b") {
 				t.Fatalf("an error a person reads is unbounded or carries control characters: %q", msg)
@@ -274,4 +281,117 @@ func FuzzDecodePair(f *testing.F) {
 			}
 		}
 	})
+}
+
+// A record that keeps its metadata but loses its tokens (LayoutPair: the
+// pair key evicted or deleted; LayoutHash: the token fields deleted) is
+// not a lost grant: a process holding that version's pair puts it back,
+// and until then every other process gets a corrupt record naming the
+// tokens, never a provider call.
+func testLostTokensRestored(t *testing.T, b backend) {
+	e := newEnv(t, b, tokenmgrtest.Strict)
+	holder := e.pollingManager(Strict, func(o *Options) { o.PollInterval = time.Hour })
+	e.seed(holder)
+	if _, err := holder.Rotate(t.Context(), e.grant); err != nil {
+		t.Fatal(err)
+	}
+	k := grantKeys("tm", e.grant)
+	rdb := e.client()
+	if err := rdb.Del(t.Context(), k.pair).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.HDel(t.Context(), k.record, fAccess, fRefresh).Err(); err != nil {
+		t.Fatal(err)
+	}
+	fresh := e.manager(Strict, nil)
+	var ce *CorruptRecordError
+	if _, err := fresh.Token(t.Context(), e.grant); !errors.As(err, &ce) || ce.Field != fTokens {
+		t.Fatalf("Token of a record without tokens = %v, want a CorruptRecordError naming the tokens", err)
+	}
+	if _, err := e.admin().Status(t.Context(), e.grant); !errors.As(err, &ce) || ce.Field != fTokens {
+		t.Errorf("Status of a record without tokens = %v, want a CorruptRecordError naming the tokens", err)
+	}
+	// The holder's next read (its token due, a poll) puts the pair back.
+	if _, err := holder.read(t.Context(), holder.lookup(e.grant)); err != nil {
+		t.Fatalf("the holder of the lost pair: %v", err)
+	}
+	if n := holder.Stats().Restores; n != 1 {
+		t.Errorf("Restores = %d, want 1", n)
+	}
+	held, err := holder.Token(t.Context(), e.grant)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := e.manager(Strict, nil).Token(t.Context(), e.grant)
+	if err != nil || got.AccessToken != held.AccessToken || !e.idp.AccessTokenValid(got.AccessToken) {
+		t.Errorf("a process started after the repair: %v", err)
+	}
+	if st := e.status(holder); st.Version != 2 || !st.Restored || !st.HasRefreshToken {
+		t.Errorf("after the repair: v%d restored=%v has_refresh_token=%v, want v2 restored with its refresh token", st.Version, st.Restored, st.HasRefreshToken)
+	}
+	if s := e.idp.Stats(); s.ReuseDetected != 0 || s.FamiliesRevoked != 0 || s.RefreshOK != 1 {
+		t.Errorf("IdP saw %+v, want the one rotation and no reuse", s)
+	}
+}
+
+// A value longer than hash-max-listpack-value anywhere in the record (a
+// long holder name in rotated_by) makes it a hashtable; once the value is
+// gone a LayoutPair write makes it a listpack again.
+func TestPairLayoutCompactsAfterLongValue(t *testing.T) {
+	e := newEnv(t, realBackend, tokenmgrtest.Strict)
+	e.layout = LayoutPair
+	long := e.manager(Strict, func(o *Options) { o.Holder = strings.Repeat("h", 70) })
+	e.seed(long)
+	k := grantKeys("tm", e.grant)
+	enc := func() string {
+		t.Helper()
+		s, err := e.client().ObjectEncoding(t.Context(), k.record).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	if got := enc(); got != "hashtable" {
+		t.Fatalf("seeded by a 70-byte holder the record is a %s; this test expects a hashtable", got)
+	}
+	if _, err := e.manager(Strict, nil).Rotate(t.Context(), e.grant); err != nil {
+		t.Fatal(err)
+	}
+	if got := enc(); got != "listpack" {
+		t.Errorf("after a rotation by a short-named holder the record is a %s, want a listpack", got)
+	}
+}
+
+// Rewrap moves tokens into the Admin's layout even when they are under the
+// active key already: the way to move every grant at once, and back.
+func TestRewrapMovesLayout(t *testing.T) {
+	e := newEnv(t, miniredisBackend, tokenmgrtest.Strict)
+	key, _ := GenerateKey("k1")
+	kr, _ := NewKeyring(key)
+	m := e.manager(Strict, func(o *Options) { o.Sealer = kr })
+	seeded := e.seed(m)
+	k := grantKeys("tm", e.grant)
+	for _, tc := range []struct {
+		layout Layout
+		inHash bool
+	}{{LayoutPair, false}, {LayoutHash, true}} {
+		a, err := NewAdmin(Options{Redis: e.client(), Sealer: kr, Layout: tc.layout})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if wrote, err := a.Rewrap(t.Context(), e.grant); err != nil || !wrote {
+			t.Fatalf("Rewrap into %s = %v, %v; want a write", layoutName(tc.layout), wrote, err)
+		}
+		if wrote, err := a.Rewrap(t.Context(), e.grant); err != nil || wrote {
+			t.Errorf("second Rewrap into %s = %v, %v; want nothing to do", layoutName(tc.layout), wrote, err)
+		}
+		s := e.snapshot(k)
+		if _, ok := s.hash[fAccess]; ok != tc.inHash || (s.pair != "") == tc.inHash {
+			t.Errorf("after Rewrap into %s: tokens in the hash %v, pair key %v", layoutName(tc.layout), ok, s.pair != "")
+		}
+		got, err := e.manager(Strict, func(o *Options) { o.Sealer = kr }).Token(t.Context(), e.grant)
+		if err != nil || got.AccessToken != seeded.AccessToken {
+			t.Errorf("reading after Rewrap into %s: %v", layoutName(tc.layout), err)
+		}
+	}
 }

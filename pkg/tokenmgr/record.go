@@ -93,20 +93,33 @@ const (
 	LayoutPair
 )
 
-// fPair is the field CorruptRecordError names for a LayoutPair record's pair key.
-const fPair = "pair"
+// fPair is the field CorruptRecordError names for a LayoutPair record's
+// pair key; fTokens for a live record whose tokens are in neither layout.
+const fPair, fTokens = "pair", "tokens"
 
 // splitPair parses a pair key's value, "LEN:ACCESSREFRESH" with LEN the
 // sealed access token's length in bytes (written by scripts/record.lua).
 // Sealed values never hold a space, but the length keeps the format
-// unambiguous whatever a Sealer writes.
+// unambiguous whatever a Sealer writes. The error never quotes the value:
+// with AllowPlaintext it is the tokens in clear.
 func splitPair(pair string) (access, refresh string, err error) {
 	lenText, rest, ok := strings.Cut(pair, ":")
 	n, perr := strconv.Atoi(lenText)
 	if !ok || perr != nil || n < 1 || n > len(rest) || len(lenText) > 6 || lenText[0] == '+' || lenText[0] == '-' {
-		return "", "", fmt.Errorf("want LEN:ACCESSREFRESH, have %s", quoted(pair))
+		return "", "", fmt.Errorf("want LEN:ACCESSREFRESH, have %d bytes that are not", len(pair))
 	}
 	return rest[:n], rest[n:], nil
+}
+
+// tokensLostError is a live record with no tokens in either layout: its
+// pair key was lost (an eviction, a mistaken DEL, a copy of the hash
+// alone) or its token fields deleted. It carries the record's metadata: a
+// process holding the pair of this version, or a newer one, puts it back
+// (refresh.go, readLease); to everyone else it is a corrupt record.
+type tokensLostError struct{ meta *record }
+
+func (*tokensLostError) Error() string {
+	return "no tokens: neither access_token and refresh_token fields nor a pair key (lost: a process holding this version's pair puts it back)"
 }
 
 // withPair puts a LayoutPair record's sealed tokens, read from its pair
@@ -122,14 +135,24 @@ func withPair(grant string, h map[string]string, pair string) error {
 // withPairOf is withPair for a pair key that may hold another type than a
 // string (notString: an operator's mistake).
 func withPairOf(grant string, h map[string]string, pair string, notString bool) error {
-	if (pair == "" && !notString) || len(h) == 0 {
-		return nil // no pair key; a pair key without a record is no record
+	if len(h) == 0 {
+		return nil // a pair key without a record is no record
 	}
 	if _, ok := h[fAccess]; ok {
 		return nil
 	}
 	if _, ok := h[fRefresh]; ok {
 		return nil
+	}
+	if pair == "" && !notString {
+		if h[fStatus] != StatusOK {
+			return nil // a dead grant's tokens are not needed
+		}
+		meta, err := decodeRecord(grant, h, nil)
+		if err != nil {
+			return err
+		}
+		return &CorruptRecordError{Grant: grant, Field: fTokens, Err: &tokensLostError{meta: meta}}
 	}
 	at, rt, err := splitPair(pair)
 	if notString {

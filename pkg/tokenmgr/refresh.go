@@ -569,11 +569,15 @@ func (m *Manager) readLease(ctx context.Context, g *grantState) (*record, bool, 
 	rec, held, err := m.store.readWithLease(ctx, g.name, g.keys, len(m.opts.LockRedis) == 0)
 	newest := g.newestRecord()
 	missing := errors.Is(err, errMissing)
+	var lost *tokensLostError
+	tokensLost := errors.As(err, &lost)
 	switch {
 	case missing && newest == nil:
 		return nil, held, &NotFoundError{Grant: g.name}
 	case missing:
 		rec = nil
+	case tokensLost && newest != nil && !lost.meta.newerThan(newest):
+		rec = lost.meta // this process holds the pair the record lost, or a newer one
 	case err == nil && newest != nil && newest.newerThan(rec):
 	default:
 		return rec, held, err
@@ -587,10 +591,14 @@ func (m *Manager) readLease(ctx context.Context, g *grantState) (*record, bool, 
 	}
 	if written {
 		m.schedule(ctx, g.name, newest)
-		if rec == nil {
+		switch {
+		case rec == nil:
 			m.stats.restores.Add(1)
 			m.log.WarnContext(ctx, "grant record was missing from Redis; restored it from this process's newest pair", "grant", g.name, "version", newest.V)
-		} else {
+		case tokensLost:
+			m.stats.restores.Add(1)
+			m.log.WarnContext(ctx, "grant record in Redis had lost its tokens (its pair key gone?); restored them from this process's newest pair", "grant", g.name, "stored_version", rec.V, "restored_version", newest.V)
+		default:
 			m.stats.rollbacksRepaired.Add(1)
 			m.log.WarnContext(ctx, "grant record in Redis is older than the pair this process holds (a failover that lost writes?); restored the newer pair instead of spending the old one",
 				"grant", g.name, "stored_version", rec.V, "restored_version", newest.V)

@@ -253,13 +253,18 @@ func (s *store) readMeta(ctx context.Context, grants []string, now time.Time) ([
 			errs[i] = err
 			continue
 		}
-		h := r.record.Val()
+		h, pair := r.record.Val(), r.pair
 		if len(h) == 0 && perr != nil && !errors.Is(perr, redis.Nil) {
 			// Empty, but the pipeline failed somewhere: a connection that
 			// failed to set up leaves its commands empty without an error.
 			// Ask again alone, where the error shows.
-			if h, err = s.rdb.HGetAll(ctx, grantKeys(s.prefix, grants[i]).record).Result(); err != nil {
+			k := grantKeys(s.prefix, grants[i])
+			if h, err = s.rdb.HGetAll(ctx, k.record).Result(); err != nil {
 				errs[i] = err
+				continue
+			}
+			if pair = s.rdb.Get(ctx, k.pair); pair.Err() != nil && !errors.Is(pair.Err(), redis.Nil) && !wrongType(pair.Err()) {
+				errs[i] = pair.Err()
 				continue
 			}
 		}
@@ -267,7 +272,11 @@ func (s *store) readMeta(ctx context.Context, grants []string, now time.Time) ([
 			errs[i] = &NotFoundError{Grant: grants[i]}
 			continue
 		}
-		if err := withPairOf(grants[i], h, r.pair.Val(), wrongType(r.pair.Err())); err != nil {
+		if err := pair.Err(); err != nil && !errors.Is(err, redis.Nil) && !wrongType(err) {
+			errs[i] = err // not "no pair key": the tokens may well be there
+			continue
+		}
+		if err := withPairOf(grants[i], h, pair.Val(), wrongType(pair.Err())); err != nil {
 			errs[i] = err
 			continue
 		}
@@ -296,9 +305,9 @@ func (s *store) readMeta(ctx context.Context, grants []string, now time.Time) ([
 }
 
 // sealedTokenFields returns the stored (sealed) access and refresh token
-// values as they are, in either layout, for rewrap to see which key sealed
-// them.
-func (s *store) sealedTokenFields(ctx context.Context, grant string, k keys) (access, refresh string, err error) {
+// values as they are, in either layout, and the layout they are in ("hash"
+// or "pair"), for rewrap to see which key sealed them and where they live.
+func (s *store) sealedTokenFields(ctx context.Context, grant string, k keys) (access, refresh, layout string, err error) {
 	var fields *redis.SliceCmd
 	var pair *redis.StringCmd
 	if _, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
@@ -306,10 +315,10 @@ func (s *store) sealedTokenFields(ctx context.Context, grant string, k keys) (ac
 		pair = p.Get(ctx, k.pair)
 		return nil
 	}); err != nil && !errors.Is(err, redis.Nil) && !wrongType(err) {
-		return "", "", err
+		return "", "", "", err
 	}
 	if err := fields.Err(); err != nil {
-		return "", "", err
+		return "", "", "", err
 	}
 	h := map[string]string{}
 	for i, name := range []string{fV, fStatus, fAccess, fRefresh} {
@@ -317,10 +326,16 @@ func (s *store) sealedTokenFields(ctx context.Context, grant string, k keys) (ac
 			h[name] = v
 		}
 	}
-	if err := withPairOf(grant, h, pair.Val(), wrongType(pair.Err())); err != nil {
-		return "", "", err
+	layout = "pair"
+	if _, ok := h[fAccess]; ok {
+		layout = "hash"
+	} else if _, ok := h[fRefresh]; ok {
+		layout = "hash"
 	}
-	return h[fAccess], h[fRefresh], nil
+	if err := withPairOf(grant, h, pair.Val(), wrongType(pair.Err())); err != nil {
+		return "", "", "", err
+	}
+	return h[fAccess], h[fRefresh], layout, nil
 }
 
 // wrongType reports Redis's answer to a command on a key of another type.

@@ -53,6 +53,7 @@ var suite = []struct {
 	{"PreviousClientSecretDuringRotation", testPreviousClientSecret},
 	{"AdoptionWithoutRead", testAdoptionWithoutRead},
 	{"NoHerdWhenAllExpireAtOnce", testNoHerd},
+	{"LostTokensRestored", testLostTokensRestored},
 }
 
 func TestMiniredis(t *testing.T) {

@@ -19,12 +19,13 @@
 -- ARGV[7..] field/value pairs
 -- Returns the record's version after the write, or 0 when the version or
 -- family moved on or the record is gone.
+local args = record_args(7)
 local v = redis.call('HGET', KEYS[1], 'v')
 local family = redis.call('HGET', KEYS[1], 'family') or ''
 if not v or v ~= ARGV[1] or family ~= ARGV[2] then
   return 0
 end
-write_record(KEYS[1], KEYS[3], ARGV[6] == 'pair', 7)
+write_record(KEYS[1], KEYS[3], ARGV[6] == 'pair', args)
 if ARGV[5] == 'dead' then
   redis.call('HSET', KEYS[1], 'refused', '1')
   v = redis.call('HINCRBY', KEYS[1], 'v', 1)

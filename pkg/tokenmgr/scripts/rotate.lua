@@ -11,6 +11,7 @@
 -- Returns {1, new_v, counted} on success (counted: 1 when the rotations set
 -- took it), {0, stored_v} when another writer got there first or the grant
 -- was seeded anew, {-1, 0} when the record is gone.
+local args = record_args(8)
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then
   return {-1, 0}
@@ -20,8 +21,8 @@ if v ~= ARGV[1] or family ~= ARGV[2] then
   return {0, tonumber(v) or -1}
 end
 local nv = tonumber(v) + 1
-write_record(KEYS[1], KEYS[4], ARGV[7] == 'pair', 8)
 redis.call('HDEL', KEYS[1], 'reason', 'retry_at', 'restored', 'refused')
+write_record(KEYS[1], KEYS[4], ARGV[7] == 'pair', args)
 redis.call('HSET', KEYS[1], 'v', nv)
 redis.call('HINCRBY', KEYS[1], 'refresh_count', 1)
 redis.call('DEL', KEYS[2])

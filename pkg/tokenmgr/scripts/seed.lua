@@ -11,6 +11,7 @@
 -- ARGV[5] the new version, ARGV[6] the writer's layout ("hash" or "pair",
 -- record.lua), ARGV[7..] field/value pairs (family included)
 -- Returns 1 when written, 0 when the record changed meanwhile.
+local args = record_args(7)
 local v = redis.call('HGET', KEYS[1], 'v') or ''
 local family = redis.call('HGET', KEYS[1], 'family') or ''
 if v ~= ARGV[1] or family ~= ARGV[2] then
@@ -18,6 +19,6 @@ if v ~= ARGV[1] or family ~= ARGV[2] then
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('HSET', KEYS[1], 'v', ARGV[5])
-write_record(KEYS[1], KEYS[3], ARGV[6] == 'pair', 7)
+write_record(KEYS[1], KEYS[3], ARGV[6] == 'pair', args)
 publish(ARGV[3], ARGV[4])
 return 1
