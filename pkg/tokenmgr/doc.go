@@ -79,6 +79,8 @@
 //     and a held pair of one family never lands on the next. A Cluster
 //     client reloads its slot map on the first failed command (store.go:
 //     reloadOnFailure), so the repair reaches a promoted replica at once.
+//     A record whose tokens alone were lost (a LayoutPair pair key evicted)
+//     is repaired the same way, by a process holding that version's pair.
 //  10. Replay only inside the leeway. A refresh token that an earlier attempt
 //     may have spent (its outcome unknown: scripts/intent.lua) is presented
 //     again only while the provider's reuse leeway covers a whole call, or,

@@ -106,7 +106,7 @@ func splitPair(pair string) (access, refresh string, err error) {
 	lenText, rest, ok := strings.Cut(pair, ":")
 	n, perr := strconv.Atoi(lenText)
 	if !ok || perr != nil || n < 1 || n > len(rest) || len(lenText) > 6 || lenText[0] == '+' || lenText[0] == '-' {
-		return "", "", fmt.Errorf("want LEN:ACCESSREFRESH, have %d bytes that are not", len(pair))
+		return "", "", fmt.Errorf("want LEN:ACCESSREFRESH (LEN the sealed access token's length), have %d bytes that do not parse so", len(pair))
 	}
 	return rest[:n], rest[n:], nil
 }
