@@ -50,6 +50,11 @@ type grantState struct {
 	reportedV atomic.Int64
 	// subUp: the grant's own subscription is up (sharded messages).
 	subUp atomic.Bool
+	// lostAnnounced is the version whose lost tokens this process last
+	// told the fleet of (once per version); lostHeard (unix nanos) when it
+	// last read the record because another process did (once a second).
+	lostAnnounced atomic.Int64
+	lostHeard     atomic.Int64
 
 	mu sync.Mutex // guards the fields below
 	// flight is the load or refresh in progress, shared by every caller in

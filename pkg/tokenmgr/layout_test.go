@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
 
@@ -187,6 +189,7 @@ func TestDamagedPairKey(t *testing.T) {
 			}{
 				{"garbage", func() error { return rdb.Set(t.Context(), k.pair, "no length here", 0).Err() }},
 				{"length past the end", func() error { return rdb.Set(t.Context(), k.pair, "900:plain:at-in-clearplain:rt-in-clear", 0).Err() }},
+				{"empty", func() error { return rdb.Set(t.Context(), k.pair, "", 0).Err() }},
 				{"a list", func() error {
 					if err := rdb.Del(t.Context(), k.pair).Err(); err != nil {
 						return err
@@ -285,52 +288,96 @@ func FuzzDecodePair(f *testing.F) {
 
 // A record that keeps its metadata but loses its tokens (LayoutPair: the
 // pair key evicted or deleted; LayoutHash: the token fields deleted) is
-// not a lost grant: a process holding that version's pair puts it back,
-// and until then every other process gets a corrupt record naming the
-// tokens, never a provider call.
+// not a lost grant: the first process to find it so tells the fleet, a
+// process holding that version's pair puts it back at once, keeping the
+// record's newer metadata, and the finder adopts it from the message.
+// Until then it is a corrupt record naming the tokens, and nobody calls
+// the provider.
 func testLostTokensRestored(t *testing.T, b backend) {
 	e := newEnv(t, b, tokenmgrtest.Strict)
-	holder := e.pollingManager(Strict, func(o *Options) { o.PollInterval = time.Hour })
+	holder := e.manager(Strict, func(o *Options) { o.PollInterval = time.Hour })
 	e.seed(holder)
 	if _, err := holder.Rotate(t.Context(), e.grant); err != nil {
 		t.Fatal(err)
 	}
 	k := grantKeys("tm", e.grant)
 	rdb := e.client()
+	retryAt := strconv.FormatInt(e.clock.Now().Add(time.Minute).UnixMilli(), 10)
+	if err := rdb.HSet(t.Context(), k.record, fRetry, retryAt).Err(); err != nil { // newer than the holder's copy
+		t.Fatal(err)
+	}
 	if err := rdb.Del(t.Context(), k.pair).Err(); err != nil {
 		t.Fatal(err)
 	}
 	if err := rdb.HDel(t.Context(), k.record, fAccess, fRefresh).Err(); err != nil {
 		t.Fatal(err)
 	}
-	fresh := e.manager(Strict, nil)
+	if _, err := e.admin().Status(t.Context(), e.grant); err == nil {
+		t.Errorf("Status of a record without tokens: no error")
+	} else if ce := (*CorruptRecordError)(nil); !errors.As(err, &ce) || ce.Field != fTokens {
+		t.Errorf("Status of a record without tokens = %v, want a CorruptRecordError naming the tokens", err)
+	}
+	fresh := e.manager(Strict, func(o *Options) { o.PollInterval = time.Hour })
 	var ce *CorruptRecordError
 	if _, err := fresh.Token(t.Context(), e.grant); !errors.As(err, &ce) || ce.Field != fTokens {
 		t.Fatalf("Token of a record without tokens = %v, want a CorruptRecordError naming the tokens", err)
 	}
-	if _, err := e.admin().Status(t.Context(), e.grant); !errors.As(err, &ce) || ce.Field != fTokens {
-		t.Errorf("Status of a record without tokens = %v, want a CorruptRecordError naming the tokens", err)
-	}
-	// The holder's next read (its token due, a poll) puts the pair back.
-	if _, err := holder.read(t.Context(), holder.lookup(e.grant)); err != nil {
-		t.Fatalf("the holder of the lost pair: %v", err)
-	}
-	if n := holder.Stats().Restores; n != 1 {
-		t.Errorf("Restores = %d, want 1", n)
-	}
+	eventually(t, "the holder to put the pair back", func() bool { return holder.Stats().Restores == 1 })
 	held, err := holder.Token(t.Context(), e.grant)
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := e.manager(Strict, nil).Token(t.Context(), e.grant)
-	if err != nil || got.AccessToken != held.AccessToken || !e.idp.AccessTokenValid(got.AccessToken) {
-		t.Errorf("a process started after the repair: %v", err)
-	}
-	if st := e.status(holder); st.Version != 2 || !st.Restored || !st.HasRefreshToken {
+	eventually(t, "the finder to adopt the restored pair", func() bool {
+		got, err := fresh.Token(t.Context(), e.grant)
+		return err == nil && got.AccessToken == held.AccessToken
+	})
+	st := e.status(holder)
+	if st.Version != 2 || !st.Restored || !st.HasRefreshToken {
 		t.Errorf("after the repair: v%d restored=%v has_refresh_token=%v, want v2 restored with its refresh token", st.Version, st.Restored, st.HasRefreshToken)
+	}
+	if got := e.snapshot(k).hash; got[fRetry] != retryAt || got[fCount] != "1" {
+		t.Errorf("the repair replaced the record's metadata: retry_at %q (want %s), refresh_count %q (want 1)", got[fRetry], retryAt, got[fCount])
 	}
 	if s := e.idp.Stats(); s.ReuseDetected != 0 || s.FamiliesRevoked != 0 || s.RefreshOK != 1 {
 		t.Errorf("IdP saw %+v, want the one rotation and no reuse", s)
+	}
+}
+
+// A process that does not hold the lost pair announces the loss once per
+// version, however often it reads: no storm of messages or reads.
+func TestLostTokensAnnouncedOnce(t *testing.T) {
+	e := newEnv(t, miniredisBackend, tokenmgrtest.Strict)
+	seeder := e.manager(Strict, nil)
+	e.seed(seeder)
+	k := grantKeys("tm", e.grant)
+	if err := e.client().HDel(t.Context(), k.record, fAccess, fRefresh).Err(); err != nil {
+		t.Fatal(err)
+	}
+	sub := e.client().Subscribe(t.Context(), "tm:rotated")
+	t.Cleanup(func() { sub.Close() })
+	if _, err := sub.Receive(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	m := e.pollingManager(Strict, nil)
+	g, err := m.state(e.grant)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 5 {
+		_, _ = m.read(t.Context(), g)
+	}
+	var heard []string
+	for {
+		msg, err := sub.ReceiveTimeout(t.Context(), 300*time.Millisecond)
+		if err != nil {
+			break
+		}
+		if p, ok := msg.(*redis.Message); ok && strings.HasSuffix(p.Payload, " "+lostTokensTail) {
+			heard = append(heard, p.Payload)
+		}
+	}
+	if len(heard) != 1 || heard[0] != e.grant+" 1 "+lostTokensTail {
+		t.Errorf("heard %q, want one %q", heard, e.grant+" 1 "+lostTokensTail)
 	}
 }
 
@@ -359,6 +406,19 @@ func TestPairLayoutCompactsAfterLongValue(t *testing.T) {
 	}
 	if got := enc(); got != "listpack" {
 		t.Errorf("after a rotation by a short-named holder the record is a %s, want a listpack", got)
+	}
+	// A long reason (a mark's) that the next rotation clears.
+	if err := e.client().HSet(t.Context(), k.record, fReason, strings.Repeat("r", 100)).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if got := enc(); got != "hashtable" {
+		t.Fatalf("with a 100-byte reason the record is a %s; this test expects a hashtable", got)
+	}
+	if _, err := e.manager(Strict, nil).Rotate(t.Context(), e.grant); err != nil {
+		t.Fatal(err)
+	}
+	if got := enc(); got != "listpack" {
+		t.Errorf("after the rotation that cleared the reason the record is a %s, want a listpack", got)
 	}
 }
 

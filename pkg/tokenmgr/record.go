@@ -132,9 +132,9 @@ func withPair(grant string, h map[string]string, pair string) error {
 	return withPairOf(grant, h, pair, false)
 }
 
-// withPairOf is withPair for a pair key that may hold another type than a
-// string (notString: an operator's mistake).
-func withPairOf(grant string, h map[string]string, pair string, notString bool) error {
+// withPairOf is withPair for a pair key that may exist and yet hold no
+// pair (unusable: empty, or of another type: an operator's mistake).
+func withPairOf(grant string, h map[string]string, pair string, unusable bool) error {
 	if len(h) == 0 {
 		return nil // a pair key without a record is no record
 	}
@@ -144,7 +144,7 @@ func withPairOf(grant string, h map[string]string, pair string, notString bool) 
 	if _, ok := h[fRefresh]; ok {
 		return nil
 	}
-	if pair == "" && !notString {
+	if pair == "" && !unusable {
 		if h[fStatus] != StatusOK {
 			return nil // a dead grant's tokens are not needed
 		}
@@ -155,8 +155,8 @@ func withPairOf(grant string, h map[string]string, pair string, notString bool) 
 		return &CorruptRecordError{Grant: grant, Field: fTokens, Err: &tokensLostError{meta: meta}}
 	}
 	at, rt, err := splitPair(pair)
-	if notString {
-		err = errors.New("not a string")
+	if unusable {
+		err = errors.New("empty, or not a string")
 	}
 	if err != nil {
 		if h[fStatus] == StatusReauthRequired {

@@ -580,6 +580,13 @@ func (m *Manager) readLease(ctx context.Context, g *grantState) (*record, bool, 
 		rec = lost.meta // this process holds the pair the record lost, or a newer one
 	case err == nil && newest != nil && newest.newerThan(rec):
 	default:
+		if tokensLost && g.lostAnnounced.Swap(lost.meta.V) != lost.meta.V {
+			// Ask whoever holds the pair to put it back now, rather than
+			// at its next due read (once per version: no storm).
+			if aerr := m.store.announceLostTokens(ctx, g.name, lost.meta.V); aerr != nil {
+				m.log.DebugContext(ctx, "could not announce the lost tokens", "grant", g.name, "err", aerr)
+			}
+		}
 		return rec, held, err
 	}
 	rctx, span := m.startSpan(ctx, "tokenmgr.restore", g, attribute.Int64("tokenmgr.version", newest.V), attribute.Bool("tokenmgr.record_missing", rec == nil))

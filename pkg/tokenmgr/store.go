@@ -151,8 +151,8 @@ func (s *store) readWithLease(ctx context.Context, grant string, k keys, withLea
 		return nil, n == 1, errMissing
 	}
 	pair, _ := reply[2].(string)
-	_, notString := reply[2].(int64)
-	if err := withPairOf(grant, h, pair, notString); err != nil {
+	_, unusable := reply[2].(int64)
+	if err := withPairOf(grant, h, pair, unusable); err != nil {
 		return nil, n == 1, err
 	}
 	rec, err = decodeRecord(grant, h, s.sealer)
@@ -276,7 +276,7 @@ func (s *store) readMeta(ctx context.Context, grants []string, now time.Time) ([
 			errs[i] = err // not "no pair key": the tokens may well be there
 			continue
 		}
-		if err := withPairOf(grants[i], h, pair.Val(), wrongType(pair.Err())); err != nil {
+		if err := withPairOf(grants[i], h, pair.Val(), unusablePair(pair)); err != nil {
 			errs[i] = err
 			continue
 		}
@@ -332,10 +332,16 @@ func (s *store) sealedTokenFields(ctx context.Context, grant string, k keys) (ac
 	} else if _, ok := h[fRefresh]; ok {
 		layout = "hash"
 	}
-	if err := withPairOf(grant, h, pair.Val(), wrongType(pair.Err())); err != nil {
+	if err := withPairOf(grant, h, pair.Val(), unusablePair(pair)); err != nil {
 		return "", "", "", err
 	}
 	return h[fAccess], h[fRefresh], layout, nil
+}
+
+// unusablePair reports a pair key that exists but cannot hold a pair: empty
+// (no writer leaves it so) or of another type.
+func unusablePair(get *redis.StringCmd) bool {
+	return wrongType(get.Err()) || (get.Err() == nil && get.Val() == "")
 }
 
 // wrongType reports Redis's answer to a command on a key of another type.
@@ -639,6 +645,21 @@ func (s *store) scheduledGrants(ctx context.Context) ([]string, error) {
 // countParked counts the grants parked at the end of the schedule.
 func (s *store) countParked(ctx context.Context) (int64, error) {
 	return s.rdb.ZCount(ctx, s.due, strconv.FormatInt(parked.UnixMilli(), 10), "+inf").Result()
+}
+
+// lostTokensTail ends the message "GRANT V tokens_lost": a process found
+// version V alive without its tokens and could not put them back; one that
+// holds them reads the record, which restores them (refresh.go: readLease).
+const lostTokensTail = "tokens_lost"
+
+// announceLostTokens sends "GRANT V tokens_lost" where the grant's rotation
+// messages go.
+func (s *store) announceLostTokens(ctx context.Context, grant string, v int64) error {
+	msg := grant + " " + strconv.FormatInt(v, 10) + " " + lostTokensTail
+	if s.sharded {
+		return s.rdb.SPublish(ctx, s.grantChannel(grant), msg).Err()
+	}
+	return s.rdb.Publish(ctx, s.channel, msg).Err()
 }
 
 // subscription is the rotation channel, in the terms the Manager's loop

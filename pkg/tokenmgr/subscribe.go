@@ -403,8 +403,8 @@ func (m *Manager) pollGrants(grants []*grantState) {
 }
 
 // onMessage handles "GRANT VERSION m1 RECORD" (a write that carries its
-// record), "GRANT VERSION reauth_required" and "GRANT VERSION" (from older
-// writers).
+// record), "GRANT VERSION reauth_required", "GRANT VERSION tokens_lost"
+// and "GRANT VERSION" (from older writers).
 func (m *Manager) onMessage(payload string) {
 	name, rest, ok := strings.Cut(payload, " ")
 	if !ok {
@@ -419,10 +419,33 @@ func (m *Manager) onMessage(payload string) {
 	if g == nil {
 		return
 	}
+	if tail == lostTokensTail {
+		m.onLostTokens(g)
+		return
+	}
 	if body, ok := strings.CutPrefix(tail, messagePrefix); ok && m.adopt(g, v, body) {
 		return
 	}
 	m.invalidate(g, v, tail != "")
+}
+
+// onLostTokens answers "GRANT V tokens_lost": a process that holds a pair
+// of the grant reads the record, which puts the pair back if it is the
+// lost one or newer (refresh.go: readLease); the others have nothing to
+// give and keep what they have. At most one read a second per grant.
+func (m *Manager) onLostTokens(g *grantState) {
+	if g.newestRecord() == nil {
+		return
+	}
+	now, last := time.Now().UnixNano(), g.lostHeard.Load()
+	if now-last < int64(time.Second) || !g.lostHeard.CompareAndSwap(last, now) {
+		return
+	}
+	m.goBackground(func() {
+		ctx, cancel := context.WithTimeout(m.base, m.opts.WaitTimeout)
+		defer cancel()
+		_, _ = m.read(ctx, g)
+	})
 }
 
 // adopt installs the record a rotation message carries, without reading

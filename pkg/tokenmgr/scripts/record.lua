@@ -51,7 +51,7 @@ end
 -- are. With to_pair, a hash that held a long value (the tokens of a
 -- LayoutHash write, a long reason) and holds none now is written anew, so
 -- that it is a listpack again; what a writer sets after it is short (a
--- version, a flag), and a long field it clears it clears before.
+-- version, a flag), and a field it clears goes in a.del.
 local function write_record(rec, pair, to_pair, a)
   local was_long = to_pair and has_long(redis.call('HGETALL', rec))
   local set, del = a.set, a.del

@@ -34,13 +34,21 @@ if v then
     -- A dead mark ends its family: the provider may have revoked every
     -- pair of it, the one restored included (record.go: Refused).
     older = false
-  else
-    -- A record of this very version whose tokens are gone (its pair key
-    -- lost, its token fields deleted) takes them back: a family's version
-    -- names one pair.
+  elseif sv == tonumber(ARGV[1]) then
+    -- A record of this very version whose tokens alone are gone (its pair
+    -- key lost, its token fields deleted) takes them back, and keeps the
+    -- rest: its metadata (a fleet-wide retry_at, the refresh count) is
+    -- newer than the holder's copy. A family's version names one pair.
     local held = redis.call('HMGET', KEYS[1], 'status', 'access_token', 'refresh_token')
-    local tokenless = held[1] == 'ok' and not held[2] and not held[3] and redis.call('EXISTS', KEYS[2]) == 0
-    older = sv < tonumber(ARGV[1]) or (tokenless and sv == tonumber(ARGV[1]))
+    if held[1] ~= 'ok' or held[2] or held[3] or redis.call('EXISTS', KEYS[2]) == 1 then
+      return {0, sv}
+    end
+    write_record(KEYS[1], KEYS[2], ARGV[5] == 'pair', {set = {}, del = {}, at = args.at, rt = args.rt})
+    redis.call('HSET', KEYS[1], 'restored', '1')
+    publish(ARGV[3], ARGV[4])
+    return {1, sv}
+  else
+    older = sv < tonumber(ARGV[1])
   end
   if not older then
     return {0, sv}

@@ -21,7 +21,11 @@ if v ~= ARGV[1] or family ~= ARGV[2] then
   return {0, tonumber(v) or -1}
 end
 local nv = tonumber(v) + 1
-redis.call('HDEL', KEYS[1], 'reason', 'retry_at', 'restored', 'refused')
+-- A rotation clears what belonged to the version before: through
+-- write_record, so that a long reason it clears lets the hash be compact.
+for _, f in ipairs({'reason', 'retry_at', 'restored', 'refused'}) do
+  args.del[#args.del + 1] = f
+end
 write_record(KEYS[1], KEYS[4], ARGV[7] == 'pair', args)
 redis.call('HSET', KEYS[1], 'v', nv)
 redis.call('HINCRBY', KEYS[1], 'refresh_count', 1)
