@@ -123,9 +123,12 @@ func challenge(h http.Header) (reason string, insufficientScope bool) {
 }
 
 // authParam returns the value of one auth-param (name=token or
-// name="quoted") of a challenge, or "".
+// name="quoted") of a challenge, or "". Names match without regard to
+// ASCII case; the lowered copy keeps every byte where it was (strings.ToLower
+// would not: it turns an invalid byte into three, and the indexes into the
+// challenge would run past its end).
 func authParam(challenge, name string) string {
-	lower := strings.ToLower(challenge)
+	lower := asciiLower(challenge)
 	for i := 0; ; {
 		j := strings.Index(lower[i:], name+"=")
 		if j < 0 {
@@ -148,6 +151,18 @@ func authParam(challenge, name string) string {
 		}
 		return rest
 	}
+}
+
+// asciiLower lowers the ASCII letters of s and leaves every other byte as
+// it is, so that an index into the result is one into s.
+func asciiLower(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if 'A' <= c && c <= 'Z' {
+			b[i] = c + 'a' - 'A'
+		}
+	}
+	return string(b)
 }
 
 // authorized clones req (a RoundTripper must not modify its request) with

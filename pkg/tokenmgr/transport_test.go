@@ -262,3 +262,27 @@ func testAwaitRotationLostWakeup(t *testing.T, b backend) {
 		t.Errorf("the worker did not pick up version 2")
 	}
 }
+
+// challenge reads any WWW-Authenticate an API sends without panicking: a
+// byte that is not UTF-8 before the parameters once moved every index
+// (strings.ToLower turns it into three bytes) and crashed the request
+// (found by FuzzValidators).
+func TestChallenge(t *testing.T) {
+	for _, tc := range []struct {
+		header, reason string
+		scope          bool
+	}{
+		{`Bearer error="invalid_token", error_description="expired"`, "invalid_token expired", false},
+		{`Bearer ERROR=insufficient_scope, scope="write"`, "insufficient_scope", true},
+		{"\xe8 error=", "\xe8 error=", false},
+		{"\xe8\xe8 Error=\"invalid_token\"", "invalid_token", false},
+		{`Bearer realm="x"`, `Bearer realm="x"`, false},
+	} {
+		h := http.Header{}
+		h.Set("WWW-Authenticate", tc.header)
+		reason, scope := challenge(h)
+		if want := bounded(tc.reason, maxChallenge); reason != want || scope != tc.scope {
+			t.Errorf("challenge(%q) = %q, %v; want %q, %v", tc.header, reason, scope, want, tc.scope)
+		}
+	}
+}
