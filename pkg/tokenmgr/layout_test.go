@@ -382,13 +382,13 @@ func TestLostTokensAnnouncedOnce(t *testing.T) {
 }
 
 // A value longer than hash-max-listpack-value anywhere in the record (a
-// long holder name in rotated_by) makes it a hashtable; once the value is
-// gone a LayoutPair write makes it a listpack again.
+// long holder name in rotated_by, a mark's long reason) makes it a
+// hashtable; once the value is gone a LayoutPair write makes it a listpack
+// again.
 func TestPairLayoutCompactsAfterLongValue(t *testing.T) {
 	e := newEnv(t, realBackend, tokenmgrtest.Strict)
 	e.layout = LayoutPair
-	long := e.manager(Strict, func(o *Options) { o.Holder = strings.Repeat("h", 70) })
-	e.seed(long)
+	e.seed(e.manager(Strict, nil))
 	k := grantKeys("tm", e.grant)
 	enc := func() string {
 		t.Helper()
@@ -398,27 +398,30 @@ func TestPairLayoutCompactsAfterLongValue(t *testing.T) {
 		}
 		return s
 	}
-	if got := enc(); got != "hashtable" {
-		t.Fatalf("seeded by a 70-byte holder the record is a %s; this test expects a hashtable", got)
-	}
-	if _, err := e.manager(Strict, nil).Rotate(t.Context(), e.grant); err != nil {
-		t.Fatal(err)
-	}
-	if got := enc(); got != "listpack" {
-		t.Errorf("after a rotation by a short-named holder the record is a %s, want a listpack", got)
-	}
-	// A long reason (a mark's) that the next rotation clears.
-	if err := e.client().HSet(t.Context(), k.record, fReason, strings.Repeat("r", 100)).Err(); err != nil {
-		t.Fatal(err)
-	}
-	if got := enc(); got != "hashtable" {
-		t.Fatalf("with a 100-byte reason the record is a %s; this test expects a hashtable", got)
-	}
-	if _, err := e.manager(Strict, nil).Rotate(t.Context(), e.grant); err != nil {
-		t.Fatal(err)
-	}
-	if got := enc(); got != "listpack" {
-		t.Errorf("after the rotation that cleared the reason the record is a %s, want a listpack", got)
+	for _, tc := range []struct {
+		long string // what makes the record long
+		make func() error
+	}{
+		{"a 70-byte holder in rotated_by", func() error {
+			_, err := e.manager(Strict, func(o *Options) { o.Holder = strings.Repeat("h", 70) }).Rotate(t.Context(), e.grant)
+			return err
+		}},
+		{"a 100-byte reason", func() error {
+			return e.client().HSet(t.Context(), k.record, fReason, strings.Repeat("r", 100)).Err()
+		}},
+	} {
+		if err := tc.make(); err != nil {
+			t.Fatal(err)
+		}
+		if got := enc(); got != "hashtable" {
+			t.Fatalf("with %s the record is a %s; this test expects a hashtable", tc.long, got)
+		}
+		if _, err := e.manager(Strict, nil).Rotate(t.Context(), e.grant); err != nil { // a short holder; the reason cleared
+			t.Fatal(err)
+		}
+		if got := enc(); got != "listpack" {
+			t.Errorf("after %s, the next rotation left a %s, want a listpack", tc.long, got)
+		}
 	}
 }
 
