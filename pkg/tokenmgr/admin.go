@@ -28,9 +28,7 @@ type core struct {
 
 func newCore(o Options) core {
 	c := core{opts: o, log: o.Logger.With("component", "tokenmgr", "holder", o.Holder), store: newStore(o.Redis, o.KeyPrefix, o.Sealer), scheduleDenied: new(atomic.Bool)}
-	if o.Layout == LayoutPair {
-		c.store.layout = "pair"
-	}
+	c.store.layout = o.Layout
 	if o.MinReplicas > 0 {
 		timeout := o.ReplicaTimeout
 		if timeout == 0 {

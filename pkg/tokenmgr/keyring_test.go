@@ -141,7 +141,7 @@ func FuzzKeyringOpen(f *testing.F) {
 // workers with only the new key can then read it; in either layout.
 func TestRewrap(t *testing.T) {
 	for _, layout := range []Layout{LayoutHash, LayoutPair} {
-		t.Run(layoutName(layout), func(t *testing.T) { testRewrap(t, layout) })
+		t.Run(layout.String(), func(t *testing.T) { testRewrap(t, layout) })
 	}
 }
 

@@ -12,13 +12,6 @@ import (
 	"github.com/tokenmgr/tokenmgr/pkg/tokenmgr/tokenmgrtest"
 )
 
-func layoutName(l Layout) string {
-	if l == LayoutPair {
-		return "pair"
-	}
-	return "hash"
-}
-
 // A LayoutPair record keeps its tokens out of the hash, so Redis keeps the
 // hash a listpack under the default hash-max-listpack-value (64 B); a
 // record first written in LayoutHash (a hashtable, which Redis never turns
@@ -124,7 +117,7 @@ func TestMixedLayoutsShareTheGrant(t *testing.T) {
 				reader.pollOnce(nil)
 				got, err := reader.Token(t.Context(), e.grant)
 				if err != nil || got.AccessToken != tok.AccessToken {
-					t.Fatalf("rotation %d by the %s process: the other read %v", i, layoutName(writer.opts.Layout), err)
+					t.Fatalf("rotation %d by the %s process: the other read %v", i, writer.opts.Layout.String(), err)
 				}
 			}
 			s := e.idp.Stats()
@@ -258,7 +251,7 @@ func FuzzDecodePair(f *testing.F) {
 	f.Add("\x1b[31m:", StatusOK)
 	f.Fuzz(func(t *testing.T, pair, status string) {
 		h := map[string]string{fV: "2", fStatus: status, fExpiry: strconv.FormatInt(time.Now().UnixMilli(), 10)}
-		err := withPair("g", h, pair)
+		err := withPair("g", h, pair, false)
 		if err != nil {
 			var ce *CorruptRecordError
 			if !errors.As(err, &ce) || (ce.Field != fPair && ce.Field != fTokens) {
@@ -443,18 +436,18 @@ func TestRewrapMovesLayout(t *testing.T) {
 			t.Fatal(err)
 		}
 		if wrote, err := a.Rewrap(t.Context(), e.grant); err != nil || !wrote {
-			t.Fatalf("Rewrap into %s = %v, %v; want a write", layoutName(tc.layout), wrote, err)
+			t.Fatalf("Rewrap into %s = %v, %v; want a write", tc.layout.String(), wrote, err)
 		}
 		if wrote, err := a.Rewrap(t.Context(), e.grant); err != nil || wrote {
-			t.Errorf("second Rewrap into %s = %v, %v; want nothing to do", layoutName(tc.layout), wrote, err)
+			t.Errorf("second Rewrap into %s = %v, %v; want nothing to do", tc.layout.String(), wrote, err)
 		}
 		s := e.snapshot(k)
 		if _, ok := s.hash[fAccess]; ok != tc.inHash || (s.pair != "") == tc.inHash {
-			t.Errorf("after Rewrap into %s: tokens in the hash %v, pair key %v", layoutName(tc.layout), ok, s.pair != "")
+			t.Errorf("after Rewrap into %s: tokens in the hash %v, pair key %v", tc.layout.String(), ok, s.pair != "")
 		}
 		got, err := e.manager(Strict, func(o *Options) { o.Sealer = kr }).Token(t.Context(), e.grant)
 		if err != nil || got.AccessToken != seeded.AccessToken {
-			t.Errorf("reading after Rewrap into %s: %v", layoutName(tc.layout), err)
+			t.Errorf("reading after Rewrap into %s: %v", tc.layout.String(), err)
 		}
 	}
 }

@@ -93,6 +93,18 @@ const (
 	LayoutPair
 )
 
+// String is the layout's name, as --layout takes it and the scripts are
+// told it (scripts/record.lua).
+func (l Layout) String() string {
+	switch l {
+	case LayoutHash:
+		return "hash"
+	case LayoutPair:
+		return "pair"
+	}
+	return "Layout(" + strconv.Itoa(int(l)) + ")"
+}
+
 // fPair is the field CorruptRecordError names for a LayoutPair record's
 // pair key; fTokens for a live record whose tokens are in neither layout.
 const fPair, fTokens = "pair", "tokens"
@@ -123,18 +135,14 @@ func (*tokensLostError) Error() string {
 }
 
 // withPair puts a LayoutPair record's sealed tokens, read from its pair
-// key, where decodeRecord looks for them. Token fields in the hash win: a
-// process of a release before LayoutPair wrote them last, knowing nothing
-// of the pair key (every writer of this one clears the copy it does not
-// write, scripts/record.lua). A damaged pair key does not hide a dead
-// grant's status, whose tokens nobody needs.
-func withPair(grant string, h map[string]string, pair string) error {
-	return withPairOf(grant, h, pair, false)
-}
-
-// withPairOf is withPair for a pair key that may exist and yet hold no
-// pair (unusable: empty, or of another type: an operator's mistake).
-func withPairOf(grant string, h map[string]string, pair string, unusable bool) error {
+// key, where decodeRecord looks for them; unusable is a pair key that
+// exists and holds no pair (empty, or of another type: an operator's
+// mistake). Token fields in the hash win: a process of a release before
+// LayoutPair wrote them last, knowing nothing of the pair key (every
+// writer of this one clears the copy it does not write,
+// scripts/record.lua). A damaged pair key does not hide a dead grant's
+// status, whose tokens nobody needs.
+func withPair(grant string, h map[string]string, pair string, unusable bool) error {
 	if len(h) == 0 {
 		return nil // a pair key without a record is no record
 	}

@@ -1,6 +1,7 @@
 package tokenmgr
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	_ "embed"
@@ -38,10 +39,9 @@ type store struct {
 	// sharded: rotation messages go to each grant's own channel
 	// (Options.Messages).
 	sharded bool
-	// layout is "pair" when this process writes the sealed tokens to the
-	// grant's pair key, "hash" when to the record hash (Options.Layout). It
-	// reads both.
-	layout string
+	// layout is where this process writes the sealed tokens
+	// (Options.Layout); it reads both.
+	layout Layout
 }
 
 // durability is Options.MinReplicas and ReplicaTimeout, and what to do when
@@ -109,7 +109,7 @@ func newStore(rdb redis.UniversalClient, prefix string, s Sealer) *store {
 	}
 	// The refreshers' hash sits in the grants' key pattern (tm:{*}:*), which
 	// the README's worker ACL allows: workers read it.
-	return &store{rdb: rdb, sealer: s, channel: prefix + ":rotated", due: prefix + ":due", refreshers: prefix + ":{refreshers}:live", prefix: prefix, layout: "hash"}
+	return &store{rdb: rdb, sealer: s, channel: prefix + ":rotated", due: prefix + ":due", refreshers: prefix + ":{refreshers}:live", prefix: prefix}
 }
 
 var errMissing = errors.New("record missing")
@@ -152,7 +152,7 @@ func (s *store) readWithLease(ctx context.Context, grant string, k keys, withLea
 	}
 	pair, _ := reply[2].(string)
 	_, unusable := reply[2].(int64)
-	if err := withPairOf(grant, h, pair, unusable); err != nil {
+	if err := withPair(grant, h, pair, unusable); err != nil {
 		return nil, n == 1, err
 	}
 	rec, err = decodeRecord(grant, h, s.sealer)
@@ -263,20 +263,17 @@ func (s *store) readMeta(ctx context.Context, grants []string, now time.Time) ([
 				errs[i] = err
 				continue
 			}
-			if pair = s.rdb.Get(ctx, k.pair); pair.Err() != nil && !errors.Is(pair.Err(), redis.Nil) && !wrongType(pair.Err()) {
-				errs[i] = pair.Err()
-				continue
-			}
+			pair = s.rdb.Get(ctx, k.pair)
 		}
 		if len(h) == 0 {
 			errs[i] = &NotFoundError{Grant: grants[i]}
 			continue
 		}
-		if err := pair.Err(); err != nil && !errors.Is(err, redis.Nil) && !wrongType(err) {
+		if err := pairReadErr(pair); err != nil {
 			errs[i] = err // not "no pair key": the tokens may well be there
 			continue
 		}
-		if err := withPairOf(grants[i], h, pair.Val(), unusablePair(pair)); err != nil {
+		if err := withPair(grants[i], h, pair.Val(), unusablePair(pair)); err != nil {
 			errs[i] = err
 			continue
 		}
@@ -305,20 +302,21 @@ func (s *store) readMeta(ctx context.Context, grants []string, now time.Time) ([
 }
 
 // sealedTokenFields returns the stored (sealed) access and refresh token
-// values as they are, in either layout, and the layout they are in ("hash"
-// or "pair"), for rewrap to see which key sealed them and where they live.
-func (s *store) sealedTokenFields(ctx context.Context, grant string, k keys) (access, refresh, layout string, err error) {
+// values as they are, in either layout, and the layout they are in, for
+// rewrap to see which key sealed them and where they live.
+func (s *store) sealedTokenFields(ctx context.Context, grant string, k keys) (access, refresh string, layout Layout, err error) {
 	var fields *redis.SliceCmd
 	var pair *redis.StringCmd
-	if _, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+	_, perr := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		fields = p.HMGet(ctx, k.record, fV, fStatus, fAccess, fRefresh)
 		pair = p.Get(ctx, k.pair)
 		return nil
-	}); err != nil && !errors.Is(err, redis.Nil) && !wrongType(err) {
-		return "", "", "", err
+	})
+	if errors.Is(perr, redis.Nil) || wrongType(perr) {
+		perr = nil // the pair key's answers, read below
 	}
-	if err := fields.Err(); err != nil {
-		return "", "", "", err
+	if err := cmp.Or(perr, fields.Err(), pairReadErr(pair)); err != nil {
+		return "", "", 0, err
 	}
 	h := map[string]string{}
 	for i, name := range []string{fV, fStatus, fAccess, fRefresh} {
@@ -326,16 +324,25 @@ func (s *store) sealedTokenFields(ctx context.Context, grant string, k keys) (ac
 			h[name] = v
 		}
 	}
-	layout = "pair"
-	if _, ok := h[fAccess]; ok {
-		layout = "hash"
-	} else if _, ok := h[fRefresh]; ok {
-		layout = "hash"
+	layout = LayoutPair
+	_, at := h[fAccess]
+	_, rt := h[fRefresh]
+	if at || rt {
+		layout = LayoutHash // as withPair decides
 	}
-	if err := withPairOf(grant, h, pair.Val(), unusablePair(pair)); err != nil {
-		return "", "", "", err
+	if err := withPair(grant, h, pair.Val(), unusablePair(pair)); err != nil {
+		return "", "", 0, err
 	}
 	return h[fAccess], h[fRefresh], layout, nil
+}
+
+// pairReadErr is the error of a GET of a pair key, unless it only says
+// there is no pair (none, or a key of another type: unusablePair).
+func pairReadErr(get *redis.StringCmd) error {
+	if err := get.Err(); err != nil && !errors.Is(err, redis.Nil) && !wrongType(err) {
+		return err
+	}
+	return nil
 }
 
 // unusablePair reports a pair key that exists but cannot hold a pair: empty
@@ -372,7 +379,7 @@ func (s *store) rotate(ctx context.Context, grant string, k keys, fromV int64, r
 	if err != nil {
 		return 0, 0, false, err
 	}
-	args := append([]any{strconv.FormatInt(fromV, 10), rec.Family, s.publishTo(grant), msg, rec.RotatedAt.UnixMilli(), rotationWindow.Milliseconds(), s.layout}, f...)
+	args := append([]any{strconv.FormatInt(fromV, 10), rec.Family, s.publishTo(grant), msg, rec.RotatedAt.UnixMilli(), rotationWindow.Milliseconds(), s.layout.String()}, f...)
 	reply, err := s.runDurable(ctx, rotateScript, []string{k.record, k.intent, k.rotations, k.pair}, args...).Int64Slice()
 	if err != nil {
 		return 0, 0, false, err
@@ -429,7 +436,7 @@ func (s *store) seed(ctx context.Context, grant string, k keys, rec *record) (in
 		if err != nil {
 			return 0, "", err
 		}
-		args := append([]any{storedV, storedFamily, s.publishTo(grant), msg, rec.V, s.layout}, f...)
+		args := append([]any{storedV, storedFamily, s.publishTo(grant), msg, rec.V, s.layout.String()}, f...)
 		ok, err := s.runDurable(ctx, seedScript, []string{k.record, k.intent, k.pair}, args...).Int64()
 		if err != nil {
 			return 0, "", err
@@ -461,7 +468,7 @@ func (s *store) restore(ctx context.Context, grant string, k keys, rec *record) 
 	if err != nil {
 		return false, err
 	}
-	args := append([]any{strconv.FormatInt(rec.V, 10), rec.Family, s.publishTo(grant), msg, s.layout}, f...)
+	args := append([]any{strconv.FormatInt(rec.V, 10), rec.Family, s.publishTo(grant), msg, s.layout.String()}, f...)
 	res, err := s.runDurable(ctx, restoreScript, []string{k.record, k.pair}, args...).Int64Slice()
 	if err != nil {
 		return false, err
@@ -610,7 +617,7 @@ func (s *store) rewrap(ctx context.Context, grant string, k keys, v int64, famil
 
 // mark runs mark.lua; 0 means the record moved on.
 func (s *store) mark(ctx context.Context, grant string, k keys, v int64, family, mode string, fields ...any) (int64, error) {
-	args := append([]any{strconv.FormatInt(v, 10), family, s.publishTo(grant), grant, mode, s.layout}, fields...)
+	args := append([]any{strconv.FormatInt(v, 10), family, s.publishTo(grant), grant, mode, s.layout.String()}, fields...)
 	return markScript.Run(ctx, s.rdb, []string{k.record, k.intent, k.pair}, args...).Int64()
 }
 
