@@ -102,7 +102,7 @@ func (c *Common) Register(fs *flag.FlagSet, env func(string) string) {
 	fs.BoolVar(&c.InsecurePlain, "insecure-plaintext", false, "store tokens in Redis unencrypted (never in production)")
 	layout := env(EnvLayout)
 	if layout == "" {
-		layout = "hash"
+		layout = tokenmgr.LayoutHash.String()
 	}
 	fs.StringVar(&c.Layout, "layout", layout, "where written records keep their sealed tokens: hash (fields of the record, as every release before pair) or pair (a key of their own: about half the memory per grant; set it once no process of an older release is left; env "+EnvLayout+")")
 }
@@ -267,11 +267,13 @@ func (c *Common) profile() (tokenmgr.Provider, error) {
 
 // layout is --layout as a tokenmgr.Layout.
 func (c *Common) layout() (tokenmgr.Layout, error) {
-	switch c.Layout {
-	case "", "hash":
+	if c.Layout == "" {
 		return tokenmgr.LayoutHash, nil
-	case "pair":
-		return tokenmgr.LayoutPair, nil
+	}
+	for _, l := range []tokenmgr.Layout{tokenmgr.LayoutHash, tokenmgr.LayoutPair} {
+		if c.Layout == l.String() {
+			return l, nil
+		}
 	}
 	return 0, fmt.Errorf("--layout %s: want hash or pair", Shown(c.Layout))
 }
