@@ -86,16 +86,22 @@ func (m *Manager) flushHeld(ctx context.Context, g *grantState, p *heldWrite) er
 		m.schedule(ctx, g.name, p.rec)
 		return nil
 	case casConflict:
-		m.stats.writeConflicts.Add(1)
+		// The refused pair was installed while held: serve it no more
+		// (it may be a family the provider revoked) while the stored
+		// record is read.
+		g.entry.Store(nil)
 		m.log.WarnContext(ctx, "fenced write refused: another holder stored a newer pair, or the grant was marked or seeded, while this refresh was in flight; the stored record stands",
 			"grant", g.name, "from_version", p.fromV, "stored_version", v)
+		// Counted once what Redis holds is in place: whoever sees the
+		// count (Stats, the tests) sees the outcome too.
+		defer m.stats.writeConflicts.Add(1)
 	case casMissing:
 		p.rec.V = p.fromV + 1
 		if _, err := m.store.restore(ctx, g.name, g.keys, p.rec); err != nil {
 			return err
 		}
-		m.stats.restores.Add(1)
 		m.log.WarnContext(ctx, "grant record was missing from Redis when writing a rotated pair; restored it", "grant", g.name, "version", p.rec.V)
+		defer m.stats.restores.Add(1)
 	}
 	rec, err := m.read(ctx, g)
 	if err != nil {

@@ -78,12 +78,22 @@ func testCloseWritesHeldPair(t *testing.T, b backend) {
 // (its leases live on separate lock servers, which it still reaches).
 func heldPair(t *testing.T, e *env, locks func() redis.UniversalClient) (a *Manager, aDown *atomic.Bool, tok *oauth2.Token) {
 	t.Helper()
+	return heldPairBy(t, e, locks, true, nil)
+}
+
+// heldPairBy is heldPair with a's subscription on or off and its options
+// changed by mod.
+func heldPairBy(t *testing.T, e *env, locks func() redis.UniversalClient, subscribe bool, mod func(*Options)) (a *Manager, aDown *atomic.Bool, tok *oauth2.Token) {
+	t.Helper()
 	aDown = new(atomic.Bool)
-	a = e.manager(Strict, func(o *Options) {
+	a = e.newManager(Strict, func(o *Options) {
 		o.Redis = e.clientDown(aDown)
 		o.LockRedis = []redis.UniversalClient{locks()}
 		o.IdPTransport = &afterTransport{after: func() { aDown.Store(true) }}
-	})
+		if mod != nil {
+			mod(o)
+		}
+	}, subscribe)
 	e.clock.Advance(time.Hour)
 	tok, err := a.Token(t.Context(), e.grant)
 	if err != nil {
@@ -172,6 +182,79 @@ func testHeldPairOfOldFamilyNeverLands(t *testing.T, b backend) {
 	if st := e.status(other); st.Version != 1 || st.Restored {
 		t.Errorf("stored version %d restored=%v, want the seeded 1", st.Version, st.Restored)
 	}
+}
+
+// A refused held pair is withdrawn before the refusal is counted: no
+// caller is served it while the stored record is read, and whoever sees
+// WriteConflicts sees the stored record in place. (The count came first
+// once, and a caller between the two got the old family's token.) A hears
+// of the new seed neither by message nor by poll, so only the write's own
+// outcome can replace what it serves.
+func TestRefusedHeldPairWithdrawnBeforeCounted(t *testing.T) {
+	e := newEnv(t, miniredisBackend, tokenmgrtest.Strict)
+	locks := e.lockServer()
+	other := e.manager(Strict, nil)
+	e.seed(other)
+	gate := &readAfterRotateGate{blocked: make(chan struct{}), release: make(chan struct{})}
+	a, aDown, held := heldPairBy(t, e, locks, false, func(o *Options) {
+		o.PollInterval = time.Hour
+		o.Redis.AddHook(gate)
+	})
+	if err := e.client().Del(t.Context(), grantKeys("tm", e.grant).record).Err(); err != nil {
+		t.Fatal(err)
+	}
+	fresh := e.idp.NewGrant("")
+	if _, err := other.Seed(t.Context(), e.grant, fresh, SeedOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	gate.armed.Store(true)
+	aDown.Store(false)
+	select {
+	case <-gate.blocked: // the write was refused; its stored record is being read
+	case <-time.After(10 * time.Second):
+		t.Fatal("A's held write never reached Redis")
+	}
+	if tok, err := a.Token(t.Context(), e.grant); err == nil && tok.AccessToken == held.AccessToken {
+		t.Error("A served its refused pair after Redis refused it")
+	}
+	if n := a.Stats().WriteConflicts; n != 0 {
+		t.Errorf("WriteConflicts = %d before the stored record was in place", n)
+	}
+	close(gate.release)
+	eventually(t, "A's held write to be counted as refused", func() bool { return a.Stats().WriteConflicts == 1 })
+	if tok, err := a.Token(t.Context(), e.grant); err != nil || tok.AccessToken != fresh.AccessToken {
+		t.Errorf("A serves another pair than the new family's (%v)", err)
+	}
+}
+
+// readAfterRotateGate holds the first record read that follows a rotate
+// script, once armed, until release is closed.
+type readAfterRotateGate struct {
+	armed, rotated, held atomic.Bool
+	blocked, release     chan struct{}
+}
+
+func runs(cmd redis.Cmder, s *redis.Script) bool {
+	args := cmd.Args()
+	return cmd.Name() == "evalsha" && len(args) > 1 && args[1] == s.Hash()
+}
+
+func (g *readAfterRotateGate) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (g *readAfterRotateGate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if g.armed.Load() && runs(cmd, rotateScript) {
+			g.rotated.Store(true)
+		} else if g.rotated.Load() && runs(cmd, readScript) {
+			if g.held.CompareAndSwap(false, true) { // the first only: later reads pass
+				close(g.blocked)
+				<-g.release
+			}
+		}
+		return next(ctx, cmd)
+	}
+}
+func (g *readAfterRotateGate) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
 }
 
 // afterTransport runs after() once the IdP has answered a request.
