@@ -156,8 +156,9 @@ func testRestore(t *testing.T, b backend) {
 	k := grantKeys(newer.opts.KeyPrefix, e.grant)
 	e.client().Del(t.Context(), k.record)
 
-	// The older process restores first (it still holds v1)...
-	e.clock.Advance(time.Hour)
+	// The older process restores first (it still holds v1)... The tokens
+	// stay fresh: an expired one would have newer refresh in the background
+	// when it hears of the restored v1, racing the checks below.
 	old.lookup(e.grant).entry.Store(nil)
 	if _, err := old.read(t.Context(), old.lookup(e.grant)); err != nil {
 		t.Fatal(err)
@@ -180,6 +181,21 @@ func testRestore(t *testing.T, b backend) {
 	}
 	if s := e.idp.Stats(); s.ReuseDetected != 0 {
 		t.Errorf("reuse after restore: %+v", s)
+	}
+	// restore.lua holds the line too, for a restore decided on a read from
+	// before the newer record landed: neither an older version of the
+	// family nor any version of an older family replaces it.
+	for _, rec := range []*record{
+		{V: 1, Family: st.Family},
+		{V: 9, Family: "1." + strings.Repeat("0", 32)},
+	} {
+		rec.Status, rec.AccessToken, rec.RefreshToken, rec.Expiry = StatusOK, "stale-a", "stale-r", e.clock.Now().Add(time.Hour)
+		if written, err := old.store.restore(t.Context(), e.grant, k, rec); err != nil || written {
+			t.Errorf("restore.lua put v%d of family %s over v2 of %s (written=%v, err=%v)", rec.V, rec.Family, st.Family, written, err)
+		}
+	}
+	if after := e.status(newer); after.Version != 2 || after.Family != st.Family {
+		t.Errorf("stored v%d of %s after the stale restores, want v2 of %s", after.Version, after.Family, st.Family)
 	}
 }
 
