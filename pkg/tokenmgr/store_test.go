@@ -299,18 +299,26 @@ func TestClusterFailoverReachedAtOnce(t *testing.T) {
 	}
 	k := grantKeys("tm", "jira")
 	ctx := t.Context()
-	if err := cc.HSet(ctx, k.record, "v", "1", "status", StatusOK).Err(); err != nil {
-		t.Fatal(err)
-	}
-	if h := s.readHeads(ctx, []string{"jira"})[0]; h.failed || h.v != 1 {
-		t.Fatalf("read before the failover: %+v", h)
-	}
 	slot, err := cc.ClusterKeySlot(ctx, k.record).Result()
 	if err != nil {
 		t.Fatal(err)
 	}
 	master, replica := redisserver.SlotOwner(t, nodes, slot)
 	replica.WaitInfo("master_link_status:up", 10*time.Second)
+	// Written on one connection to the master, and WAITed for there: a
+	// replica that had not received the write (replication is
+	// asynchronous; a loaded machine lags) would be promoted without it.
+	mc := redis.NewClient(&redis.Options{Addr: master.Addr(), PoolSize: 1})
+	t.Cleanup(func() { mc.Close() })
+	if err := mc.HSet(ctx, k.record, "v", "1", "status", StatusOK).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := mc.Wait(ctx, 1, 10*time.Second).Result(); err != nil || n < 1 {
+		t.Fatalf("the replica did not acknowledge the record: %d %v", n, err)
+	}
+	if h := s.readHeads(ctx, []string{"jira"})[0]; h.failed || h.v != 1 {
+		t.Fatalf("read before the failover: %+v", h)
+	}
 	master.Kill()
 	rc := redis.NewClient(&redis.Options{Addr: replica.Addr()})
 	t.Cleanup(func() { rc.Close() })
