@@ -49,7 +49,7 @@ func testStatusRefreshingAndLastHour(t *testing.T, b backend) {
 		t.Fatalf("after seed: refreshing %v, %d refreshes in the last hour; want none", st.Refreshing, lastHourOf(st))
 	}
 	var during GrantStatus
-	m.opts.IdPTransport = &hookTransport{before: func(*hookTransport) { during = e.status(m) }}
+	setIdPTransport(t, m, &hookTransport{before: func(*hookTransport) { during = e.status(m) }})
 	for i := range 3 {
 		if _, err := m.Rotate(t.Context(), e.grant); err != nil {
 			t.Fatal(err)
@@ -72,7 +72,7 @@ func testStatusRefreshingAndLastHour(t *testing.T, b backend) {
 		t.Errorf("two hours on: %d in the last hour, want 0", lastHourOf(st))
 	}
 	// A rotation trims what left the window, so the set stays small.
-	m.opts.IdPTransport = nil
+	setIdPTransport(t, m, nil)
 	if _, err := m.Rotate(t.Context(), e.grant); err != nil {
 		t.Fatal(err)
 	}

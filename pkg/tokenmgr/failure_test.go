@@ -42,7 +42,7 @@ func testInvalidGrantRecheck(t *testing.T, b backend) {
 		}
 		e.clock.Advance(time.Minute) // outside the 30s grace period
 	}
-	m.opts.IdPTransport = ht
+	setIdPTransport(t, m, ht)
 	if _, err := m.Rotate(t.Context(), e.grant); err != nil {
 		t.Fatalf("Rotate: %v (the grant was declared dead although Redis held a newer pair?)", err)
 	}

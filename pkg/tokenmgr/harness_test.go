@@ -190,6 +190,9 @@ func (e *env) newManager(profile Provider, mod func(*Options), subscribe bool) *
 	if mod != nil {
 		mod(&o)
 	}
+	if o.IdPTransport == nil {
+		o.IdPTransport = new(swapTransport)
+	}
 	m, err := newManager(e.t.Context(), o, subscribe)
 	if err != nil {
 		e.t.Fatalf("New: %v", err)
@@ -202,6 +205,30 @@ func (e *env) newManager(profile Provider, mod func(*Options), subscribe bool) *
 		}
 	})
 	return m
+}
+
+// swapTransport is the IdP transport of the harness's Managers, for a test
+// to change while the Manager runs (setIdPTransport): assigning
+// m.opts.IdPTransport would race the Manager's background refreshes.
+type swapTransport struct {
+	rt atomic.Pointer[http.RoundTripper]
+}
+
+func (s *swapTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if p := s.rt.Load(); p != nil && *p != nil {
+		return (*p).RoundTrip(r)
+	}
+	return http.DefaultTransport.RoundTrip(r)
+}
+
+// setIdPTransport has m's calls to the IdP go through rt (nil: the default).
+func setIdPTransport(t *testing.T, m *Manager, rt http.RoundTripper) {
+	t.Helper()
+	s, ok := m.opts.IdPTransport.(*swapTransport)
+	if !ok {
+		t.Fatalf("the Manager was built with its own IdPTransport (%T)", m.opts.IdPTransport)
+	}
+	s.rt.Store(&rt)
 }
 
 // seed creates a fresh family at the IdP and seeds it as e.grant.

@@ -21,7 +21,7 @@ func testLeaseLost(t *testing.T, b backend) {
 	started := make(chan struct{})
 	var once sync.Once
 	ht := &hookTransport{before: func(*hookTransport) { once.Do(func() { close(started) }) }}
-	a.opts.IdPTransport = ht
+	setIdPTransport(t, a, ht)
 
 	done := make(chan error, 1)
 	go func() { _, err := a.Rotate(context.Background(), e.grant); done <- err }()

@@ -20,7 +20,7 @@ func testPendingWrite(t *testing.T, b backend) {
 	m := e.manager(Strict, nil)
 	e.seed(m)
 	ht := &hookTransport{before: func(*hookTransport) { e.down.Store(true) }}
-	m.opts.IdPTransport = ht
+	setIdPTransport(t, m, ht)
 	e.clock.Advance(time.Hour)
 	tok, err := m.Token(t.Context(), e.grant)
 	if err != nil {
