@@ -66,6 +66,23 @@ func (m *Manager) flushHeld(ctx context.Context, g *grantState, p *heldWrite) er
 	if err != nil {
 		return err
 	}
+	// p.rec was installed while held, so other goroutines read it: what
+	// Redis now holds is a copy, never p.rec changed in place.
+	var stored *record
+	switch res {
+	case casWritten:
+		rec := *p.rec
+		rec.V = v
+		stored = &rec
+	case casMissing:
+		// Restored before the pair counts as written: Redis failing now
+		// leaves it held, with its lease, and the flusher tries again.
+		rec := *p.rec
+		rec.V = p.fromV + 1
+		if _, err := m.store.restore(ctx, g.name, g.keys, &rec); err != nil {
+			return err
+		}
+	}
 	if res == casWritten && !counted && !m.warnedUncounted.Swap(true) {
 		m.log.WarnContext(ctx, "rotation written but not counted for operators: the Redis user lacks ZREMRANGEBYSCORE (see the README's ACL rules); dashboards show the last hour's rotations as unknown",
 			"grant", g.name)
@@ -81,9 +98,8 @@ func (m *Manager) flushHeld(ctx context.Context, g *grantState, p *heldWrite) er
 	}
 	switch res {
 	case casWritten:
-		p.rec.V = v
-		m.install(g, p.rec)
-		m.schedule(ctx, g.name, p.rec)
+		m.install(g, stored)
+		m.schedule(ctx, g.name, stored)
 		return nil
 	case casConflict:
 		// The refused pair was installed while held: serve it no more
@@ -96,11 +112,7 @@ func (m *Manager) flushHeld(ctx context.Context, g *grantState, p *heldWrite) er
 		// count (Stats, the tests) sees the outcome too.
 		defer m.stats.writeConflicts.Add(1)
 	case casMissing:
-		p.rec.V = p.fromV + 1
-		if _, err := m.store.restore(ctx, g.name, g.keys, p.rec); err != nil {
-			return err
-		}
-		m.log.WarnContext(ctx, "grant record was missing from Redis when writing a rotated pair; restored it", "grant", g.name, "version", p.rec.V)
+		m.log.WarnContext(ctx, "grant record was missing from Redis when writing a rotated pair; restored it", "grant", g.name, "version", p.fromV+1)
 		defer m.stats.restores.Add(1)
 	}
 	rec, err := m.read(ctx, g)

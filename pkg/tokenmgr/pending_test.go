@@ -227,6 +227,86 @@ func TestRefusedHeldPairWithdrawnBeforeCounted(t *testing.T) {
 	}
 }
 
+// Invariant 4 when a second fault comes during the recovery: Redis lost
+// the record while A held its rotated pair, and the restore then fails
+// too. The pair stays held, with its lease, and is restored at the next
+// attempt. (It was counted as written before the restore, so a failed
+// restore dropped the only copy of the new refresh token.)
+func TestHeldPairKeptWhenItsRestoreFails(t *testing.T) {
+	e := newEnv(t, miniredisBackend, tokenmgrtest.Strict)
+	locks := e.lockServer()
+	other := e.manager(Strict, nil)
+	e.seed(other)
+	fail := &failFirstScript{script: restoreScript}
+	a, aDown, held := heldPairBy(t, e, locks, true, func(o *Options) { o.Redis.AddHook(fail) })
+	k := grantKeys("tm", e.grant)
+	if err := e.client().Del(t.Context(), k.record, k.pair).Err(); err != nil {
+		t.Fatal(err)
+	}
+	fail.armed.Store(true)
+	aDown.Store(false)
+	eventually(t, "the restore to fail once", func() bool { return fail.failed.Load() })
+	eventually(t, "the held pair restored", func() bool {
+		tok, err := other.Token(t.Context(), e.grant)
+		return err == nil && tok.AccessToken == held.AccessToken
+	})
+	if st := e.status(other); st.Version != 2 || !st.Restored {
+		t.Errorf("stored v%d restored=%v, want A's pair restored at v2", st.Version, st.Restored)
+	}
+	eventually(t, "A to count its restore", func() bool { return a.Stats().Restores == 1 })
+	if s := e.idp.Stats(); s.RefreshOK != 1 || s.ReuseDetected != 0 {
+		t.Errorf("IdP %+v, want one refresh and no reuse", s)
+	}
+}
+
+// A held pair's record is read by other goroutines from the moment it is
+// installed: its write installs a copy with the stored version and leaves
+// the held one as it was (it was changed in place once, a data race with
+// any install reading it; the race detector saw it in CI).
+func TestHeldPairWrittenAsACopy(t *testing.T) {
+	e := newEnv(t, miniredisBackend, tokenmgrtest.Strict)
+	locks := e.lockServer()
+	other := e.manager(Strict, nil)
+	e.seed(other)
+	a, aDown, _ := heldPairBy(t, e, locks, true, func(o *Options) { o.PollInterval = time.Hour })
+	g := a.lookup(e.grant)
+	g.mu.Lock()
+	installed := g.newest
+	g.mu.Unlock()
+	if installed == nil || g.heldPair() == nil || g.heldPair().rec != installed {
+		t.Fatal("A does not serve its held pair")
+	}
+	aDown.Store(false)
+	eventually(t, "the held pair written", func() bool { return a.Stats().PendingWrites == 1 && g.heldPair() == nil && e.status(other).Version == 2 })
+	eventually(t, "the written pair installed", func() bool {
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		return g.newest != nil && g.newest.V == 2 && g.newest != installed
+	})
+}
+
+// failFirstScript fails the first run of script once armed, as a Redis
+// that goes away between two commands.
+type failFirstScript struct {
+	script        *redis.Script
+	armed, failed atomic.Bool
+}
+
+func (f *failFirstScript) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (f *failFirstScript) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if f.armed.Load() && runs(cmd, f.script) && f.failed.CompareAndSwap(false, true) {
+			err := errors.New("injected: connection reset by peer")
+			cmd.SetErr(err)
+			return err
+		}
+		return next(ctx, cmd)
+	}
+}
+func (f *failFirstScript) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
 // readAfterRotateGate holds the first record read that follows a rotate
 // script, once armed, until release is closed.
 type readAfterRotateGate struct {
