@@ -277,7 +277,9 @@ func TestHeldPairWrittenAsACopy(t *testing.T) {
 		t.Fatal("A does not serve its held pair")
 	}
 	aDown.Store(false)
-	eventually(t, "the held pair written", func() bool { return a.Stats().PendingWrites == 1 && g.heldPair() == nil && e.status(other).Version == 2 })
+	eventually(t, "the held pair written", func() bool {
+		return a.Stats().PendingWrites == 1 && g.heldPair() == nil && e.status(other).Version == 2
+	})
 	eventually(t, "the written pair installed", func() bool {
 		g.mu.Lock()
 		defer g.mu.Unlock()
