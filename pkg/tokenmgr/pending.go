@@ -66,20 +66,13 @@ func (m *Manager) flushHeld(ctx context.Context, g *grantState, p *heldWrite) er
 	if err != nil {
 		return err
 	}
-	// p.rec was installed while held, so other goroutines read it: what
-	// Redis now holds is a copy, never p.rec changed in place.
-	var stored *record
-	switch res {
-	case casWritten:
-		rec := *p.rec
-		rec.V = v
-		stored = &rec
-	case casMissing:
+	restored := false
+	if res == casMissing {
 		// Restored before the pair counts as written: Redis failing now
 		// leaves it held, with its lease, and the flusher tries again.
-		rec := *p.rec
+		rec := *p.rec // p.rec is installed: other goroutines read it
 		rec.V = p.fromV + 1
-		if _, err := m.store.restore(ctx, g.name, g.keys, &rec); err != nil {
+		if restored, err = m.store.restore(ctx, g.name, g.keys, &rec); err != nil {
 			return err
 		}
 	}
@@ -98,8 +91,12 @@ func (m *Manager) flushHeld(ctx context.Context, g *grantState, p *heldWrite) er
 	}
 	switch res {
 	case casWritten:
-		m.install(g, stored)
-		m.schedule(ctx, g.name, stored)
+		// A copy: p.rec was installed while held, and other goroutines
+		// read it.
+		rec := *p.rec
+		rec.V = v
+		m.install(g, &rec)
+		m.schedule(ctx, g.name, &rec)
 		return nil
 	case casConflict:
 		// The refused pair was installed while held: serve it no more
@@ -112,8 +109,10 @@ func (m *Manager) flushHeld(ctx context.Context, g *grantState, p *heldWrite) er
 		// count (Stats, the tests) sees the outcome too.
 		defer m.stats.writeConflicts.Add(1)
 	case casMissing:
-		m.log.WarnContext(ctx, "grant record was missing from Redis when writing a rotated pair; restored it", "grant", g.name, "version", p.fromV+1)
-		defer m.stats.restores.Add(1)
+		if restored {
+			m.log.WarnContext(ctx, "grant record was missing from Redis when writing a rotated pair; restored it", "grant", g.name, "version", p.fromV+1)
+			defer m.stats.restores.Add(1)
+		}
 	}
 	rec, err := m.read(ctx, g)
 	if err != nil {
