@@ -73,6 +73,17 @@ func testCloseWritesHeldPair(t *testing.T, b backend) {
 	}
 }
 
+// heldPairScene is a seeded grant on miniredis, another Manager of it,
+// and lock servers for heldPair's process.
+func heldPairScene(t *testing.T) (e *env, other *Manager, locks func() redis.UniversalClient) {
+	t.Helper()
+	e = newEnv(t, miniredisBackend, tokenmgrtest.Strict)
+	locks = e.lockServer()
+	other = e.manager(Strict, nil)
+	e.seed(other)
+	return e, other, locks
+}
+
 // heldPair makes a hold a rotated pair that its Redis refuses: a refreshes
 // through a store client that goes down once the provider has answered
 // (its leases live on separate lock servers, which it still reaches).
@@ -191,10 +202,7 @@ func testHeldPairOfOldFamilyNeverLands(t *testing.T, b backend) {
 // of the new seed neither by message nor by poll, so only the write's own
 // outcome can replace what it serves.
 func TestRefusedHeldPairWithdrawnBeforeCounted(t *testing.T) {
-	e := newEnv(t, miniredisBackend, tokenmgrtest.Strict)
-	locks := e.lockServer()
-	other := e.manager(Strict, nil)
-	e.seed(other)
+	e, other, locks := heldPairScene(t)
 	gate := &readAfterRotateGate{blocked: make(chan struct{}), release: make(chan struct{})}
 	a, aDown, held := heldPairBy(t, e, locks, false, func(o *Options) {
 		o.PollInterval = time.Hour
@@ -233,10 +241,7 @@ func TestRefusedHeldPairWithdrawnBeforeCounted(t *testing.T) {
 // attempt. (It was counted as written before the restore, so a failed
 // restore dropped the only copy of the new refresh token.)
 func TestHeldPairKeptWhenItsRestoreFails(t *testing.T) {
-	e := newEnv(t, miniredisBackend, tokenmgrtest.Strict)
-	locks := e.lockServer()
-	other := e.manager(Strict, nil)
-	e.seed(other)
+	e, other, locks := heldPairScene(t)
 	fail := &failFirstScript{script: restoreScript}
 	a, aDown, held := heldPairBy(t, e, locks, true, func(o *Options) { o.Redis.AddHook(fail) })
 	k := grantKeys("tm", e.grant)
@@ -264,10 +269,7 @@ func TestHeldPairKeptWhenItsRestoreFails(t *testing.T) {
 // the held one as it was (it was changed in place once, a data race with
 // any install reading it; the race detector saw it in CI).
 func TestHeldPairWrittenAsACopy(t *testing.T) {
-	e := newEnv(t, miniredisBackend, tokenmgrtest.Strict)
-	locks := e.lockServer()
-	other := e.manager(Strict, nil)
-	e.seed(other)
+	e, other, locks := heldPairScene(t)
 	a, aDown, _ := heldPairBy(t, e, locks, true, func(o *Options) { o.PollInterval = time.Hour })
 	g := a.lookup(e.grant)
 	g.mu.Lock()
